@@ -1,0 +1,111 @@
+"""Run-directory I/O with atomic writes.
+
+Every file is written to a temporary name in the same folder and moved into place with
+`os.replace`, so a kill at any moment leaves either the previous complete file or the new one.
+A run directory holds `model.safetensors` (timm key names) + `config.json`, and `state.pt`
+(optimizer, scheduler, scaler, RNG) for `--resume`. No pickle of arbitrary objects anywhere:
+`state.pt` holds only tensors and plain containers and is read with `weights_only=True`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .errors import CnnxferError, OutputExistsError
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+STATE_FILE = "state.pt"
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path`, on failure it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
+            raise CnnxferError(f"disk full while writing {path}; the previous version is untouched") from exc
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj):
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "value"):  # str Enums
+        return obj.value
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CnnxferError(f"{path}: cannot read JSON: {exc}") from exc
+
+
+def prepare_output(path: Path, overwrite: bool, resume: bool = False) -> None:
+    """Refuse to touch an existing output unless --overwrite (or --resume) says so."""
+    path = Path(path)
+    if path.exists() and not (overwrite or resume):
+        if path.is_dir() and not any(path.iterdir()):
+            return
+        raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it or --resume to continue")
+
+
+def save_state_dict(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """Save tensors as safetensors, atomically (contiguous CPU copies: channels_last and shared
+    storage are not allowed in the format)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+def is_run_dir(path: Path | str) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file()
+
+
+def load_run_config(run_dir: Path) -> dict:
+    return read_json(Path(run_dir) / CONFIG_FILE)
+
+
+def save_training_state(path: Path, state: dict) -> None:
+    """The resume state (tensors and plain containers only, loadable with weights_only=True)."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_training_state(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CnnxferError(f"{path}: cannot read the resume state: {exc}") from exc

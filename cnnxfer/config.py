@@ -1,0 +1,122 @@
+"""Frozen configs with every default: the one source of truth for the CLI and the library.
+
+Each config is saved as JSON beside its outputs, so a run can be reproduced from its folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from .data import DEFAULT_MAX_IMAGE_PIXELS
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Pool(str, Enum):
+    avg = "avg"
+    max = "max"
+    avgmax = "avgmax"
+
+
+class Tta(str, Enum):
+    none = "none"
+    flip = "flip"
+
+
+class Strategy(str, Enum):
+    linear = "linear"
+    gradual = "gradual"
+    full = "full"
+
+
+class Optimizer(str, Enum):
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class Balance(str, Enum):
+    none = "none"
+    loss = "loss"
+    sampler = "sampler"
+
+
+def to_dict(config) -> dict:
+    """JSON-ready dict of a config (paths and enums as strings)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, Enum):
+            value = value.value
+        elif isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    data: Path
+    out: Path
+    model: str | None = None
+    weights: str | None = "hub"
+    layers: tuple[str, ...] = ()
+    pool: Pool | None = None  # None: the model's own pooling for the final features, avg for layers
+    tta: Tta = Tta.none
+    img_size: int | None = None
+    batch_size: int = 64
+    num_workers: int | None = None
+    device: str = "auto"
+    precision: Precision = Precision.auto
+    resume: bool = False
+    overwrite: bool = False
+    strict: bool = False
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    part_size: int = 1024  # images per finished Parquet part: the most a kill can cost
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """finetune and train share this; they differ only in `weights` and `strategy`."""
+
+    data: Path
+    out: Path
+    model: str | None = None
+    weights: str | None = "hub"
+    strategy: Strategy = Strategy.full
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float | None = None  # None: per optimizer and strategy (see engine.default_lr)
+    backbone_lr_mult: float = 0.1
+    optimizer: Optimizer = Optimizer.adamw
+    momentum: float = 0.9
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    dropout: float = 0.0
+    grad_clip: float | None = None
+    balance: Balance = Balance.none
+    augment: bool = True
+    hflip: float = 0.5
+    cache_features: bool = True  # linear strategy: compute frozen-backbone features once
+    head_epochs: int = 1  # gradual: epochs with the backbone frozen before unfreezing starts
+    val_split: float = 0.2
+    patience: int | None = None  # early stopping on validation loss
+    img_size: int | None = None
+    seed: int = 0
+    num_workers: int | None = None
+    device: str = "auto"
+    precision: Precision = Precision.auto
+    resume: bool = False
+    overwrite: bool = False
+    strict: bool = False
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_steps: int | None = None  # stop after this many optimizer steps (sanity checks, tests)

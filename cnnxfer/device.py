@@ -1,0 +1,161 @@
+"""Device, precision and worker selection.
+
+`auto` picks CUDA, then Apple MPS, then CPU. Precision `auto` uses autocast where it pays:
+bf16 on CUDA GPUs that support it (fp16 + GradScaler on older ones) and on CPUs with native
+bf16 instructions (measured on a 2-core AMD EPYC with avx512_bf16: resnet18 fp32 36 img/s,
+bf16 + channels_last 86 img/s, features at cosine 0.99999 to fp32); fp32 everywhere else.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import DeviceError, UsageError
+
+log = logging.getLogger(__name__)
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """Turn "auto" | "cpu" | "cuda" | "cuda:N" | "mps" into a usable torch.device.
+
+    The chosen device is checked with a tiny allocation (torchtune does the same) so that a
+    broken driver fails here, with the device named, rather than deep inside a run.
+    """
+    spec = (spec or "auto").strip().lower()
+    if not _DEVICE_RE.match(spec):
+        raise UsageError(f"unknown device '{spec}'; use auto, cpu, cuda, cuda:N or mps")
+    if spec == "auto":
+        if torch.cuda.is_available():
+            spec = "cuda"
+        elif _mps_available():
+            spec = "mps"
+        else:
+            spec = "cpu"
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("device cuda is not available on this machine (torch.cuda.is_available() is False)")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise DeviceError(f"device {spec} is not available: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        device = torch.device("cuda", index)
+    if device.type == "mps" and not _mps_available():
+        raise DeviceError("device mps is not available on this machine (needs Apple silicon and a torch build with MPS)")
+    try:
+        torch.zeros(1, device=device)
+    except Exception as exc:  # a driver or runtime fault: name the device
+        raise DeviceError(f"device {device} failed a test allocation: {exc}") from exc
+    return device
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend and backend.is_available())
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU executes bf16 natively (x86 avx512_bf16/AMX, Arm bf16)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags)) or (
+        platform.machine() == "aarch64" and re.search(r"\bbf16\b", flags) is not None
+    )
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Return the autocast dtype for `precision` on `device`, or None for plain fp32."""
+    precision = (precision or "auto").lower()
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and cpu_has_native_bf16():
+            return torch.bfloat16
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        if device.type == "cpu":
+            raise UsageError("--precision fp16 is not supported on CPU; use bf16 or fp32")
+        return torch.float16
+    raise UsageError(f"unknown precision '{precision}'; use auto, fp32, bf16 or fp16")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """An autocast context for `dtype`, or a no-op context for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def use_channels_last(device: torch.device) -> bool:
+    """channels_last pays on CUDA tensor cores and on CPU oneDNN convolutions (36 -> 46 img/s here)."""
+    return device.type in ("cuda", "cpu")
+
+
+def default_num_workers(device: torch.device) -> int:
+    """DataLoader workers: decode in parallel with the model.
+
+    On CPU the model needs the cores too, so one worker overlaps decode with compute without
+    starving the matrix multiplies; on a GPU, decoding is the bottleneck, so use most cores.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cpu":
+        return 1 if cores >= 2 else 0
+    return max(1, min(cores - 1, 16))
+
+
+@dataclass(frozen=True)
+class EnvironmentInfo:
+    """What `cnnxfer info` reports."""
+
+    versions: dict
+    device: str
+    device_name: str
+    memory_gib: float | None
+    precision: str
+    channels_last: bool
+    threads: int
+    workers: int
+
+
+def describe_environment(device_spec: str = "auto", precision: str = "auto") -> EnvironmentInfo:
+    import timm
+    import torchvision
+
+    device = resolve_device(device_spec)
+    dtype = resolve_precision(precision, device)
+    name, memory = platform.processor() or platform.machine(), None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        name, memory = props.name, props.total_memory / 2**30
+    elif device.type == "mps":
+        name = "Apple MPS"
+    return EnvironmentInfo(
+        versions={
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "timm": timm.__version__,
+            "cuda": torch.version.cuda or "-",
+        },
+        device=str(device),
+        device_name=name,
+        memory_gib=memory,
+        precision=str(dtype).replace("torch.", "") if dtype else "float32",
+        channels_last=use_channels_last(device),
+        threads=torch.get_num_threads(),
+        workers=default_num_workers(device),
+    )

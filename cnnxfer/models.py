@@ -1,0 +1,532 @@
+"""Models and weights: timm names or `file.py:factory`, safe weight loading, heads, freezing,
+preprocessing, embeddings and intermediate-layer taps.
+
+`--weights` takes one of: `hub` (timm's pretrained weights: download when online, the local
+cache offline), `none` (random initialisation), a `.safetensors` / `.pth` / `.pt` / `.bin` state
+dict with timm key names, or a cnnxfer run directory (architecture, classes and preprocessing
+then come from its config.json).
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import logging
+import os
+import pickle
+import socket
+import sys
+import threading
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .errors import ModelError, UsageError, WeightsError
+
+log = logging.getLogger(__name__)
+
+HUB, NONE = "hub", "none"
+DEFAULT_DATA_CONFIG = {
+    "input_size": (3, 224, 224),
+    "interpolation": "bilinear",
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "crop_pct": 0.875,
+    "crop_mode": "center",
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for a command, and where everything about it came from."""
+
+    model: nn.Module
+    arch: str
+    weights: str  # "hub:<id>", "none", a file path or a run directory
+    data_config: dict
+    classes: list[str] = field(default_factory=list)
+    run_config: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def is_timm(self) -> bool:
+        return not is_custom_spec(self.arch)
+
+
+# ---------------------------------------------------------------- architectures
+
+def is_custom_spec(spec: str) -> bool:
+    """`file.py:factory` or `package.module:factory` name a user's model; anything else is timm."""
+    return ":" in spec
+
+
+def _load_factory(spec: str) -> Callable[..., nn.Module]:
+    target, _, name = spec.rpartition(":")
+    if not target or not name:
+        raise ModelError(f"custom model '{spec}' must look like path/to/file.py:factory or package.module:factory")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise ModelError(f"custom model file {path} does not exist")
+        module_name = f"cnnxfer_user_{path.stem}_{abs(hash(str(path.resolve())))}"
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module  # lets DataLoader workers and dataclasses find it
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise ModelError(f"cannot import custom model file {path}: {type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise ModelError(f"cannot import module '{target}' for custom model '{spec}': {exc}") from exc
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise ModelError(f"'{name}' is not a callable in {target}")
+    return factory
+
+
+def _check_timm_name(name: str) -> None:
+    import timm
+
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see `timm.list_models()`"
+    raise ModelError(f"unknown model '{name}'{hint}")
+
+
+def build_architecture(spec: str, num_classes: int | None, drop_rate: float = 0.0, **kwargs) -> nn.Module:
+    """Create the architecture with random weights (timm's init, Kaiming for custom models)."""
+    if is_custom_spec(spec):
+        factory = _load_factory(spec)
+        try:
+            model = factory(num_classes=num_classes if num_classes is not None else 1000)
+        except TypeError as exc:
+            raise ModelError(f"custom factory {spec} must accept num_classes=...: {exc}") from exc
+        if not isinstance(model, nn.Module):
+            raise ModelError(f"custom factory {spec} returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+    import timm
+
+    _check_timm_name(spec)
+    args = dict(pretrained=False, drop_rate=drop_rate, **kwargs)
+    if num_classes is not None:
+        args["num_classes"] = num_classes
+    return timm.create_model(spec, **args)
+
+
+def kaiming_init(model: nn.Module) -> None:
+    """He initialisation for conv/linear layers of a custom model trained from scratch."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.kaiming_uniform_(module.weight, a=5**0.5)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+# ---------------------------------------------------------------- weight files
+
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors, or from .pth/.pt/.bin with `weights_only=True` (never a full unpickle)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"corrupt weights file {path}: it is empty (0 bytes)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except Exception as exc:
+            raise WeightsError(f"corrupt weights file {path}: {exc}") from exc
+    else:
+        state = _torch_load_safely(path)
+    return _unwrap_state_dict(state, path)
+
+
+def _torch_load_safely(path: Path):
+    major_minor = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    if major_minor < (2, 6):
+        # CVE-2025-32434: weights_only can be bypassed before torch 2.6.
+        raise WeightsError(f"{path}: loading .pth files needs torch >= 2.6 (found {torch.__version__}); use .safetensors")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(
+            f"refusing to load {path}: it holds pickled Python objects, not just tensors "
+            "(only safetensors or plain state dicts are loaded; re-save it with torch.save(model.state_dict()))"
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise WeightsError(f"corrupt weights file {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+
+
+def _unwrap_state_dict(state, path: Path) -> dict[str, torch.Tensor]:
+    """Accept the usual wrappers: {'state_dict': ...}, {'model': ...}, DataParallel's 'module.'."""
+    if isinstance(state, dict):
+        for key in ("state_dict", "model_state_dict", "model", "state_dict_ema"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path} is not a state dict of tensors (timm key names expected)")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def classifier_names(model: nn.Module) -> list[str]:
+    """Qualified names of the classifier module(s): timm's pretrained_cfg, else the last Linear."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = cfg.get("classifier")
+    if names:
+        return [names] if isinstance(names, str) else list(names)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1:]
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> list[str]:
+    """Load `state` into `model`; a classifier of another size is left new (a replaced head).
+
+    Returns notes for the user; raises WeightsError listing missing/unexpected/mismatched keys.
+    """
+    own = model.state_dict()
+    heads = tuple(f"{n}." for n in classifier_names(model))
+    notes, state = [], dict(state)
+    dropped = [k for k in state if k.startswith(heads) and k in own and state[k].shape != own[k].shape]
+    for k in dropped:
+        del state[k]
+    if dropped:
+        notes.append(f"classifier {', '.join(sorted({k.rsplit('.', 1)[0] for k in dropped}))} re-initialised for {model_num_classes(model)} classes")
+    head_missing = {k for k in own if k.startswith(heads)} if dropped else set()
+    missing = [k for k in own if k not in state and k not in head_missing and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if keys:
+                more = f" (+{len(keys) - 6} more)" if len(keys) > 6 else ""
+                parts.append(f"{label}: {', '.join(keys[:6])}{more}")
+        raise WeightsError(f"weights {source} do not fit the model; " + "; ".join(parts))
+    model.load_state_dict(state, strict=False)
+    return notes
+
+
+def model_num_classes(model: nn.Module) -> int | None:
+    if getattr(model, "num_classes", None) is not None:
+        return int(model.num_classes)
+    names = classifier_names(model)
+    module = model.get_submodule(names[0]) if names else None
+    return getattr(module, "out_features", None)
+
+
+# ---------------------------------------------------------------- hub
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether huggingface.co answers within `timeout` s (DNS included, which has no timeout of its own)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no"):
+        return False
+    result = []
+
+    def probe():
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(result)
+
+
+def _cached_pretrained_file(cfg: dict) -> str | None:
+    """A locally cached copy of timm's pretrained weights (HF cache or torch hub cache), if any."""
+    hub_id = cfg.get("hf_hub_id")
+    if hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            for filename in ("model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin"):
+                found = try_to_load_from_cache(hub_id.split("@")[0], filename)
+                if isinstance(found, str):
+                    return found
+        except Exception:  # an old or absent huggingface_hub: treat as not cached
+            pass
+    url = cfg.get("url")
+    if url:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+        if cached.is_file():
+            return str(cached)
+    return None
+
+
+def create_pretrained(name: str, num_classes: int | None, drop_rate: float = 0.0) -> tuple[nn.Module, str]:
+    """timm's pretrained weights: downloaded when online; offline, the local cache or a fast, clear error."""
+    import timm
+
+    model = build_architecture(name, num_classes, drop_rate)  # validates the name, gives pretrained_cfg
+    cfg = dict(model.pretrained_cfg)
+    if not (cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("file")):
+        raise WeightsError(f"timm has no pretrained weights for '{name}'; pass --weights FILE or --weights none")
+    source = f"hub:{cfg.get('hf_hub_id') or cfg.get('url')}"
+    args = dict(pretrained=True, drop_rate=drop_rate)
+    if num_classes is not None:
+        args["num_classes"] = num_classes
+    if not _hub_reachable():
+        cached = _cached_pretrained_file(cfg)
+        if cached is None:
+            raise WeightsError(
+                f"cannot download pretrained weights for '{name}': the hub is unreachable (offline or HF_HUB_OFFLINE=1) "
+                "and they are not cached; pass local weights with --weights FILE (.safetensors/.pth, timm key names) "
+                "or a cnnxfer run directory, or --weights none for random initialisation"
+            )
+        args["pretrained_cfg_overlay"] = dict(file=cached)
+        source = f"hub-cache:{cached}"
+    try:
+        return timm.create_model(name, **args), source
+    except Exception as exc:
+        raise WeightsError(f"downloading pretrained weights for '{name}' failed: {type(exc).__name__}: {exc}") from exc
+
+
+# ---------------------------------------------------------------- one entry point
+
+def load_model(
+    spec: str | None,
+    weights: str | None,
+    num_classes: int | None = None,
+    *,
+    drop_rate: float = 0.0,
+    img_size: int | None = None,
+) -> LoadedModel:
+    """The model for any command. `num_classes=None` keeps the weights' own head (extract)."""
+    weights = weights or HUB
+    if weights not in (HUB, NONE) and checkpoint.is_run_dir(weights):
+        return _load_run_dir(Path(weights), spec, num_classes, drop_rate, img_size)
+    if spec is None:
+        raise UsageError("--model is required unless --weights is a cnnxfer run directory")
+    notes: list[str] = []
+    if weights == HUB and not is_custom_spec(spec):
+        model, source = create_pretrained(spec, num_classes, drop_rate)
+    else:
+        model, source = build_architecture(spec, num_classes, drop_rate), weights
+        if weights == NONE and is_custom_spec(spec):
+            kaiming_init(model)
+        elif weights not in (HUB, NONE):
+            path = Path(weights)
+            if path.is_dir():
+                raise WeightsError(f"{path} is a folder but not a cnnxfer run directory (needs config.json and model.safetensors)")
+            notes = load_weights(model, read_weights_file(path), str(path))
+            source = str(path.resolve())
+    return LoadedModel(model, spec, source, resolve_data_config(model, img_size), notes=notes)
+
+
+def _load_run_dir(run_dir: Path, spec, num_classes, drop_rate, img_size) -> LoadedModel:
+    config = checkpoint.load_run_config(run_dir)
+    arch = config.get("model")
+    if not arch:
+        raise WeightsError(f"{run_dir}/config.json names no model architecture")
+    if spec and spec != arch:
+        raise UsageError(f"--model {spec} does not match the run directory's model {arch}; leave --model out")
+    classes = list(config.get("classes") or [])
+    model = build_architecture(arch, len(classes) or config.get("num_classes"), drop_rate)
+    state = read_weights_file(run_dir / checkpoint.MODEL_FILE)
+    load_weights(model, state, str(run_dir))
+    notes = []
+    if num_classes is not None and num_classes != len(classes):
+        model = replace_classifier(model, arch, num_classes, drop_rate)
+        notes.append(f"classifier re-initialised for {num_classes} classes (the run had {len(classes)})")
+    data_config = dict(config.get("data_config") or resolve_data_config(model))
+    if img_size:
+        data_config = resolve_data_config(model, img_size, data_config)
+    return LoadedModel(model, arch, str(run_dir.resolve()), data_config, classes, config, notes)
+
+
+def replace_classifier(model: nn.Module, arch: str, num_classes: int, drop_rate: float = 0.0) -> nn.Module:
+    """A model of the same architecture with a new `num_classes` head and every other weight kept."""
+    fresh = build_architecture(arch, num_classes, drop_rate)
+    load_weights(fresh, model.state_dict(), "the previous model")
+    return fresh
+
+
+# ---------------------------------------------------------------- preprocessing
+
+def resolve_data_config(model: nn.Module, img_size: int | None = None, base: dict | None = None) -> dict:
+    """timm's preprocessing for the model (input size, mean/std, interpolation, crop), `img_size` overriding.
+
+    Small images (<= 64 px, e.g. digits) keep their whole field of view: crop_pct 1.0.
+    """
+    if base is None:
+        try:
+            from timm.data import resolve_model_data_config
+
+            base = resolve_model_data_config(model)
+        except Exception:
+            base = dict(DEFAULT_DATA_CONFIG)
+    config = {k: base[k] for k in DEFAULT_DATA_CONFIG if k in base}
+    for k, v in DEFAULT_DATA_CONFIG.items():
+        config.setdefault(k, v)
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    if img_size:
+        config["input_size"] = (3, int(img_size), int(img_size))
+        if img_size <= 64:
+            config["crop_pct"] = 1.0
+    return config
+
+
+def build_transform(data_config: dict, *, training: bool = False, augment: bool = True, hflip: float = 0.5,
+                    scale: tuple[float, float] = (0.35, 1.0)) -> Callable:
+    """timm's eval transform, or its training transform (random resized crop + flip)."""
+    from timm.data import create_transform
+
+    cfg = dict(data_config)
+    if training and augment:
+        return create_transform(
+            input_size=cfg["input_size"], is_training=True, interpolation=cfg["interpolation"],
+            mean=cfg["mean"], std=cfg["std"], scale=scale, hflip=hflip, color_jitter=None,
+        )
+    return create_transform(
+        input_size=cfg["input_size"], is_training=False, interpolation=cfg["interpolation"],
+        mean=cfg["mean"], std=cfg["std"], crop_pct=cfg["crop_pct"], crop_mode=cfg.get("crop_mode", "center"),
+    )
+
+
+# ---------------------------------------------------------------- embeddings and taps
+
+def set_global_pool(model: nn.Module, pool: str | None) -> None:
+    """Use `pool` (avg|max|avgmax) for the model's own pooled features (timm models only)."""
+    if pool is None:
+        return
+    if not hasattr(model, "reset_classifier"):
+        raise UsageError("--pool applies to timm models' final features; custom models keep their own pooling")
+    head = classifier_names(model)
+    saved = {n: model.get_submodule(n) for n in head}
+    model.reset_classifier(model_num_classes(model) or 0, global_pool=pool)
+    for name, module in saved.items():  # keep the trained classifier: only the pooling changes
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def pre_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The pooled features the classifier sees: timm's forward_head(pre_logits=True), else the input
+    of the last Linear layer of a custom model."""
+    if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+    names = classifier_names(model)
+    if not names:
+        raise ModelError("custom model has no nn.Linear classifier to take pre-logits features from")
+    captured = []
+    handle = model.get_submodule(names[0]).register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return captured[0].flatten(1)
+
+
+def available_layers(model: nn.Module) -> list[str]:
+    """Names `--layers` accepts: timm's feature stages, or the top-level children of a custom model."""
+    info = getattr(model, "feature_info", None)
+    if info is not None:
+        try:
+            return [f["module"] for f in info]
+        except TypeError:
+            return [f["module"] for f in info.info]
+    return [n for n, _ in model.named_children()]
+
+
+def resolve_layers(model: nn.Module, layers: Sequence[str]) -> list[str]:
+    """Module names for `--layers`: names (any submodule) or indices into `available_layers`."""
+    stages, modules, out = available_layers(model), dict(model.named_modules()), []
+    for layer in layers:
+        layer = layer.strip()
+        if layer.lstrip("-").isdigit() and stages:
+            index = int(layer)
+            if not -len(stages) <= index < len(stages):
+                raise UsageError(f"--layers index {index} out of range; this model has stages {stages}")
+            layer = stages[index]
+        if layer not in modules or not layer:
+            raise UsageError(f"unknown layer '{layer}' for --layers; choose from {', '.join(stages)} (or any module name)")
+        out.append(layer)
+    return out
+
+
+def pool_features(t: torch.Tensor, pool: str = "avg") -> torch.Tensor:
+    """(N, C, H, W) maps or (N, L, C) tokens to (N, D) vectors."""
+    if t.dim() == 4:
+        if pool == "avg":
+            return t.mean(dim=(2, 3))
+        if pool == "max":
+            return t.amax(dim=(2, 3))
+        return 0.5 * (t.mean(dim=(2, 3)) + t.amax(dim=(2, 3)))
+    if t.dim() == 3:
+        return t.mean(dim=1) if pool == "avg" else t.amax(dim=1) if pool == "max" else 0.5 * (t.mean(1) + t.amax(1))
+    return t.flatten(1)
+
+
+class LayerTaps:
+    """Forward hooks that keep the outputs of named modules during one forward pass."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[str]):
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles = [
+            model.get_submodule(name).register_forward_hook(self._keep(name)) for name in layers
+        ]
+
+    def _keep(self, name):
+        def hook(module, args, output):
+            self.outputs[name] = output[0] if isinstance(output, (tuple, list)) else output
+        return hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------- freezing
+
+def head_parameter_names(model: nn.Module) -> set[str]:
+    prefixes = tuple(f"{n}." for n in classifier_names(model))
+    return {n for n, _ in model.named_parameters() if n.startswith(prefixes)}
+
+
+def stage_groups(model: nn.Module) -> list[list[str]]:
+    """Backbone parameter names grouped from input to output by feature stage, for gradual unfreezing."""
+    head = head_parameter_names(model)
+    names = [n for n, _ in model.named_parameters() if n not in head]
+    boundaries = [s for s in available_layers(model) if s]
+    groups: list[list[str]] = [[] for _ in range(len(boundaries) + 1)]
+    for name in names:
+        stage = next((i for i, b in enumerate(boundaries) if name.startswith(b + ".")), None)
+        groups[stage + 1 if stage is not None else (0 if not groups[-1] and not any(groups[1:]) else len(boundaries))].append(name)
+    return [g for g in groups if g]
+
+
+def set_trainable(model: nn.Module, trainable: set[str] | None) -> None:
+    """requires_grad for the named parameters only (None: all); frozen BatchNorms are kept in eval mode by the engine."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable is None or name in trainable)
+
+
+def frozen_norm_modules(model: nn.Module) -> list[nn.Module]:
+    """Norm layers whose parameters are all frozen: they must stay in eval mode (running stats fixed)."""
+    out = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                out.append(module)
+    return out
