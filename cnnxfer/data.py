@@ -252,7 +252,7 @@ def load_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.
     with warnings.catch_warnings():
         # Pillow only warns between 1x and 2x the limit; treat it as the error it is.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path, formats=PIL_FORMATS) as im:
+        with Image.open(path, formats=[f for f in PIL_FORMATS if f in Image.OPEN]) as im:
             im.load()
             im = ImageOps.exif_transpose(im) or im
             return _to_rgb(im)
