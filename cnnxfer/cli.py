@@ -117,6 +117,188 @@ def extract(
     report.extract_summary(summary)
 
 
+_T = cfg.TrainConfig.__dataclass_fields__
+DataArg = Annotated[Optional[Path], typer.Argument(exists=True, help="Labelled images: class subfolders (optionally train/ and val/) or a CSV manifest. Not needed with --resume.")]
+RunOut = Annotated[Path, typer.Option("--out", "-o", help="Run directory to create.")]
+Epochs = Annotated[int, typer.Option("--epochs", "-e", min=1)]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1)]
+Lr = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: 0.1*batch/256*4 for SGD from scratch, 1e-3 AdamW fine-tuning, 3e-3 linear).")]
+OptimizerOpt = Annotated[Optional[cfg.Optimizer], typer.Option("--optimizer", help="Default: sgd (momentum, nesterov) for train, adamw for finetune.")]
+WeightDecay = Annotated[Optional[float], typer.Option("--weight-decay", help="Default: 5e-4 for SGD, 0.05 for AdamW.")]
+Warmup = Annotated[float, typer.Option("--warmup-epochs", help="Linear warmup before the cosine decay.")]
+Smoothing = Annotated[float, typer.Option("--label-smoothing")]
+Dropout = Annotated[float, typer.Option("--dropout", help="Dropout before the classifier.")]
+Clip = Annotated[Optional[float], typer.Option("--grad-clip", help="Clip the gradient norm to this value.")]
+BalanceOpt = Annotated[cfg.Balance, typer.Option("--balance", help="Class imbalance: loss (weighted loss) or sampler (balanced sampling).")]
+Augment = Annotated[bool, typer.Option("--augment/--no-augment", help="Random resized crop + horizontal flip.")]
+Hflip = Annotated[float, typer.Option("--hflip", help="Horizontal flip probability (0 for digits, text...).")]
+ValSplit = Annotated[float, typer.Option("--val-split", help="Stratified validation fraction when DATA has no train/ and val/.")]
+Patience = Annotated[Optional[int], typer.Option("--patience", help="Stop after this many epochs without a lower validation loss.")]
+Seed = Annotated[int, typer.Option("--seed")]
+Resume = Annotated[Optional[Path], typer.Option("--resume", exists=True, file_okay=False, help="Continue an interrupted run directory from its last finished epoch.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")]
+
+
+def _run_fit(config: cfg.TrainConfig, data: Optional[Path], resume: Optional[Path]) -> None:
+    from . import engine, report
+    from .errors import UsageError
+
+    if resume is None and data is None:
+        raise UsageError("give DATA (a folder of labelled images) or --resume RUN_DIR")
+    with report.fit_progress(config.epochs) as (on_batch, on_epoch, on_message):
+        result = engine.fit(config, engine.FitHooks(on_batch, on_epoch, on_message))
+    report.save_run_plots(result.run_dir)
+    report.fit_summary(result)
+
+
+@app.command()
+@handle_errors
+def finetune(
+    data: DataArg = None,
+    model: ModelOpt = None,
+    weights: Weights = "hub",
+    out: RunOut = Path("runs/finetune"),
+    strategy: Annotated[cfg.Strategy, typer.Option("--strategy", help="linear: frozen backbone (features cached); gradual: head first, then unfreeze stage by stage; full: everything.")] = cfg.Strategy.gradual,
+    epochs: Epochs = _default(_T, "epochs"),
+    batch_size: BatchSize = _default(_T, "batch_size"),
+    lr: Lr = None,
+    backbone_lr_mult: Annotated[float, typer.Option("--backbone-lr-mult", help="Backbone learning rate as a fraction of --lr.")] = _default(_T, "backbone_lr_mult"),
+    optimizer: OptimizerOpt = None,
+    weight_decay: WeightDecay = None,
+    warmup_epochs: Warmup = _default(_T, "warmup_epochs"),
+    label_smoothing: Smoothing = _default(_T, "label_smoothing"),
+    dropout: Dropout = _default(_T, "dropout"),
+    grad_clip: Clip = None,
+    balance: BalanceOpt = cfg.Balance.none,
+    augment: Augment = True,
+    hflip: Hflip = _default(_T, "hflip"),
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="linear: compute the frozen backbone's features once (un-augmented).")] = True,
+    head_epochs: Annotated[int, typer.Option("--head-epochs", help="gradual: epochs with the backbone frozen before unfreezing.")] = _default(_T, "head_epochs"),
+    val_split: ValSplit = _default(_T, "val_split"),
+    patience: Patience = None,
+    img_size: ImgSize = None,
+    seed: Seed = 0,
+    workers: Workers = None,
+    device: Device = "auto",
+    precision: PrecisionOpt = cfg.Precision.auto,
+    resume: Resume = None,
+    overwrite: Overwrite = False,
+    strict: Strict = False,
+) -> None:
+    """Level 2: put a new head on a pretrained CNN for your classes and fine-tune it.
+
+    Example: cnnxfer finetune photos/ --model resnet50 --strategy gradual --out runs/photos
+    """
+    config = cfg.TrainConfig(
+        data=data or Path("."), out=resume or out, model=model, weights=weights, strategy=strategy, epochs=epochs,
+        batch_size=batch_size, lr=lr, backbone_lr_mult=backbone_lr_mult, optimizer=optimizer, weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, dropout=dropout, grad_clip=grad_clip, balance=balance,
+        augment=augment, hflip=hflip, cache_features=cache, head_epochs=head_epochs, val_split=val_split, patience=patience,
+        img_size=img_size, seed=seed, num_workers=workers, device=device, precision=precision, resume=resume is not None,
+        overwrite=overwrite, strict=strict,
+    )
+    _run_fit(config, data, resume)
+
+
+@app.command()
+@handle_errors
+def train(
+    data: DataArg = None,
+    model: ModelOpt = None,
+    out: RunOut = Path("runs/train"),
+    epochs: Epochs = 30,
+    batch_size: BatchSize = _default(_T, "batch_size"),
+    lr: Lr = None,
+    optimizer: OptimizerOpt = None,
+    weight_decay: WeightDecay = None,
+    warmup_epochs: Warmup = _default(_T, "warmup_epochs"),
+    label_smoothing: Smoothing = _default(_T, "label_smoothing"),
+    dropout: Dropout = _default(_T, "dropout"),
+    grad_clip: Clip = None,
+    balance: BalanceOpt = cfg.Balance.none,
+    augment: Augment = True,
+    hflip: Hflip = _default(_T, "hflip"),
+    val_split: ValSplit = _default(_T, "val_split"),
+    patience: Patience = None,
+    img_size: Annotated[Optional[int], typer.Option("--img-size", help="Input size (default: the images' own size when <= 64 px, else the model's).")] = None,
+    seed: Seed = 0,
+    workers: Workers = None,
+    device: Device = "auto",
+    precision: PrecisionOpt = cfg.Precision.auto,
+    resume: Resume = None,
+    overwrite: Overwrite = False,
+    strict: Strict = False,
+) -> None:
+    """Level 3: train a CNN from scratch (any timm architecture or your own file.py:factory).
+
+    Example: cnnxfer train digits/ --model resnet10t --epochs 30 --out runs/digits
+    """
+    config = cfg.TrainConfig(
+        data=data or Path("."), out=resume or out, model=model, weights="none", strategy=cfg.Strategy.full, epochs=epochs,
+        batch_size=batch_size, lr=lr, backbone_lr_mult=1.0, optimizer=optimizer, weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, dropout=dropout, grad_clip=grad_clip, balance=balance,
+        augment=augment, hflip=hflip, val_split=val_split, patience=patience, img_size=img_size, seed=seed,
+        num_workers=workers, device=device, precision=precision, resume=resume is not None, overwrite=overwrite, strict=strict,
+    )
+    _run_fit(config, data, resume)
+
+
+RunWeights = Annotated[str, typer.Option("--weights", "-w", help="A cnnxfer run directory (from finetune or train).")]
+
+
+@app.command()
+@handle_errors
+def predict(
+    images: Annotated[Path, typer.Argument(exists=True, help="A folder of images (flat or class subfolders) or a CSV manifest.")],
+    weights: RunWeights,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Predictions file: .csv or .parquet.")] = Path("predictions.csv"),
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1)] = 5,
+    tta: Annotated[cfg.Tta, typer.Option("--tta", help="flip: average with the mirrored image.")] = cfg.Tta.none,
+    batch_size: BatchSize = 64,
+    workers: Workers = None,
+    device: Device = "auto",
+    precision: PrecisionOpt = cfg.Precision.auto,
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+    strict: Strict = False,
+) -> None:
+    """Predict the top-k classes of every image with a trained run.
+
+    Example: cnnxfer predict new_photos/ --weights runs/photos --out predictions.csv
+    """
+    from . import evaluate, report
+
+    with report.image_progress("predict") as progress:
+        pred = evaluate.predict_folder(images, weights, out, top_k=top_k, overwrite=overwrite, strict=strict, device=device,
+                                       precision=precision.value, batch_size=batch_size, num_workers=workers, tta=tta.value,
+                                       progress=progress)
+    report.predictions_summary(pred, out, evaluate.skipped_file_for(out))
+
+
+@app.command()
+@handle_errors
+def evaluate(
+    data: Annotated[Path, typer.Argument(exists=True, help="Labelled images (class subfolders named like the run's classes) or a CSV manifest.")],
+    weights: RunWeights,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write accuracy (top-level key), per-class report and confusion matrix as JSON.")] = None,
+    tta: Annotated[cfg.Tta, typer.Option("--tta")] = cfg.Tta.none,
+    batch_size: BatchSize = 64,
+    workers: Workers = None,
+    device: Device = "auto",
+    precision: PrecisionOpt = cfg.Precision.auto,
+    strict: Strict = False,
+) -> None:
+    """Accuracy, per-class precision/recall/F1 and confusion matrix of a trained run on labelled images.
+
+    Example: cnnxfer evaluate test/ --weights runs/photos --json metrics.json
+    """
+    from . import evaluate as ev, report
+
+    with report.image_progress("evaluate") as progress:
+        result = ev.evaluate_folder(data, weights, json_path=json_path, strict=strict, device=device, precision=precision.value,
+                                    batch_size=batch_size, num_workers=workers, tta=tta.value, progress=progress)
+    report.evaluation_summary(result)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

@@ -94,11 +94,11 @@ class TrainConfig:
     strategy: Strategy = Strategy.full
     epochs: int = 10
     batch_size: int = 64
-    lr: float | None = None  # None: per optimizer and strategy (see engine.default_lr)
-    backbone_lr_mult: float = 0.1
-    optimizer: Optimizer = Optimizer.adamw
+    lr: float | None = None  # None: per optimizer and strategy (engine.resolve_hparams)
+    backbone_lr_mult: float = 0.1  # fine-tuning: the pretrained backbone learns 10x slower than the head
+    optimizer: Optimizer | None = None  # None: SGD when training from scratch, AdamW when fine-tuning
     momentum: float = 0.9
-    weight_decay: float = 0.05
+    weight_decay: float | None = None  # None: 5e-4 for SGD, 0.05 for AdamW
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     dropout: float = 0.0
@@ -120,3 +120,15 @@ class TrainConfig:
     strict: bool = False
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_steps: int | None = None  # stop after this many optimizer steps (sanity checks, tests)
+
+
+def resumed_config(saved: dict, out: Path) -> TrainConfig:
+    """The TrainConfig of an interrupted run, read back from its config.json, set to resume."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in saved.items() if k in fields}
+    for name, enum in (("strategy", Strategy), ("optimizer", Optimizer), ("balance", Balance), ("precision", Precision)):
+        if values.get(name) is not None:
+            values[name] = enum(values[name])
+    values["data"], values["out"] = Path(values["data"]), Path(out)
+    values["resume"], values["overwrite"] = True, False
+    return TrainConfig(**values)

@@ -17,7 +17,6 @@ import pickle
 import socket
 import sys
 import threading
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -164,11 +163,13 @@ def _torch_load_safely(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "GLOBAL" not in str(exc):  # torch names the forbidden GLOBAL; anything else is damaged bytes
+            raise WeightsError(f"corrupt weights file {path}: not a readable torch or pickle file") from exc
         raise WeightsError(
             f"refusing to load {path}: it holds pickled Python objects, not just tensors "
             "(only safetensors or plain state dicts are loaded; re-save it with torch.save(model.state_dict()))"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # damaged bytes raise anything: RuntimeError, EOFError, IndexError, KeyError...
         raise WeightsError(f"corrupt weights file {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
 
 
@@ -504,14 +505,21 @@ def head_parameter_names(model: nn.Module) -> set[str]:
 
 
 def stage_groups(model: nn.Module) -> list[list[str]]:
-    """Backbone parameter names grouped from input to output by feature stage, for gradual unfreezing."""
+    """Backbone parameter names grouped from input to output, for gradual unfreezing: the stem,
+    one group per feature stage, and whatever follows the last stage (e.g. a pre-logits norm)."""
     head = head_parameter_names(model)
-    names = [n for n, _ in model.named_parameters() if n not in head]
-    boundaries = [s for s in available_layers(model) if s]
-    groups: list[list[str]] = [[] for _ in range(len(boundaries) + 1)]
-    for name in names:
-        stage = next((i for i, b in enumerate(boundaries) if name.startswith(b + ".")), None)
-        groups[stage + 1 if stage is not None else (0 if not groups[-1] and not any(groups[1:]) else len(boundaries))].append(name)
+    stages = [s for s in available_layers(model) if s]
+    groups: list[list[str]] = [[] for _ in range(len(stages) + 2)]
+    seen_stage = False
+    for name, _ in model.named_parameters():
+        if name in head:
+            continue
+        stage = next((i for i, s in enumerate(stages) if name == s or name.startswith(s + ".")), None)
+        if stage is not None:
+            seen_stage = True
+            groups[stage + 1].append(name)
+        else:
+            groups[-1 if seen_stage else 0].append(name)
     return [g for g in groups if g]
 
 

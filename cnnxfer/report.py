@@ -92,3 +92,120 @@ def extract_summary(s) -> None:
     for w in s.warnings:
         warn(w)
     show(table("extract", rows))
+
+
+@contextlib.contextmanager
+def fit_progress(epochs: int) -> Iterator[tuple]:
+    """Yields (on_batch, on_epoch, on_message) callbacks: a bar per epoch and one line per finished epoch."""
+    progress = Progress(
+        TextColumn("[bold]epoch {task.fields[epoch]}/" + str(epochs)), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
+        console=err_console, transient=True, disable=not err_console.is_terminal,
+    )
+    state = {"task": None, "epoch": 1}
+
+    def on_batch(step: int, steps: int, loss: float) -> None:
+        if state["task"] is None:
+            state["task"] = progress.add_task("train", total=steps, epoch=state["epoch"], loss="")
+        progress.update(state["task"], completed=step, total=steps, loss=f"{loss:.4f}")
+
+    def on_epoch(row: dict) -> None:
+        if state["task"] is not None:
+            progress.remove_task(state["task"])
+            state["task"] = None
+        state["epoch"] = row["epoch"] + 1
+        progress.console.print(
+            f"epoch {row['epoch']:>3} [{row['phase']}]  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f}"
+            f"  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f}  lr {row['lr']:.2e}  {row['seconds']:.1f}s",
+            highlight=False,
+        )
+
+    with progress:
+        yield on_batch, on_epoch, warn
+
+
+def fit_summary(result) -> None:
+    for note in result.notes:
+        warn(note)
+    best = result.best
+    rows = [
+        ("run directory", result.run_dir),
+        ("classes", f"{len(result.classes)}: {', '.join(result.classes[:10])}{' ...' if len(result.classes) > 10 else ''}"),
+        ("images", f"{result.train_images:,} train / {result.val_images:,} val"),
+        ("skipped", f"{result.skipped:,}" + (f" (listed in {result.skipped_file})" if result.skipped_file else "")),
+        ("best epoch", f"{best.get('epoch')} of {len(result.history)}" + (" (stopped early)" if result.stopped_early else "")),
+        ("val accuracy", f"{best.get('val_accuracy', float('nan')):.4f}"),
+        ("val loss", f"{best.get('val_loss', float('nan')):.4f}"),
+        ("optimizer", f"{result.hparams['optimizer']} lr {result.hparams['lr']:.3g} wd {result.hparams['weight_decay']:.3g}"),
+        ("time", f"{result.seconds:.1f} s on {result.device} / {result.precision}"),
+    ]
+    show(table("fit", rows))
+
+
+def save_run_plots(run_dir) -> list:
+    """curves.png (loss and accuracy per epoch) and confusion_matrix.png from a run directory's CSVs."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from .checkpoint import atomic_path
+
+    run_dir, written = Path(run_dir), []
+    if (run_dir / "metrics.csv").exists():
+        m = pd.read_csv(run_dir / "metrics.csv")
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, metric in zip(axes, ("loss", "accuracy")):
+            ax.plot(m["epoch"], m[f"train_{metric}"], "o-", label="train")
+            ax.plot(m["epoch"], m[f"val_{metric}"], "o-", label="val")
+            ax.set_xlabel("epoch"), ax.set_ylabel(metric), ax.grid(alpha=0.3), ax.legend()
+        written.append(_save_fig(fig, run_dir / "curves.png", atomic_path))
+    if (run_dir / "confusion_matrix.csv").exists():
+        cm = pd.read_csv(run_dir / "confusion_matrix.csv", index_col=0)
+        n = len(cm)
+        fig, ax = plt.subplots(figsize=(max(4, 0.5 * n + 2), max(3.5, 0.5 * n + 1.5)))
+        ax.imshow(cm.values, cmap="Blues")
+        ax.set_xticks(range(n), cm.columns, rotation=45, ha="right"), ax.set_yticks(range(n), cm.index)
+        ax.set_xlabel("predicted"), ax.set_ylabel("true")
+        if n <= 30:
+            for i in range(n):
+                for j in range(n):
+                    ax.text(j, i, int(cm.values[i, j]), ha="center", va="center", fontsize=8)
+        written.append(_save_fig(fig, run_dir / "confusion_matrix.png", atomic_path))
+    return written
+
+
+def _save_fig(fig, path, atomic_path):
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def evaluation_summary(result, title: str = "evaluate") -> None:
+    rows = [("accuracy", f"{result.accuracy:.4f}"), ("images", f"{result.images:,}"),
+            ("skipped", f"{result.skipped:,}" + (f" (listed in {result.skipped_file})" if result.skipped_file else ""))]
+    show(table(title, rows))
+    per_class = Table(title="per class", title_justify="left")
+    for col in ("class", "precision", "recall", "f1", "support"):
+        per_class.add_column(col, justify="left" if col == "class" else "right")
+    for r in result.report.itertuples():
+        per_class.add_row(str(r[1]), f"{r.precision:.3f}", f"{r.recall:.3f}", f"{r.f1:.3f}", str(int(r.support)))
+    show(per_class)
+
+
+def predictions_summary(pred, out, skipped_file) -> None:
+    counts = {}
+    for i in pred.probs.argmax(1).tolist():
+        counts[pred.classes[i]] = counts.get(pred.classes[i], 0) + 1
+    rows = [("output", out), ("images", f"{len(pred.indices):,}"),
+            ("skipped", f"{len(pred.skipped):,}" + (f" (listed in {skipped_file})" if pred.skipped else "")),
+            ("predicted", ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))),
+            ("time", f"{pred.seconds:.1f} s on {pred.device}")]
+    show(table("predict", rows))

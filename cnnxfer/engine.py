@@ -1,0 +1,658 @@
+"""The one training loop, shared by `finetune`, `train` and the overfit sanity check.
+
+`fit` differs between the commands only through TrainConfig fields: where the weights come
+from (`weights`) and which parameters train (`strategy`). The loop itself is torchvision's
+`train_one_epoch` / `evaluate` split: AMP (bf16 autocast, fp16 + GradScaler), channels_last,
+cosine schedule with warmup, gradient clipping, early stopping, a NaN guard, an OOM hint, and a
+frozen-backbone feature cache for the linear strategy.
+
+Determinism: every epoch reseeds torch/numpy/random from (seed, epoch) and the DataLoader's
+shuffle generator likewise, so a run resumed from its last epoch checkpoint repeats exactly
+what the uninterrupted run would have done (same machine and versions).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import data, device as dev, models
+from .config import Optimizer, Strategy, TrainConfig
+from .errors import TrainingError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    samples: int
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+
+
+@dataclass
+class StepContext:
+    """Everything one optimisation step needs besides the batch."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    loss_fn: nn.Module
+    device: torch.device
+    dtype: torch.dtype | None
+    grad_clip: float | None = None
+    channels_last: bool = False
+    global_step: int = 0
+    max_steps: int | None = None
+
+
+BatchHook = Callable[[int, int, float], None]  # (step in epoch, steps in epoch, loss)
+
+
+# ---------------------------------------------------------------- hyperparameters
+
+def resolve_hparams(config: TrainConfig) -> dict:
+    """Defaults that depend on the run: SGD for training from scratch, AdamW for fine-tuning."""
+    from_scratch = config.weights == models.NONE
+    optimizer = config.optimizer or (Optimizer.sgd if from_scratch else Optimizer.adamw)
+    optimizer = Optimizer(optimizer)
+    if config.lr is not None:
+        lr = config.lr
+    elif optimizer == Optimizer.sgd:
+        lr = 0.1 * config.batch_size / 256 * (4 if from_scratch else 1)
+    else:
+        lr = 1e-3 if config.strategy != Strategy.linear else 3e-3
+    weight_decay = config.weight_decay if config.weight_decay is not None else (5e-4 if optimizer == Optimizer.sgd else 0.05)
+    mult = 1.0 if from_scratch else config.backbone_lr_mult
+    return {"optimizer": optimizer.value, "lr": lr, "weight_decay": weight_decay, "backbone_lr_mult": mult}
+
+
+def build_optimizer(model: nn.Module, head_names: set[str], hp: dict, momentum: float) -> torch.optim.Optimizer:
+    """Two parameter groups (backbone at lr * mult, head at lr); no weight decay on norms and biases."""
+    groups = {}
+    for name, p in model.named_parameters():
+        is_head = name in head_names
+        no_decay = p.ndim <= 1
+        key = (is_head, no_decay)
+        groups.setdefault(key, []).append(p)
+    param_groups = [
+        {
+            "params": params,
+            "lr": hp["lr"] * (1.0 if is_head else hp["backbone_lr_mult"]),
+            "weight_decay": 0.0 if no_decay else hp["weight_decay"],
+            "name": f"{'head' if is_head else 'backbone'}{'_no_decay' if no_decay else ''}",
+        }
+        for (is_head, no_decay), params in sorted(groups.items())
+    ]
+    if hp["optimizer"] == "sgd":
+        return torch.optim.SGD(param_groups, lr=hp["lr"], momentum=momentum, nesterov=momentum > 0)
+    return torch.optim.AdamW(param_groups, lr=hp["lr"])
+
+
+def cosine_with_warmup(optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to each group's lr, then cosine decay to zero, stepped per batch."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- the loop
+
+def _to_device(x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    x = x.to(ctx.device, non_blocking=True)
+    if ctx.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def train_step(ctx: StepContext, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+    """One optimisation step; returns (loss, correct). Raises TrainingError on a non-finite loss."""
+    x, y = _to_device(inputs, ctx), targets.to(ctx.device, non_blocking=True)
+    with dev.autocast(ctx.device, ctx.dtype):
+        logits = ctx.module(x)
+        loss = ctx.loss_fn(logits.float(), y)
+    if not torch.isfinite(loss):
+        lr = ctx.optimizer.param_groups[-1]["lr"]
+        raise TrainingError(
+            f"loss became {loss.item()} at step {ctx.global_step + 1}: the learning rate ({lr:.3g}) is likely too high "
+            f"(try --lr {lr / 10:.3g}), or the inputs hold NaN/inf; the last good checkpoint is kept"
+        )
+    ctx.optimizer.zero_grad(set_to_none=True)
+    if ctx.scaler is not None:
+        ctx.scaler.scale(loss).backward()
+        if ctx.grad_clip:
+            ctx.scaler.unscale_(ctx.optimizer)
+            nn.utils.clip_grad_norm_(ctx.module.parameters(), ctx.grad_clip)
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+    else:
+        loss.backward()
+        if ctx.grad_clip:
+            nn.utils.clip_grad_norm_(ctx.module.parameters(), ctx.grad_clip)
+        ctx.optimizer.step()
+    ctx.scheduler.step()
+    ctx.global_step += 1
+    return loss.item(), int((logits.argmax(1) == y).sum())
+
+
+def train_one_epoch(ctx: StepContext, loader, on_batch: BatchHook | None = None) -> EpochStats:
+    """One pass over `loader` (yielding data.Batch) in train mode."""
+    total_loss, correct, seen, skipped = 0.0, 0, 0, []
+    steps = len(loader)
+    for i, batch in enumerate(loader):
+        skipped += batch.skipped
+        if len(batch.labels) == 0:
+            continue
+        if ctx.max_steps is not None and ctx.global_step >= ctx.max_steps:
+            break
+        try:
+            loss, right = train_step(ctx, batch.images, batch.labels)
+        except torch.OutOfMemoryError as exc:
+            raise TrainingError(oom_message(ctx, batch)) from exc
+        n = len(batch.labels)
+        total_loss, correct, seen = total_loss + loss * n, correct + right, seen + n
+        if on_batch:
+            on_batch(i + 1, steps, loss)
+    return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1), seen, skipped)
+
+
+@torch.inference_mode()
+def evaluate(module: nn.Module, loader, loss_fn: nn.Module, device: torch.device, dtype: torch.dtype | None,
+             channels_last: bool = False) -> tuple[EpochStats, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss/accuracy over `loader` in eval mode; also (probabilities, targets, dataset indices)."""
+    was_training = module.training
+    module.eval()
+    probs, targets, indices, skipped = [], [], [], []
+    total_loss = 0.0
+    ctx = StepContext(module, None, None, None, loss_fn, device, dtype, channels_last=channels_last)
+    for batch in loader:
+        skipped += batch.skipped
+        if len(batch.labels) == 0:
+            continue
+        x, y = _to_device(batch.images, ctx), batch.labels.to(device)
+        with dev.autocast(device, dtype):
+            logits = module(x).float()
+        if (y >= 0).all():
+            total_loss += loss_fn(logits, y).item() * len(y)
+        probs.append(logits.softmax(1).cpu())
+        targets.append(batch.labels)
+        indices.append(batch.indices)
+    module.train(was_training)
+    if not probs:
+        return EpochStats(float("nan"), float("nan"), 0, skipped), torch.empty(0), torch.empty(0), torch.empty(0)
+    probs, targets, indices = torch.cat(probs), torch.cat(targets), torch.cat(indices)
+    n = len(targets)
+    acc = float((probs.argmax(1) == targets).float().mean())
+    return EpochStats(total_loss / n, acc, n, skipped), probs, targets, indices
+
+
+def oom_message(ctx: StepContext, batch) -> str:
+    """Out of memory: find by halving the largest batch size that does one step, and say it."""
+    bs = len(batch.labels)
+    fits = find_fitting_batch_size(ctx, batch.images[:1], bs)
+    hint = f"--batch-size {fits} fits" if fits else "even --batch-size 1 does not fit; try a smaller --img-size or model"
+    return f"out of memory on {ctx.device} at batch size {bs}: {hint}"
+
+
+def find_fitting_batch_size(ctx: StepContext, sample: torch.Tensor, batch_size: int) -> int | None:
+    """The largest power-of-two fraction of `batch_size` for which a forward+backward fits."""
+    bs = batch_size // 2
+    while bs >= 1:
+        try:
+            if ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
+            x = _to_device(sample.expand(bs, *sample.shape[1:]).clone(), ctx)
+            with dev.autocast(ctx.device, ctx.dtype):
+                ctx.module(x).float().sum().backward()
+            ctx.module.zero_grad(set_to_none=True)
+            return bs
+        except torch.OutOfMemoryError:
+            ctx.module.zero_grad(set_to_none=True)
+            bs //= 2
+    return None
+
+
+# ---------------------------------------------------------------- fit: finetune and train
+
+@dataclass
+class FitHooks:
+    """Optional callbacks the CLI's progress display plugs into."""
+
+    on_batch: BatchHook | None = None
+    on_epoch: Callable[[dict], None] | None = None
+    on_message: Callable[[str], None] | None = None
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    classes: list[str]
+    history: list[dict]
+    best: dict
+    stopped_early: bool
+    seconds: float
+    device: str
+    precision: str
+    train_images: int
+    val_images: int
+    skipped: int
+    skipped_file: Path | None
+    hparams: dict
+    notes: list[str] = field(default_factory=list)
+
+
+class LinearProbe(nn.Module):
+    """A frozen backbone in eval mode (BatchNorm statistics fixed) under a trainable head."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features = models.pre_logits(self.backbone, x)
+        return self.head(features)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()
+        self.head.train(mode)
+        return self
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """Cached backbone features, served like images (a data.collate-compatible triple)."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor):
+        self.features, self.labels, self.indices = features, labels, indices
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.features[i], int(self.labels[i]), int(self.indices[i])
+
+
+def split_data(config: TrainConfig) -> tuple[data.ImageList, data.ImageList]:
+    """train/ and val/ folders when DATA has them, else a stratified, seeded --val-split."""
+    folders = data.find_split_folders(config.data)
+    if folders:
+        train = data.discover(folders[0], labelled=True)
+        val = data.discover(folders[1], labelled=True, classes=train.classes)
+        val.warnings = train.warnings + val.warnings
+        return train, val
+    images = data.discover(config.data, labelled=True)
+    if len(images.classes) < 2:
+        from .errors import DataError
+
+        raise DataError(f"{config.data}: found {len(images.classes)} class; classification needs at least 2")
+    train_idx, val_idx = data.stratified_split(images.labels, config.val_split, config.seed)
+    train, val = images.subset(train_idx), images.subset(val_idx)
+    train.warnings, train.ignored = images.warnings, images.ignored
+    return train, val
+
+
+def auto_img_size(images: data.ImageList, sample: int = 64) -> int | None:
+    """For small images (median side <= 64 px, e.g. digits), train at about their own size
+    instead of upscaling to the model's 224: same information, a fraction of the compute."""
+    from PIL import Image
+
+    sides = []
+    for path in images.paths[:: max(1, len(images) // sample)][:sample]:
+        try:
+            with Image.open(path) as im:
+                sides.append(max(im.size))
+        except Exception:
+            continue
+    if not sides:
+        return None
+    median = float(np.median(sides))
+    return int(max(32, math.ceil(median / 8) * 8)) if median <= 64 else None
+
+
+class _Run:
+    """The state of one fit: data, model, the module being optimised, and the run directory."""
+
+    def __init__(self, config: TrainConfig, hooks: FitHooks):
+        from . import checkpoint
+
+        self.config, self.hooks = config, hooks
+        self.run_dir = Path(config.out)
+        checkpoint.prepare_output(self.run_dir, config.overwrite, config.resume)
+        self.device = dev.resolve_device(config.device)
+        self.dtype = dev.resolve_precision(config.precision, self.device)
+        self.channels_last = dev.use_channels_last(self.device)
+        self.train_images, self.val_images = split_data(config)
+        self.classes = self.train_images.classes
+        self.notes = list(self.train_images.warnings)
+        self.img_size = config.img_size or (auto_img_size(self.train_images) if config.weights == models.NONE else None)
+        if self.img_size and not config.img_size:
+            self.notes.append(f"small images: training at {self.img_size} px (set --img-size to change)")
+        self.hp = resolve_hparams(config)
+        self.skipped: dict[str, str] = {}
+        self.saved: dict = {}
+
+    # -- model and modules
+    def build_model(self, weights: str | None) -> None:
+        loaded = models.load_model(self.config.model, weights, len(self.classes), drop_rate=self.config.dropout, img_size=self.img_size)
+        if loaded.classes and loaded.classes != self.classes and weights == self.config.weights:
+            self.notes.append(f"new head for {len(self.classes)} classes (the weights' run had {len(loaded.classes)})")
+        self.loaded, self.arch = loaded, loaded.arch
+        self.notes += loaded.notes
+        self.model = loaded.model.to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.head_names = models.head_parameter_names(self.model)
+        self.groups = models.stage_groups(self.model)
+
+    def build_loaders(self) -> None:
+        c = self.config
+        workers = c.num_workers if c.num_workers is not None else dev.default_num_workers(self.device)
+        pin = self.device.type == "cuda"
+        train_tf = models.build_transform(self.loaded.data_config, training=True, augment=c.augment, hflip=c.hflip)
+        eval_tf = models.build_transform(self.loaded.data_config)
+        sampler = self._balanced_sampler() if c.balance.value == "sampler" else None
+        n = len(self.train_images)
+        self.train_loader = data.make_loader(
+            data.ImageDataset(self.train_images, train_tf, c.max_image_pixels), c.batch_size, shuffle=True,
+            sampler=sampler, num_workers=workers, pin_memory=pin, seed=c.seed, drop_last=n % c.batch_size == 1)
+        self.val_loader = data.make_loader(
+            data.ImageDataset(self.val_images, eval_tf, c.max_image_pixels), c.batch_size, num_workers=workers, pin_memory=pin)
+        self.train_eval_loader = data.make_loader(
+            data.ImageDataset(self.train_images, eval_tf, c.max_image_pixels), c.batch_size, num_workers=workers, pin_memory=pin)
+
+    def _balanced_sampler(self):
+        counts = np.bincount(self.train_images.labels, minlength=len(self.classes)).astype(float)
+        weights = [1.0 / counts[label] for label in self.train_images.labels]
+        generator = torch.Generator().manual_seed(self.config.seed)
+        return torch.utils.data.WeightedRandomSampler(weights, len(weights), replacement=True, generator=generator)
+
+    def loss_fn(self) -> nn.Module:
+        weight = None
+        if self.config.balance.value == "loss":
+            counts = np.bincount(self.train_images.labels, minlength=len(self.classes)).astype(float)
+            weight = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=self.device)
+        return nn.CrossEntropyLoss(weight=weight, label_smoothing=self.config.label_smoothing)
+
+    # -- strategy
+    def setup_strategy(self) -> None:
+        """The module to optimise and its loaders: a head on cached features, a frozen-backbone
+        probe, or the whole model (gradual unfreezing then widens the trainable set per epoch)."""
+        c, strategy = self.config, Strategy(self.config.strategy)
+        self.module, self.loaders = self.model, (self.train_loader, self.val_loader)
+        opt_module, head_names = self.model, self.head_names
+        if strategy == Strategy.linear:
+            models.set_trainable(self.model, self.head_names)
+            classifier = self.model.get_submodule(models.classifier_names(self.model)[0])
+            head = nn.Sequential(nn.Dropout(c.dropout), classifier)
+            if c.cache_features:
+                self.loaders = self._cached_loaders()
+                self.module = head
+            else:
+                self.module = LinearProbe(self.model, head)
+            opt_module, head_names = head, {n for n, _ in head.named_parameters()}
+        self.optimizer = build_optimizer(opt_module, head_names, self.hp, c.momentum)
+        steps = c.epochs * len(self.loaders[0])
+        self.scheduler = cosine_with_warmup(self.optimizer, steps, int(c.warmup_epochs * len(self.loaders[0])))
+        use_scaler = self.dtype == torch.float16 and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.ctx = StepContext(self.module, self.optimizer, self.scheduler, self.scaler, self.loss_fn(), self.device,
+                               self.dtype, c.grad_clip, self.channels_last, 0, c.max_steps)
+
+    def set_phase(self, epoch: int) -> str:
+        """Which parameters train in `epoch`; frozen BatchNorms stay in eval mode."""
+        strategy = Strategy(self.config.strategy)
+        if strategy == Strategy.linear:
+            return "head"
+        if strategy == Strategy.full:
+            models.set_trainable(self.model, None)
+            return "all"
+        unfrozen = epoch - self.config.head_epochs + 1  # gradual: top stage groups, one more each epoch
+        if unfrozen <= 0:
+            models.set_trainable(self.model, self.head_names)
+            return "head"
+        trainable = set(self.head_names).union(*self.groups[max(0, len(self.groups) - unfrozen):])
+        models.set_trainable(self.model, trainable)
+        return "all" if unfrozen >= len(self.groups) else f"head+{unfrozen} group(s)"
+
+    def _cached_loaders(self):
+        """Run the frozen backbone once over un-augmented train and val images."""
+        c = self.config
+        out = []
+        for loader, shuffle in ((self.train_eval_loader, True), (self.val_loader, False)):
+            feats, labels, indices = self._features(loader)
+            dataset = FeatureDataset(feats, labels, indices)
+            out.append(data.make_loader(dataset, c.batch_size, shuffle=shuffle, seed=c.seed,
+                                        drop_last=shuffle and len(dataset) % c.batch_size == 1))
+        return tuple(out)
+
+    @torch.inference_mode()
+    def _features(self, loader):
+        self.model.eval()
+        feats, labels, indices = [], [], []
+        for batch in loader:
+            self._record_skipped(loader, batch.skipped)
+            if len(batch.labels) == 0:
+                continue
+            x = _to_device(batch.images, StepContext(None, None, None, None, None, self.device, None, channels_last=self.channels_last))
+            with dev.autocast(self.device, self.dtype):
+                feats.append(models.pre_logits(self.model, x).float().cpu())
+            labels.append(batch.labels)
+            indices.append(batch.indices)
+        if not feats:
+            from .errors import DataError
+
+            raise DataError(f"{self.config.data}: no image could be read")
+        return torch.cat(feats), torch.cat(labels), torch.cat(indices)
+
+    def _record_skipped(self, loader, skipped) -> None:
+        images = loader.dataset.images if isinstance(loader.dataset, data.ImageDataset) else None
+        for i, reason in skipped:
+            if images is not None:
+                self.skipped[str(images.paths[i])] = reason
+
+    # -- epochs, checkpoints, resume
+    def run_epochs(self, start_epoch: int, history: list, best: dict, bad_epochs: int) -> tuple[list, dict, bool]:
+        c = self.config
+        stopped_early = False
+        for epoch in range(start_epoch, c.epochs):
+            epoch_seed = c.seed * 1000 + epoch
+            seed_everything(epoch_seed)
+            self.loaders[0].generator.manual_seed(epoch_seed)
+            phase = self.set_phase(epoch)
+            self.module.train()
+            for m in models.frozen_norm_modules(self.model):
+                m.eval()
+            start = time.perf_counter()
+            stats = train_one_epoch(self.ctx, self.loaders[0], self.hooks.on_batch)
+            self._record_skipped(self.loaders[0], stats.skipped)
+            if epoch == start_epoch:
+                self._check_classes_readable()
+            val, *_ = evaluate(self.module, self.loaders[1], self.ctx.loss_fn, self.device, self.dtype, self.channels_last)
+            self._record_skipped(self.loaders[1], val.skipped)
+            row = {"epoch": epoch + 1, "phase": phase, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
+                   "val_loss": val.loss, "val_accuracy": val.accuracy, "lr": self.optimizer.param_groups[-1]["lr"],
+                   "seconds": time.perf_counter() - start}
+            history.append(row)
+            improved = not best or _better(row, best)
+            if improved:
+                best = {k: row[k] for k in ("epoch", "val_loss", "val_accuracy", "train_loss", "train_accuracy")}
+            loss_improved = len(history) == 1 or _finite(val.loss) < min(_finite(h["val_loss"]) for h in history[:-1]) - 1e-4
+            bad_epochs = 0 if loss_improved else bad_epochs + 1
+            self.save_epoch(epoch, history, best, bad_epochs, improved)
+            if self.hooks.on_epoch:
+                self.hooks.on_epoch(row)
+            if c.max_steps is not None and self.ctx.global_step >= c.max_steps:
+                break
+            if c.patience and bad_epochs >= c.patience:
+                stopped_early = True
+                break
+        return history, best, stopped_early
+
+    def _check_classes_readable(self) -> None:
+        from .errors import DataError
+
+        bad = _counts_by_label(self.train_images, self.skipped)
+        empty = [self.classes[k] for k, (total, skipped) in bad.items() if total and total == skipped]
+        if empty:
+            raise DataError(f"every image of class(es) {', '.join(empty)} is unreadable; see the skipped list")
+
+    def save_epoch(self, epoch: int, history: list, best: dict, bad_epochs: int, improved: bool) -> None:
+        from . import checkpoint
+
+        if improved:
+            checkpoint.save_state_dict(self.run_dir / checkpoint.MODEL_FILE, self.model.state_dict(),
+                                       {"format": "pt", "arch": self.arch, "epoch": epoch + 1})
+            self.write_config(best)
+        state = {
+            "epoch": epoch + 1, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else {},
+            "history": history, "best": best, "bad_epochs": bad_epochs, "global_step": self.ctx.global_step,
+            "skipped": dict(self.skipped),
+        }
+        checkpoint.save_training_state(self.run_dir / checkpoint.STATE_FILE, state)
+        write_metrics_csv(self.run_dir / "metrics.csv", history)
+
+    def write_config(self, best: dict, final: dict | None = None) -> None:
+        import timm
+
+        from . import checkpoint
+        from .config import to_dict
+
+        checkpoint.atomic_write_json(self.run_dir / checkpoint.CONFIG_FILE, {
+            "model": self.arch, "classes": self.classes, "num_classes": len(self.classes),
+            "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.loaded.data_config.items()},
+            "weights_source": self.loaded.weights if not self.config.resume else self.saved.get("weights_source"),
+            "hparams": self.hp, "best": best, "final": final, "train_images": len(self.train_images),
+            "val_images": len(self.val_images), "precision": str(self.dtype).replace("torch.", "") if self.dtype else "float32",
+            "device": str(self.device), "versions": {"torch": torch.__version__, "timm": timm.__version__},
+            "train_config": to_dict(self.config),
+        })
+
+    def restore(self) -> tuple[int, list, dict, int]:
+        from . import checkpoint
+
+        state = checkpoint.load_training_state(self.run_dir / checkpoint.STATE_FILE)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.ctx.global_step = state["global_step"]
+        self.skipped.update(state.get("skipped", {}))
+        return state["epoch"], list(state["history"]), dict(state["best"]), state["bad_epochs"]
+
+
+def _counts_by_label(images: data.ImageList, skipped: dict[str, str]) -> dict[int, tuple[int, int]]:
+    """{label: (images, skipped images)} for the classes of `images`."""
+    out: dict[int, list[int]] = {}
+    for path, label in zip(images.paths, images.labels):
+        entry = out.setdefault(label, [0, 0])
+        entry[0] += 1
+        entry[1] += str(path) in skipped
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def _finite(x: float) -> float:
+    return x if x == x and math.isfinite(x) else float("inf")
+
+
+def _better(row: dict, best: dict) -> bool:
+    """Best model: higher validation accuracy, then lower validation loss."""
+    if row["val_accuracy"] != best["val_accuracy"]:
+        return _finite(-row["val_accuracy"]) < _finite(-best["val_accuracy"])
+    return _finite(row["val_loss"]) < _finite(best["val_loss"])
+
+
+def write_metrics_csv(path: Path, history: list[dict]) -> None:
+    import pandas as pd
+
+    from . import checkpoint
+
+    checkpoint.atomic_write_text(path, pd.DataFrame(history).to_csv(index=False))
+
+
+def fit(config: TrainConfig, hooks: FitHooks | None = None) -> FitResult:
+    """Train a classifier on `config.data` into the run directory `config.out` (finetune and train).
+
+    With `config.resume`, `config.out` must be an interrupted run: its saved TrainConfig is used
+    and training continues after the last finished epoch.
+    """
+    from . import checkpoint
+    from .config import resumed_config
+
+    start = time.perf_counter()
+    saved = {}
+    if config.resume:
+        saved = _resumable_run(Path(config.out))
+        config = resumed_config(saved["train_config"], config.out)
+    run = _Run(config, hooks or FitHooks())
+    run.saved = saved
+    seed_everything(config.seed)  # the random initialisation of the model and head
+    run.build_model(models.NONE if config.resume else config.weights)
+    if config.resume:
+        run.loaded.data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["data_config"].items()}
+    run.build_loaders()
+    run.setup_strategy()
+    start_epoch, history, best, bad = run.restore() if config.resume else (0, [], {}, 0)
+    if not config.resume:
+        run.write_config(best)
+    try:
+        history, best, stopped = run.run_epochs(start_epoch, history, best, bad)
+    except TrainingError as exc:
+        where = f"the last good checkpoint (epoch {history[-1]['epoch']}) is in {run.run_dir}" if history else "no epoch finished, so there is no checkpoint"
+        raise TrainingError(f"{exc}; {where}") from exc
+    final = finish_run(run, best)
+    (run.run_dir / checkpoint.STATE_FILE).unlink(missing_ok=True)  # complete: nothing left to resume
+    skipped_file = data.write_skipped(run.run_dir / "skipped.csv", sorted(run.skipped.items()))
+    return FitResult(run.run_dir, run.classes, history, dict(best, **final), stopped, time.perf_counter() - start,
+                     str(run.device), str(run.dtype).replace("torch.", "") if run.dtype else "float32",
+                     len(run.train_images), len(run.val_images), len(run.skipped), skipped_file, run.hp, run.notes)
+
+
+def _resumable_run(run_dir: Path) -> dict:
+    from . import checkpoint
+    from .errors import UsageError
+
+    if not (run_dir / checkpoint.CONFIG_FILE).is_file():
+        raise UsageError(f"--resume {run_dir}: not a cnnxfer run directory (no config.json)")
+    if not (run_dir / checkpoint.STATE_FILE).is_file():
+        raise UsageError(f"--resume {run_dir}: nothing to resume (the run finished, or no epoch completed)")
+    return checkpoint.load_run_config(run_dir)
+
+
+def finish_run(run: _Run, best: dict) -> dict:
+    """Reload the best weights, evaluate them on the validation set and write the reports."""
+    from . import checkpoint, evaluate as ev
+
+    state = models.read_weights_file(run.run_dir / checkpoint.MODEL_FILE)
+    run.model.load_state_dict(state)
+    stats, probs, targets, _ = evaluate(run.model, run.val_loader, run.ctx.loss_fn, run.device, run.dtype, run.channels_last)
+    if len(targets) == 0:
+        return {}
+    result = ev.summarize(probs, targets, run.classes, stats.loss)
+    ev.save_reports(run.run_dir, result)
+    final = {"final_val_accuracy": result.accuracy, "final_val_loss": result.loss}
+    run.write_config(best, final)
+    return final
