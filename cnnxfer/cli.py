@@ -299,6 +299,46 @@ def evaluate(
     report.evaluation_summary(result)
 
 
+_S = cfg.SanityConfig.__dataclass_fields__
+
+
+@app.command("sanity-check")
+@handle_errors
+def sanity_check(
+    data: Annotated[Path, typer.Argument(exists=True, help="Labelled images: class subfolders (optionally train/ and val/) or a CSV manifest.")],
+    model: ModelOpt = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", "-w", help="none (random init, default), hub, a weights file or a run directory.")] = "none",
+    only: Annotated[Optional[str], typer.Option("--only", help=f"Comma-separated subset of: {', '.join(cfg.SANITY_CHECKS)}.")] = None,
+    lr_find: Annotated[bool, typer.Option("--lr-find", help="Also run the learning-rate range test (table + PNG plot).")] = False,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="The learning rate you plan to train with (checked by --lr-find).")] = None,
+    optimizer: OptimizerOpt = None,
+    img_size: ImgSize = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=2, help="Images in the overfit subset.")] = _default(_S, "batch_size"),
+    overfit_steps: Annotated[int, typer.Option("--overfit-steps", min=1, help="Step budget for the overfit check.")] = _default(_S, "overfit_steps"),
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON.")] = None,
+    seed: Seed = 0,
+    workers: Workers = None,
+    device: Device = "auto",
+    precision: PrecisionOpt = cfg.Precision.auto,
+) -> None:
+    """Check data, model and training setup before a long run: PASS / WARN / FAIL per check.
+
+    Exit code 1 when any check fails. Example: cnnxfer sanity-check photos/ --model resnet50 --lr-find
+    """
+    from . import report, sanity
+
+    config = cfg.SanityConfig(
+        data=data, model=model, weights=weights, only=tuple(c.strip() for c in (only or "").split(",") if c.strip()),
+        lr_find=lr_find, lr=lr, optimizer=optimizer, img_size=img_size, batch_size=batch_size, overfit_steps=overfit_steps,
+        json_path=json_path, seed=seed, num_workers=workers, device=device, precision=precision,
+    )
+    with report.status("sanity-check") as progress:
+        result = sanity.run_checks(config, progress)
+    report.sanity_report(result)
+    if result.failed:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

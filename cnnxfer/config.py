@@ -132,3 +132,32 @@ def resumed_config(saved: dict, out: Path) -> TrainConfig:
     values["data"], values["out"] = Path(values["data"]), Path(out)
     values["resume"], values["overwrite"] = True, False
     return TrainConfig(**values)
+
+
+SANITY_CHECKS = ("data", "init_loss", "overfit", "gradcheck", "gradient_flow", "modes", "cost", "lr_find")
+
+
+@dataclass(frozen=True)
+class SanityConfig:
+    """`cnnxfer sanity-check`: which checks, on what data and model, with which budgets."""
+
+    data: Path
+    model: str | None = None
+    weights: str | None = "none"  # the setup about to be trained: random init unless told otherwise
+    only: tuple[str, ...] = ()  # empty: every check except lr_find (which --lr-find adds)
+    lr_find: bool = False
+    lr: float | None = None  # the learning rate you plan to train with (checked by lr_find)
+    optimizer: Optimizer | None = None
+    img_size: int | None = None
+    batch_size: int = 16  # the overfit subset: one batch drawn across classes
+    overfit_steps: int = 300
+    overfit_loss: float = 0.05
+    gradcheck_size: int = 32  # input side for the float64 finite-difference check
+    val_split: float = 0.2
+    seed: int = 0
+    num_workers: int | None = None
+    device: str = "auto"
+    precision: Precision = Precision.auto
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    json_path: Path | None = None
+    out_dir: Path | None = None  # where lr_find.png and the skipped list go (default: beside --json or cwd)

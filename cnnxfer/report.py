@@ -209,3 +209,53 @@ def predictions_summary(pred, out, skipped_file) -> None:
             ("predicted", ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))),
             ("time", f"{pred.seconds:.1f} s on {pred.device}")]
     show(table("predict", rows))
+
+
+@contextlib.contextmanager
+def status(description: str) -> Iterator:
+    """A spinner naming the step in progress; yields a callback(step name)."""
+    with err_console.status(description) as spinner:
+        yield lambda step: spinner.update(f"{description}: {step}")
+
+
+_STYLE = {"PASS": "green", "WARN": "yellow", "FAIL": "bold red", "SKIP": "dim"}
+
+
+def sanity_report(result) -> None:
+    """One row per check: status, the measured figure, and what to look at on WARN/FAIL."""
+    if result.lr_plot:
+        lr = next((c for c in result.checks if c.name == "lr_find"), None)
+        if lr and lr.details.get("lrs"):
+            save_lr_plot(lr.details, result.lr_plot)
+    t = Table(title=f"sanity-check: {result.model} ({result.weights}) on {result.device}/{result.precision}", title_justify="left")
+    for col in ("check", "status", "result", "look at"):
+        t.add_column(col, overflow="fold")
+    for c in result.checks:
+        t.add_row(c.name, f"[{_STYLE.get(c.status, '')}]{c.status}[/]", c.summary, c.hint if c.status in ("WARN", "FAIL") else "")
+    show(t)
+    counts = result.to_dict()["counts"]
+    info_line(f"{counts['PASS']} passed, {counts['WARN']} warned, {counts['FAIL']} failed"
+              + (f"; unreadable files listed in {result.skipped_file}" if result.skipped_file else "")
+              + (f"; lr plot in {result.lr_plot}" if result.lr_plot else ""))
+
+
+def save_lr_plot(details: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .checkpoint import atomic_path
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(details["lrs"], details["losses"])
+    ax.set_xscale("log"), ax.set_xlabel("learning rate"), ax.set_ylabel("loss (smoothed)"), ax.grid(alpha=0.3)
+    if details.get("suggested_lr"):
+        ax.axvline(details["suggested_lr"], color="green", linestyle="--", label=f"suggested {details['suggested_lr']:.2g}")
+    if details.get("configured_lr"):
+        ax.axvline(details["configured_lr"], color="red", linestyle=":", label=f"configured {details['configured_lr']:.2g}")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
