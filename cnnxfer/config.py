@@ -47,6 +47,30 @@ class Balance(str, Enum):
     sampler = "sampler"
 
 
+def _coerce(config) -> None:
+    """Accept plain strings for enum fields and str paths, so Python callers can write
+    TrainConfig(data="photos", strategy="gradual"); a bad value names the field and the choices."""
+    import typing
+
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, hint = getattr(config, f.name), hints[f.name]
+        args = typing.get_args(hint) or (hint,)
+        enum = next((a for a in args if isinstance(a, type) and issubclass(a, Enum)), None)
+        if enum is not None and isinstance(value, str) and not isinstance(value, enum):
+            try:
+                value = enum(value)
+            except ValueError:
+                from .errors import UsageError
+
+                raise UsageError(f"{f.name} '{value}' is not one of {', '.join(e.value for e in enum)}") from None
+        elif Path in args and isinstance(value, str):
+            value = Path(value)
+        elif f.name in ("layers", "only") and isinstance(value, (list, str)):
+            value = tuple(value.split(",")) if isinstance(value, str) else tuple(value)
+        object.__setattr__(config, f.name, value)
+
+
 def to_dict(config) -> dict:
     """JSON-ready dict of a config (paths and enums as strings)."""
     out = {}
@@ -81,6 +105,9 @@ class ExtractConfig:
     strict: bool = False
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     part_size: int = 1024  # images per finished Parquet part: the most a kill can cost
+
+    def __post_init__(self):
+        _coerce(self)
 
 
 @dataclass(frozen=True)
@@ -120,6 +147,9 @@ class TrainConfig:
     strict: bool = False
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_steps: int | None = None  # stop after this many optimizer steps (sanity checks, tests)
+
+    def __post_init__(self):
+        _coerce(self)
 
 
 def resumed_config(saved: dict, out: Path) -> TrainConfig:
@@ -161,3 +191,6 @@ class SanityConfig:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     json_path: Path | None = None
     out_dir: Path | None = None  # where lr_find.png and the skipped list go (default: beside --json or cwd)
+
+    def __post_init__(self):
+        _coerce(self)
