@@ -1,0 +1,53 @@
+"""The quick demo end to end (issue: `make demo`): real cnnxfer commands on real digits and
+textures, offline. Transfer must beat training from scratch on the few-label target task."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "demo.py"), "--quick", "--out", str(out), "--json", str(out / "results.json")],
+        capture_output=True, text=True, timeout=1200, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout, json.loads((out / "results.json").read_text())
+
+
+def _row(results, method_prefix, task="digits 5-9"):
+    return next(r for r in results if r["task"] == task and r["method"].startswith(method_prefix))
+
+
+def test_demo_prints_the_table_and_the_commands(demo):
+    out, stdout, results = demo
+    assert "test accuracy" in stdout and "labelled images" in stdout
+    for command in ("$ cnnxfer train", "$ cnnxfer extract", "$ cnnxfer finetune", "$ cnnxfer evaluate", "$ cnnxfer sanity-check"):
+        assert command in stdout
+    assert {r["task"] for r in results} == {"digits 0-4", "digits 5-9", "textures"}
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 and r["seconds"] > 0 for r in results)
+
+
+def test_transfer_beats_training_from_scratch_on_few_labels(demo):
+    _, _, results = demo
+    scratch = _row(results, "baseline")["test_accuracy"]
+    level1 = _row(results, "level 1")["test_accuracy"]
+    level2 = _row(results, "level 2")["test_accuracy"]
+    assert _row(results, "level 3", task="digits 0-4")["test_accuracy"] > 0.9  # the source network learned
+    assert level1 > scratch + 0.03, results
+    assert level2 > scratch + 0.03, results
+
+
+def test_demo_sanity_report_passes(demo):
+    out, _, _ = demo
+    report = json.loads((out / "sanity.json").read_text())
+    assert report["passed"], report
+    assert {c["name"] for c in report["checks"]} == {"data", "init_loss", "overfit", "gradcheck"}
