@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import logging
 import signal
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
