@@ -6,9 +6,11 @@ skipped at load time with a reason, and listed in a `*.skipped.csv` beside the o
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
+import signal
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -205,8 +207,10 @@ def find_split_folders(root: Path) -> tuple[Path, Path] | None:
 
 def stratified_split(labels: Sequence[int], val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
     """Indices (train, val) with about `val_fraction` of every class in val (at least one when it has 2+)."""
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"--val-split must be between 0 and 1 (got {val_fraction})")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"--val-split must be at least 0 and below 1 (got {val_fraction})")
+    if val_fraction == 0.0:  # a handful of labels: train on all of them, no validation
+        return list(range(len(labels))), []
     rng = np.random.default_rng(seed)
     train, val = [], []
     by_class: dict[int, list[int]] = {}
@@ -247,15 +251,19 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 def load_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Fully decode `path` to RGB (EXIF orientation applied, first frame). Raises on any fault."""
-    Image.MAX_IMAGE_PIXELS = max_pixels  # module global: set in each worker, never None
+    # A module global, never None; restored so a library call does not change the caller's Pillow.
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
     Image.init()  # registers every plugin, so `formats` can name MPO/WEBP/TIFF
-    with warnings.catch_warnings():
-        # Pillow only warns between 1x and 2x the limit; treat it as the error it is.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path, formats=[f for f in PIL_FORMATS if f in Image.OPEN]) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im) or im
-            return _to_rgb(im)
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x the limit; treat it as the error it is.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path, formats=[f for f in PIL_FORMATS if f in Image.OPEN]) as im:
+                im.load()
+                im = ImageOps.exif_transpose(im) or im
+                return _to_rgb(im)
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
 
 
 def describe_failure(path: Path, exc: BaseException) -> str:
@@ -270,7 +278,7 @@ def describe_failure(path: Path, exc: BaseException) -> str:
     except OSError:
         pass
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return f"too many pixels (decompression bomb limit {Image.MAX_IMAGE_PIXELS}): {exc}"
+        return f"too many pixels (decompression bomb limit, see max_image_pixels): {exc}"
     message = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {message}"[:300]
 
@@ -343,7 +351,35 @@ def make_loader(
         drop_last=drop_last,
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=release_signals,
     )
+
+
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold Ctrl-C and SIGTERM while DataLoader workers fork (wrap `iter(loader)`).
+
+    A signal that arrives during fork() is handled inside CPython's at-fork hooks, where the
+    exception it raises is printed as "Exception ignored" and lost: the run would carry on and
+    exit 0. Held signals are delivered when the block ends, in ordinary code.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no fork either
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def release_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: workers inherit the mask of `signals_held`; unblock it there."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD_SIGNALS)
 
 
 def write_skipped(path: Path, skipped: Sequence[tuple[Path | str, str]]) -> Path | None:

@@ -233,10 +233,13 @@ def _run_parts(config, images, transform, embedder, metadata, parts_dir, manifes
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=workers, collate_fn=data.collate,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+        worker_init_fn=data.release_signals,
     )
     columns, schema, writer, tmp, current, rows, skipped = manifest.get("columns"), None, None, None, None, 0, []
     try:
-        for batch in loader:
+        with data.signals_held():  # the workers fork here
+            batches = iter(loader)
+        for batch in batches:
             part = int(batch.indices[0]) // config.part_size if len(batch.indices) else batch.skipped[0][0] // config.part_size
             if part != current:
                 _finish_part(writer, tmp, parts_dir, current, rows, skipped, manifest)
@@ -261,9 +264,12 @@ def _run_parts(config, images, transform, embedder, metadata, parts_dir, manifes
         _finish_part(writer, tmp, parts_dir, current, rows, skipped, manifest)
         writer = None
     finally:
-        if writer is not None:  # interrupted mid-part: drop the unfinished part, keep the finished ones
-            writer.close()
-            tmp.unlink(missing_ok=True)
+        try:
+            if writer is not None:  # interrupted mid-part: drop the unfinished part, keep the finished ones
+                writer.close()
+        finally:
+            if tmp is not None:  # also when the signal landed inside ParquetWriter(tmp) itself
+                tmp.unlink(missing_ok=True)
     return columns
 
 

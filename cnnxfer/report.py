@@ -133,12 +133,16 @@ def fit_summary(result) -> None:
         ("images", f"{result.train_images:,} train / {result.val_images:,} val"),
         ("skipped", f"{result.skipped:,}" + (f" (listed in {result.skipped_file})" if result.skipped_file else "")),
         ("best epoch", f"{best.get('epoch')} of {len(result.history)}" + (" (stopped early)" if result.stopped_early else "")),
-        ("val accuracy", f"{best.get('val_accuracy', float('nan')):.4f}"),
-        ("val loss", f"{best.get('val_loss', float('nan')):.4f}"),
+        ("val accuracy", _metric(best.get("val_accuracy"))),
+        ("val loss", _metric(best.get("val_loss"))),
         ("optimizer", f"{result.hparams['optimizer']} lr {result.hparams['lr']:.3g} wd {result.hparams['weight_decay']:.3g}"),
         ("time", f"{result.seconds:.1f} s on {result.device} / {result.precision}"),
     ]
     show(table("fit", rows))
+
+
+def _metric(value) -> str:
+    return "- (no validation set)" if value is None or value != value else f"{value:.4f}"
 
 
 def save_run_plots(run_dir) -> list:

@@ -1,0 +1,252 @@
+"""`cnnxfer extract` (and every command's --help) through the real CLI: exit codes, files, messages."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import typer
+
+from cnnxfer import read_features
+from cnnxfer.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _commands() -> dict:
+    return typer.main.get_command(app).commands
+
+
+def _fast(weights: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model", "test_resnet", "--weights", str(weights), "--img-size", "32", "--workers", "0",
+            "--precision", "fp32", "--out", str(out), *extra]
+
+
+def _offline_env(tmp_path: Path, offline: bool) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"), PYTHONPATH=str(ROOT))
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+# ---------------------------------------------------------------- help
+
+def test_every_command_has_help_with_an_example(cli_runner):
+    commands = _commands()
+    assert {"info", "extract"} <= set(commands)
+    top = cli_runner.invoke(app, ["--help"])
+    assert top.exit_code == 0
+    for name, command in commands.items():
+        assert name in top.stdout
+        result = cli_runner.invoke(app, [name, "--help"])
+        assert result.exit_code == 0, (name, result.output)
+        first_line = (command.help or "").strip().splitlines()[0]
+        assert len(first_line) > 20 and first_line[:30] in " ".join(result.stdout.split()), name
+        assert "Example: cnnxfer " + name in " ".join(result.stdout.split()), name
+
+
+def test_no_arguments_shows_help(cli_runner):
+    result = cli_runner.invoke(app, [])
+    assert "extract" in result.output and result.exit_code in (0, 2)
+
+
+# ---------------------------------------------------------------- extract end to end
+
+def test_extract_writes_parquet_and_a_summary(cli_runner, tmp_path, tiny_folder, test_resnet_weights):
+    out = tmp_path / "feats.parquet"
+    result = cli_runner.invoke(app, ["extract", str(tiny_folder), *_fast(test_resnet_weights, out)])
+    assert result.exit_code == 0, result.output
+    _, labels, matrix = read_features(out)
+    assert labels == ["cat"] * 3 + ["dog"] * 3 and matrix.shape == (6, 96)
+    assert "6" in result.stdout and "embedding [96]" in result.stdout and "cpu / float32" in result.stdout
+    assert not (tmp_path / "feats.skipped.csv").exists()
+
+
+def test_extract_options_reach_the_output(cli_runner, tmp_path, tiny_folder, test_resnet_weights):
+    out = tmp_path / "opts.parquet"
+    args = _fast(test_resnet_weights, out, "--layers", "layer1, 3", "--pool", "max", "--tta", "flip", "-b", "4")
+    result = cli_runner.invoke(app, ["extract", str(tiny_folder), *args])
+    assert result.exit_code == 0, result.output
+    schema = pq.read_schema(out)
+    assert schema.names == ["path", "label", "embedding", "embedding_layer1", "embedding_layer3"]
+    meta = json.loads(schema.metadata[b"cnnxfer"])
+    assert meta["pool"] == "max" and meta["tta"] == "flip" and meta["config"]["batch_size"] == 4
+
+
+def test_existing_output_exits_2_and_is_untouched(cli_runner, tmp_path, tiny_folder, test_resnet_weights):
+    out = tmp_path / "feats.parquet"
+    args = ["extract", str(tiny_folder), *_fast(test_resnet_weights, out)]
+    assert cli_runner.invoke(app, args).exit_code == 0
+    blob, mtime = out.read_bytes(), out.stat().st_mtime_ns
+    time.sleep(0.01)
+    result = cli_runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "already exists" in result.stderr and "--overwrite" in result.stderr and "Traceback" not in result.output
+    assert out.read_bytes() == blob and out.stat().st_mtime_ns == mtime
+    result = cli_runner.invoke(app, [*args, "--overwrite"])
+    assert result.exit_code == 0 and out.stat().st_mtime_ns != mtime
+
+
+def test_dirty_folder_exit_0_with_skip_list_and_strict_exit_1(cli_runner, tmp_path, dirty_folder, test_resnet_weights):
+    out = tmp_path / "dirty.parquet"
+    result = cli_runner.invoke(app, ["extract", str(dirty_folder.root), *_fast(test_resnet_weights, out)])
+    assert result.exit_code == 0, result.output
+    # the default Pillow limit lets the two small "bombs" through; the other broken files are skipped
+    broken = [p for p, reason in dirty_folder.skipped.items() if "pixels" not in reason]
+    assert len(read_features(out)[0]) == len(dirty_folder.valid) + 2
+    skip_csv = tmp_path / "dirty.skipped.csv"
+    assert len(skip_csv.read_text(encoding="utf-8").splitlines()) == 1 + len(broken)
+    assert "skipped" in result.stdout and "holds no images" in result.stderr and "empty" in result.stderr
+    result = cli_runner.invoke(app, ["extract", str(dirty_folder.root), *_fast(test_resnet_weights, out), "--overwrite", "--strict"])
+    assert result.exit_code == 1 and "--strict" in result.stderr
+
+
+def test_csv_manifest_input(cli_runner, tmp_path, make_images, test_resnet_weights):
+    make_images(tmp_path / "imgs", {"a": 2})
+    (tmp_path / "list.csv").write_text("path,label\nimgs/a/img0.jpg,yes\nimgs/a/img1.jpg,no\n")
+    out = tmp_path / "m.parquet"
+    result = cli_runner.invoke(app, ["extract", str(tmp_path / "list.csv"), *_fast(test_resnet_weights, out)])
+    assert result.exit_code == 0, result.output
+    assert read_features(out)[1] == ["yes", "no"]
+
+
+# ---------------------------------------------------------------- bad input: exit 2, one clear line
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+def test_pickle_with_code_is_refused(cli_runner, tmp_path, tiny_folder):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "x": _RunsCode(marker)}, evil)
+    out = tmp_path / "o.parquet"
+    result = cli_runner.invoke(app, ["extract", str(tiny_folder), *_fast(evil, out)])
+    assert result.exit_code == 2 and "refusing to load" in result.stderr
+    assert not marker.exists() and not out.exists()
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_empty_or_truncated_weights_are_corrupt(cli_runner, tmp_path, tiny_folder, test_resnet_weights, suffix):
+    for name, blob in (("empty", b""), ("cut", test_resnet_weights.read_bytes()[:5000])):
+        weights = tmp_path / f"{name}{suffix}"
+        weights.write_bytes(blob)
+        result = cli_runner.invoke(app, ["extract", str(tiny_folder), *_fast(weights, tmp_path / "o.parquet")])
+        assert result.exit_code == 2, result.output
+        assert "corrupt weights file" in result.stderr and "Traceback" not in result.output
+
+
+def test_wrong_architecture_weights(cli_runner, tmp_path, tiny_folder, timm_weights):
+    weights = timm_weights("test_efficientnet")
+    result = cli_runner.invoke(app, ["extract", str(tiny_folder), *_fast(weights, tmp_path / "o.parquet")])
+    assert result.exit_code == 2
+    assert "do not fit the model" in result.stderr and "missing:" in result.stderr and "unexpected:" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "resnt50", "--weights", "none"], "did you mean"),
+    (["--model", "nothere.py:make", "--weights", "none"], "does not exist"),
+    (["--weights", "none"], "--model is required"),
+    (["--model", "test_resnet", "--weights", "none", "--device", "gpu"], "unknown device 'gpu'"),
+    (["--model", "test_resnet", "--weights", "none", "--layers", "layer9"], "unknown layer 'layer9'"),
+    (["--model", "test_resnet", "--weights", "none", "--precision", "fp16", "--device", "cpu"], "fp16"),
+])
+def test_bad_options_exit_2_with_a_clear_message(cli_runner, tmp_path, tiny_folder, args, message):
+    result = cli_runner.invoke(app, ["extract", str(tiny_folder), "--out", str(tmp_path / "o.parquet"), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "o.parquet").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error path")
+def test_cuda_on_a_cpu_machine_exits_2(cli_runner, tmp_path, tiny_folder):
+    result = cli_runner.invoke(app, ["extract", str(tiny_folder), "--model", "test_resnet", "--weights", "none",
+                                     "--device", "cuda", "--out", str(tmp_path / "o.parquet")])
+    assert result.exit_code == 2 and "cuda is not available" in result.stderr
+
+
+def test_missing_input_exits_2(cli_runner, tmp_path):
+    result = cli_runner.invoke(app, ["extract", str(tmp_path / "nope"), "--model", "test_resnet"])
+    assert result.exit_code == 2 and "Usage:" in result.output and "Traceback" not in result.output
+
+
+def _skip_if_hub_reachable(offline: bool) -> None:
+    from cnnxfer.models import _hub_reachable
+
+    if not offline and _hub_reachable(2.0):
+        pytest.skip("the hub is reachable from this machine")
+
+
+@pytest.mark.parametrize("offline", [True, False], ids=["HF_HUB_OFFLINE=1", "no-network"])
+def test_hub_without_network_fails_fast_and_names_weights(cli_runner, tmp_path, monkeypatch, tiny_folder, offline):
+    _skip_if_hub_reachable(offline)
+    for key, value in _offline_env(tmp_path, offline).items():
+        monkeypatch.setenv(key, value)
+    if not offline:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    out = tmp_path / "o.parquet"
+    start = time.perf_counter()
+    result = cli_runner.invoke(app, ["extract", str(tiny_folder), "--model", "resnet10t", "--out", str(out)])
+    elapsed = time.perf_counter() - start
+    assert result.exit_code == 2, result.output
+    assert "--weights" in result.stderr and "Traceback" not in result.output
+    assert elapsed < 10, f"took {elapsed:.1f} s (timm's download retries?)"
+    assert not out.exists()
+
+
+def test_hub_without_network_in_a_fresh_process(tmp_path, tiny_folder):
+    """The same from a new interpreter (huggingface_hub reads its environment at import)."""
+    _skip_if_hub_reachable(False)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "cnnxfer", "extract", str(tiny_folder), "--model", "resnet10t",
+                           "--out", str(tmp_path / "o.parquet")], capture_output=True, text=True,
+                          env=_offline_env(tmp_path, False), timeout=120, check=False)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 2 and "--weights" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    # imports included (slow on a busy 2-core machine); timm's retries alone would take ~45 s
+    assert elapsed < 30, f"took {elapsed:.1f} s"
+
+
+# ---------------------------------------------------------------- signals
+
+@pytest.mark.parametrize("sig, code, when", [(signal.SIGINT, 130, "start"), (signal.SIGTERM, 143, "mid-part")])
+def test_signal_exit_code_then_resume(tmp_path, make_images, resnet10t_weights, sig, code, when):
+    make_images(tmp_path / "ds", {"a": 16, "b": 16})
+    out = tmp_path / "s.parquet"
+    args = [sys.executable, "-m", "cnnxfer", "extract", str(tmp_path / "ds"), "--model", "resnet10t",
+            "--weights", str(resnet10t_weights), "--img-size", "64", "--out", str(out), "-b", "2"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_offline_env(tmp_path, True))
+    parts = tmp_path / "s.parquet.parts"
+    deadline = time.monotonic() + 60
+
+    def ready() -> bool:
+        # "start": the manifest is written just before the loader forks its worker (a signal during
+        # fork() used to be lost in CPython's at-fork hooks); "mid-part": a part file is being written
+        return (parts / "manifest.json").exists() if when == "start" else bool(list(parts.glob("part-*.tmp")))
+
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert proc.poll() is None, "finished before the signal; use more images"
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr
+    assert "--resume" in stderr and "Traceback" not in stderr and not out.exists()
+    assert not list(parts.glob("*.tmp"))  # the unfinished part is dropped
+    if when == "mid-part":
+        resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True,
+                                 env=_offline_env(tmp_path, True), timeout=120, check=False)
+        assert resumed.returncode == 0, resumed.stderr
+        assert len(read_features(out)[0]) == 32 and not parts.exists()

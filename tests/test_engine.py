@@ -1,0 +1,383 @@
+"""The training engine (cnnxfer/engine.py) with real computation on tiny models and folders.
+
+Each test trains `test_resnet` / `resnet10t` at 32 px on a few dozen generated images for one to
+three epochs, then compares the run directory against an independent reference: the weights file
+the test saved itself, a second run that takes another code path, or an uninterrupted run.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from cnnxfer import engine, models
+from cnnxfer.config import Balance, Strategy, TrainConfig
+from cnnxfer.errors import DataError, OutputExistsError, TrainingError, UsageError
+
+COLOURS = {"blue": (40, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core CI runner, two OpenMP threads plus a loader worker
+    and other jobs stall each other (measured 5-10x slower); the results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_colour_folder(root: Path, counts: dict[str, int], size: int = 32, seed: int = 0) -> Path:
+    """Class folders of noisy solid-colour PNGs: a problem any CNN separates in a few steps."""
+    rng = np.random.default_rng(seed)
+    for name, n in counts.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            colour = np.array(COLOURS[name], dtype=float) * rng.uniform(0.7, 1.1)
+            pixels = colour[None, None] + rng.normal(0, 25, (size, size, 3))
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / name / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory) -> Path:
+    """3 classes x 12 images in one folder (a stratified 20% validation split: 2 per class)."""
+    return write_colour_folder(tmp_path_factory.mktemp("colours") / "data", dict.fromkeys(COLOURS, 12))
+
+
+@pytest.fixture(scope="module")
+def test_resnet_3(tmp_path_factory) -> Path:
+    """`test_resnet` weights with a 3-class head, so the head is not re-initialised and every
+    tensor of the fine-tuned model can be compared with this file. Seed 123: not the random
+    initialisation fit itself makes (seed 0), so a run that silently ignored the file would show."""
+    torch.manual_seed(123)
+    model = timm.create_model("test_resnet", num_classes=3)
+    path = tmp_path_factory.mktemp("weights") / "test_resnet_3.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def fit(data: Path, out: Path, hooks: engine.FitHooks | None = None, **kwargs) -> engine.FitResult:
+    kwargs.setdefault("num_workers", 0)
+    kwargs.setdefault("precision", "fp32")
+    kwargs.setdefault("img_size", 32)
+    kwargs.setdefault("batch_size", 8)
+    return engine.fit(TrainConfig(data=data, out=out, **kwargs), hooks)
+
+
+def read_metrics(run: Path) -> list[dict]:
+    with open(run / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def changed(before: dict, after: dict, prefixes: tuple[str, ...]) -> list[str]:
+    """Names under `prefixes` whose tensors differ (parameters and buffers alike)."""
+    return [k for k in before if k.startswith(prefixes) and not torch.equal(before[k], after[k])]
+
+
+NET_SOURCE = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+        self.train_calls = 0
+
+    def forward(self, x):
+        out = self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+        if self.training:
+            self.train_calls += 1
+{extra}
+        return out
+
+
+def factory(num_classes=1000):
+    return Net(num_classes)
+"""
+
+
+def custom_model_file(folder: Path, *extra: str) -> str:
+    """A `file.py:factory` spec for a tiny conv net; `extra` lines run in forward() on the logits
+    `out` and the input `x` (training forwards are counted in `self.train_calls`)."""
+    path = folder / "net.py"
+    path.write_text(NET_SOURCE.format(extra="\n".join(" " * 8 + line for line in extra)))
+    return f"{path}:factory"
+
+
+# ---------------------------------------------------------------- hyperparameters and schedule
+
+def test_resolve_hparams_defaults():
+    scratch = engine.resolve_hparams(TrainConfig(data=Path("."), out=Path("o"), weights="none", batch_size=64))
+    assert scratch == {"optimizer": "sgd", "lr": pytest.approx(0.1 * 64 / 256 * 4), "weight_decay": 5e-4, "backbone_lr_mult": 1.0}
+    tune = engine.resolve_hparams(TrainConfig(data=Path("."), out=Path("o"), strategy=Strategy.gradual))
+    assert tune == {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "backbone_lr_mult": 0.1}
+    linear = engine.resolve_hparams(TrainConfig(data=Path("."), out=Path("o"), strategy=Strategy.linear, lr=0.5))
+    assert linear["lr"] == 0.5
+
+
+def test_optimizer_groups_and_cosine_warmup():
+    model = timm.create_model("test_resnet", num_classes=3)
+    hp = {"optimizer": "sgd", "lr": 0.2, "weight_decay": 1e-4, "backbone_lr_mult": 0.1}
+    opt = engine.build_optimizer(model, models.head_parameter_names(model), hp, momentum=0.9)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["head"]["lr"] == 0.2 and groups["backbone"]["lr"] == pytest.approx(0.02)
+    assert groups["backbone_no_decay"]["weight_decay"] == 0.0 and groups["backbone"]["weight_decay"] == 1e-4
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    sched = engine.cosine_with_warmup(opt, total_steps=10, warmup_steps=2)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[-1]["lr"] / 0.2)
+        opt.step()
+        sched.step()
+    assert lrs[0] < lrs[1] < lrs[2] == pytest.approx(1.0)  # linear warmup to the peak
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))  # then cosine decay
+    assert lrs[6] == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
+
+
+# ---------------------------------------------------------------- strategies
+
+def test_linear_leaves_backbone_and_batchnorm_stats_unchanged(colours, test_resnet_3, tmp_path):
+    result = fit(colours, tmp_path / "run", model="test_resnet", weights=str(test_resnet_3), strategy=Strategy.linear, epochs=2, lr=0.05)
+    before, after = load_file(str(test_resnet_3)), load_file(str(result.run_dir / "model.safetensors"))
+    assert before.keys() == after.keys()
+    backbone = tuple(k for k in before if not k.startswith("fc."))
+    assert any("running_mean" in k for k in backbone)  # the buffers are compared too
+    assert changed(before, after, backbone) == []
+    assert set(changed(before, after, ("fc.",))) == {"fc.weight", "fc.bias"}
+    assert [h["phase"] for h in result.history] == ["head", "head"]
+
+
+def test_linear_cached_features_reach_the_same_head_as_uncached(colours, test_resnet_3, tmp_path):
+    """The cache computes un-augmented features once; without augmentation and dropout the head
+    sees exactly the same inputs in the same order, so it must end up the same."""
+    common = dict(model="test_resnet", weights=str(test_resnet_3), strategy=Strategy.linear, epochs=2, augment=False, dropout=0.0, seed=3)
+    cached = fit(colours, tmp_path / "cached", cache_features=True, **common)
+    probe = fit(colours, tmp_path / "probe", cache_features=False, **common)
+    a, b = load_file(str(cached.run_dir / "model.safetensors")), load_file(str(probe.run_dir / "model.safetensors"))
+    assert not torch.equal(a["fc.weight"], load_file(str(test_resnet_3))["fc.weight"])
+    torch.testing.assert_close(a["fc.weight"], b["fc.weight"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a["fc.bias"], b["fc.bias"], atol=1e-5, rtol=1e-4)
+    for x, y in zip(cached.history, probe.history):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-4)
+        assert x["val_loss"] == pytest.approx(y["val_loss"], rel=1e-4)
+
+
+def test_gradual_freezes_the_backbone_for_head_epochs_then_unfreezes_top_down(colours, test_resnet_3, tmp_path):
+    from cnnxfer import checkpoint
+
+    snapshots = []  # the model after each epoch, from the resume state fit writes before on_epoch
+
+    def snapshot(row):
+        snapshots.append(checkpoint.load_training_state(tmp_path / "run" / "state.pt")["model"])
+
+    result = fit(colours, tmp_path / "run", engine.FitHooks(on_epoch=snapshot), model="test_resnet", weights=str(test_resnet_3),
+                 strategy=Strategy.gradual, epochs=3, head_epochs=1, lr=1e-2)
+    assert [h["phase"] for h in result.history] == ["head", "head+1 group(s)", "head+2 group(s)"]
+    start = load_file(str(test_resnet_3))
+    backbone = tuple(f"{s}." for s in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"))
+    # epoch 1: only the head; frozen BatchNorms (eval mode) keep their running statistics too
+    assert changed(start, snapshots[0], backbone) == [] and changed(start, snapshots[0], ("fc.",))
+    # epoch 2: layer4 joins (its BatchNorm statistics update again), nothing below it moves
+    assert changed(snapshots[0], snapshots[1], backbone[:5]) == []
+    moved = changed(snapshots[0], snapshots[1], ("layer4.",))
+    assert any(k.endswith("conv1.weight") for k in moved) and any(k.endswith("running_var") for k in moved)
+    # epoch 3: layer3 as well; the stem, layer1 and layer2 are never touched
+    assert changed(start, snapshots[2], backbone[:4]) == []
+    assert changed(snapshots[1], snapshots[2], ("layer3.",)) and changed(snapshots[1], snapshots[2], ("layer4.",))
+
+
+def test_full_training_from_scratch_learns_a_separable_problem(tmp_path):
+    data = tmp_path / "data"
+    write_colour_folder(data / "train", dict.fromkeys(COLOURS, 16), seed=1)
+    write_colour_folder(data / "val", dict.fromkeys(COLOURS, 8), seed=2)
+    result = fit(data, tmp_path / "run", model="resnet10t", weights="none", epochs=4, batch_size=16)
+    assert (result.train_images, result.val_images) == (48, 24)  # train/ and val/ used as given
+    assert result.best["val_accuracy"] >= 0.9
+    assert result.best["final_val_accuracy"] == pytest.approx(result.best["val_accuracy"])
+    assert result.hparams["optimizer"] == "sgd"
+    files = {p.name for p in result.run_dir.iterdir()}
+    assert {"model.safetensors", "config.json", "metrics.csv", "confusion_matrix.csv", "report.csv"} <= files
+    assert "state.pt" not in files  # a finished run has nothing to resume
+    assert len(read_metrics(result.run_dir)) == 4
+
+
+# ---------------------------------------------------------------- resume
+
+def test_interrupted_then_resumed_equals_uninterrupted(colours, tmp_path):
+    """Augmentation, dropout, shuffling and a loader worker: every random stream must be restored."""
+    common = dict(model="resnet10t", weights="none", epochs=3, dropout=0.2, num_workers=1, augment=True)
+    whole = fit(colours, tmp_path / "whole", **common)
+
+    def stop_after_two(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(colours, tmp_path / "cut", engine.FitHooks(on_epoch=stop_after_two), **common)
+    assert (tmp_path / "cut" / "state.pt").is_file() and len(read_metrics(tmp_path / "cut")) == 2
+    resumed = engine.fit(TrainConfig(data=Path("ignored"), out=tmp_path / "cut", resume=True))
+    assert len(resumed.history) == 3
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop(read_metrics(tmp_path / "cut")) == drop(read_metrics(tmp_path / "whole"))
+    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "cut" / "state.pt").exists()
+
+
+@pytest.mark.parametrize("strategy", [Strategy.linear, Strategy.gradual])
+def test_resumed_finetune_equals_uninterrupted(colours, test_resnet_3, tmp_path, strategy):
+    """Resuming rebuilds the model from state.pt: the feature cache must be computed from the
+    restored backbone, and gradual unfreezing must pick up at the right stage."""
+    common = dict(model="test_resnet", weights=str(test_resnet_3), strategy=strategy, epochs=3, lr=1e-2)
+    fit(colours, tmp_path / "whole", **common)
+
+    def stop_after_one(row):
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(colours, tmp_path / "cut", engine.FitHooks(on_epoch=stop_after_one), **common)
+    engine.fit(TrainConfig(data=colours, out=tmp_path / "cut", resume=True))
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop(read_metrics(tmp_path / "cut")) == drop(read_metrics(tmp_path / "whole"))
+    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_finished_run_and_a_missing_one(colours, tmp_path):
+    fit(colours, tmp_path / "run", model="test_resnet", weights="none", epochs=1)
+    with pytest.raises(UsageError, match="nothing to resume"):
+        engine.fit(TrainConfig(data=colours, out=tmp_path / "run", resume=True))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="not a cnnxfer run directory"):
+        engine.fit(TrainConfig(data=colours, out=tmp_path / "empty", resume=True))
+
+
+def test_resume_refuses_a_data_folder_whose_classes_changed(tmp_path):
+    data = write_colour_folder(tmp_path / "data", dict.fromkeys(COLOURS, 6))
+
+    def stop(row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(data, tmp_path / "run", engine.FitHooks(on_epoch=stop), model="test_resnet", weights="none", epochs=2)
+    (data / "red").rename(data / "purple")
+    with pytest.raises(DataError, match="the run was trained on"):
+        engine.fit(TrainConfig(data=data, out=tmp_path / "run", resume=True))
+
+
+def test_existing_run_dir_is_untouched_without_overwrite(colours, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        fit(colours, run, model="test_resnet", weights="none", epochs=1)
+    assert [p.name for p in run.iterdir()] == ["keep.txt"] and (run / "keep.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------- faults
+
+def test_non_finite_loss_names_step_and_lr_and_keeps_last_good_epoch(colours, tmp_path):
+    # 30 training images at batch 8: 3 steps per epoch (the ragged 4th batch takes none); the
+    # 6th training forward, in epoch 2, returns inf.
+    spec = custom_model_file(tmp_path, "if self.train_calls >= 6:", "    out = out + float('inf')")
+    with pytest.raises(TrainingError) as info:
+        fit(colours, tmp_path / "run", model=spec, weights="none", epochs=3, lr=0.01)
+    message = str(info.value)
+    assert "at step 6 (learning rate 0.00" in message and "peak --lr 0.01)" in message and "try --lr 0.001" in message
+    assert "epoch 1" in message and str(tmp_path / "run") in message
+    run = tmp_path / "run"
+    assert len(read_metrics(run)) == 1 and (run / "state.pt").is_file()
+    loaded = models.load_model(None, str(run))  # the last good checkpoint loads
+    assert loaded.classes == sorted(COLOURS)
+    assert all(torch.isfinite(v).all() for v in loaded.model.state_dict().values() if v.is_floating_point())
+
+
+def test_huge_learning_rate_is_caught(colours, tmp_path):
+    with pytest.raises(TrainingError, match=r"at step \d+ \(learning rate \S+, peak --lr 1e\+06\): the learning rate is likely too high \(try --lr 1e\+05\)"):
+        fit(colours, tmp_path / "run", model="test_resnet", weights="none", epochs=2, lr=1e6, warmup_epochs=0)
+
+
+def test_out_of_memory_suggests_a_batch_size_that_fits(colours, tmp_path):
+    spec = custom_model_file(tmp_path, "if x.shape[0] > 5:", "    raise torch.OutOfMemoryError('CUDA out of memory (simulated)')")
+    with pytest.raises(TrainingError, match=r"out of memory on cpu at batch size 16: --batch-size 4 fits"):
+        fit(colours, tmp_path / "run", model=spec, weights="none", epochs=1, batch_size=16)
+
+
+def test_out_of_memory_while_evaluating_is_a_training_error(colours, tmp_path):
+    spec = custom_model_file(tmp_path, "if not self.training and x.shape[0] > 2:",
+                             "    raise torch.OutOfMemoryError('CUDA out of memory (simulated)')")
+    with pytest.raises(TrainingError, match=r"outside the training step .* batch size 8: try --batch-size 4; no epoch"):
+        fit(colours, tmp_path / "run", model=spec, weights="none", epochs=1)
+
+
+# ---------------------------------------------------------------- options
+
+@pytest.mark.parametrize("balance", [Balance.loss, Balance.sampler])
+def test_class_imbalance_options_run(balance, tmp_path):
+    data = write_colour_folder(tmp_path / "data", {"blue": 20, "green": 4, "red": 4})
+    result = fit(data, tmp_path / "run", model="test_resnet", weights="none", epochs=2, balance=balance)
+    assert len(result.history) == 2 and all(math.isfinite(h["train_loss"]) for h in result.history)
+    saved = models.load_model(None, str(result.run_dir)).run_config
+    assert saved["train_config"]["balance"] == balance.value
+
+
+def test_balanced_loss_weights_and_sampler(tmp_path):
+    data = write_colour_folder(tmp_path / "data", {"blue": 20, "green": 5, "red": 5})
+    run = engine._Run(TrainConfig(data=data, out=tmp_path / "run", balance=Balance.loss, val_split=0.2), engine.FitHooks())
+    weight = run.loss_fn().weight  # n / (classes * count): blue 16 -> 24/48, green/red 4 -> 2
+    torch.testing.assert_close(weight, torch.tensor([0.5, 2.0, 2.0]))
+    drawn = np.array(run.train_images.labels)[list(run._balanced_sampler())]
+    counts = np.bincount(drawn, minlength=3) / len(drawn)  # balanced in expectation (24 draws)
+    assert counts.min() > 0.1
+
+
+def test_early_stopping_stops_when_validation_loss_stalls(colours, test_resnet_3, tmp_path):
+    # lr 0 on cached features: the validation loss never improves after epoch 1.
+    result = fit(colours, tmp_path / "run", model="test_resnet", weights=str(test_resnet_3), strategy=Strategy.linear, epochs=6, lr=0.0, patience=2)
+    assert result.stopped_early and len(result.history) == 3
+
+
+def test_unreadable_training_images_are_skipped_and_listed(colours, tmp_path):
+    data = tmp_path / "data"
+    write_colour_folder(data, dict.fromkeys(COLOURS, 6))
+    (data / "red" / "text.png").write_text("not an image")
+    good = (data / "blue" / "000.png").read_bytes()
+    (data / "blue" / "truncated.png").write_bytes(good[: len(good) // 2])
+    result = fit(data, tmp_path / "run", model="test_resnet", weights="none", epochs=2, val_split=0.3)
+    assert result.skipped == 2
+    with open(result.skipped_file, newline="") as fh:
+        rows = {Path(r["path"]).name: r["reason"] for r in csv.DictReader(fh)}
+    assert set(rows) == {"text.png", "truncated.png"} and all(rows.values())
+
+
+def test_a_class_with_only_unreadable_images_is_named(tmp_path):
+    data = write_colour_folder(tmp_path / "data", {"blue": 6, "green": 6})
+    (data / "red").mkdir()
+    for i in range(6):
+        (data / "red" / f"{i}.jpg").write_bytes(b"\xff\xd8 broken")
+    with pytest.raises(DataError, match=r"class\(es\) red is unreadable"):
+        fit(data, tmp_path / "run", model="test_resnet", weights="none", epochs=1)
+
+
+def test_val_split_zero_trains_on_everything_and_keeps_the_last_epoch(colours, tmp_path):
+    result = fit(colours, tmp_path / "run", model="test_resnet", weights="none", epochs=3, val_split=0.0, patience=1)
+    assert (result.train_images, result.val_images) == (36, 0)
+    assert not result.stopped_early and len(result.history) == 3 and result.best["epoch"] == 3
+    assert any("--patience is ignored" in note for note in result.notes)
+    assert not (result.run_dir / "confusion_matrix.csv").exists()  # nothing to report on
+    assert models.load_model(None, str(result.run_dir)).classes == sorted(COLOURS)
+    linear = fit(colours, tmp_path / "linear", model="test_resnet", weights=str(result.run_dir / "model.safetensors"),
+                 strategy=Strategy.linear, epochs=2, val_split=0.0)
+    assert linear.val_images == 0 and linear.best["epoch"] == 2

@@ -1,0 +1,212 @@
+"""Predictions and reports (cnnxfer/evaluate.py), and a run directory's round trip through
+`predict`, `evaluate`, `extract` and plain timm.
+
+One small run is trained per module; everything a user can do with it is checked against an
+independent reference: scikit-learn's metrics, the model's own forward, timm's loader.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from sklearn.metrics import confusion_matrix as sk_confusion_matrix, precision_recall_fscore_support
+
+from cnnxfer import checkpoint, engine, evaluate, models
+from cnnxfer.cli import app
+from cnnxfer.config import TrainConfig
+from cnnxfer.features import read_features
+
+COLOURS = {"blue": (40, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: two OpenMP threads on a shared 2-core runner stall each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_colour_folder(root: Path, counts: dict[str, int], size: int = 32, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for name, n in counts.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            colour = np.array(COLOURS[name], dtype=float) * rng.uniform(0.7, 1.1)
+            pixels = colour[None, None] + rng.normal(0, 25, (size, size, 3))
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / name / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """(run directory, labelled test folder): test_resnet trained from scratch on colours, 32 px.
+    Two epochs leave it imperfect, so predictions are not all one class or all right."""
+    root = tmp_path_factory.mktemp("evaluate")
+    data = write_colour_folder(root / "data", dict.fromkeys(COLOURS, 10))
+    test = write_colour_folder(root / "test", dict.fromkeys(COLOURS, 5), seed=9)
+    config = TrainConfig(data=data, out=root / "run", model="test_resnet", weights="none", epochs=2, batch_size=8,
+                         num_workers=0, precision="fp32", img_size=32)
+    engine.fit(config)
+    return root / "run", test
+
+
+def invoke(cli_runner, *args: str):
+    result = cli_runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.stderr or result.output
+    return result
+
+
+# ---------------------------------------------------------------- metrics against scikit-learn
+
+def test_confusion_matrix_and_per_class_report_match_sklearn():
+    rng = np.random.default_rng(0)
+    targets, preds = rng.integers(0, 4, 200), rng.integers(0, 4, 200)
+    preds[:5] = 3  # a class nobody predicts keeps a defined (zero) precision below
+    targets[targets == 2] = 1  # class 2 has no support
+    cm = evaluate.confusion_matrix(preds, targets, 4)
+    np.testing.assert_array_equal(cm, sk_confusion_matrix(targets, preds, labels=range(4)))
+    report = evaluate.per_class_report(cm, ["a", "b", "c", "d"])
+    p, r, f, s = precision_recall_fscore_support(targets, preds, labels=range(4), zero_division=0)
+    np.testing.assert_allclose(report["precision"][:4], p)
+    np.testing.assert_allclose(report["recall"][:4], r)
+    np.testing.assert_allclose(report["f1"][:4], f)
+    np.testing.assert_array_equal(report["support"][:4], s)
+    pm, rm, fm, _ = precision_recall_fscore_support(targets, preds, labels=range(4), average="macro", zero_division=0)
+    assert report.iloc[4][["precision", "recall", "f1"]].tolist() == pytest.approx([pm, rm, fm])
+    pw, rw, fw, _ = precision_recall_fscore_support(targets, preds, labels=range(4), average="weighted", zero_division=0)
+    assert report.iloc[5][["precision", "recall", "f1"]].tolist() == pytest.approx([pw, rw, fw])
+
+
+def test_summarize_accuracy():
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    result = evaluate.summarize(probs, torch.tensor([0, 1, 1, 1]), ["x", "y"], loss=0.5)
+    assert result.accuracy == 0.75 and result.images == 4
+    assert result.confusion.tolist() == [[1, 0], [1, 2]]
+    assert json.loads(json.dumps(result.to_dict()))["accuracy"] == 0.75
+
+
+# ---------------------------------------------------------------- predict
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_predict_writes_top_k_classes_and_probabilities(trained, cli_runner, tmp_path, suffix):
+    run, test = trained
+    out = tmp_path / f"preds{suffix}"
+    invoke(cli_runner, "predict", test, "--weights", run, "--out", out, "--top-k", 2, "--workers", 0)
+    df = pd.read_csv(out) if suffix == ".csv" else pd.read_parquet(out)
+    assert list(df.columns) == ["path", "label", "prediction", "probability", "top1_class", "top1_prob", "top2_class", "top2_prob"]
+    assert len(df) == 15 and set(df["label"]) == set(COLOURS)
+    assert (df["prediction"] == df["top1_class"]).all() and (df["probability"] == df["top1_prob"]).all()
+    assert (df["top1_prob"] >= df["top2_prob"]).all() and (df["top1_class"] != df["top2_class"]).all()
+    assert ((df["top1_prob"] + df["top2_prob"]) <= 1 + 1e-6).all() and (df["top2_prob"] > 0).all()
+    assert not evaluate.skipped_file_for(out).exists()
+
+
+def test_predict_matches_the_model_and_reports_unreadable_files(trained, cli_runner, tmp_path):
+    run, test = trained
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    files = sorted((test / "red").glob("*.png"))[:3]
+    for f in files:
+        (flat / f.name).write_bytes(f.read_bytes())
+    (flat / "broken.png").write_text("not a png")
+    out = tmp_path / "preds.csv"
+    invoke(cli_runner, "predict", flat, "--weights", run, "--out", out, "--top-k", 9, "--precision", "fp32", "--workers", 0)
+    df = pd.read_csv(out)
+    assert "label" not in df.columns and [c for c in df.columns if c.endswith("_prob")] == ["top1_prob", "top2_prob", "top3_prob"]
+    assert df[["top1_prob", "top2_prob", "top3_prob"]].sum(axis=1).to_numpy() == pytest.approx(np.ones(3), abs=1e-5)
+    skipped = pd.read_csv(evaluate.skipped_file_for(out))
+    assert [Path(p).name for p in skipped["path"]] == ["broken.png"]
+    # the reference: the run's weights in timm's model, timm's eval transform from config.json
+    loaded = models.load_model(None, str(run))
+    transform = models.build_transform(loaded.data_config)
+    x = torch.stack([transform(Image.open(p).convert("RGB")) for p in df["path"]])
+    with torch.no_grad():
+        probs = loaded.model.eval()(x).softmax(1)
+    top = probs.max(1)
+    assert df["prediction"].tolist() == [loaded.classes[i] for i in top.indices]
+    np.testing.assert_allclose(df["top1_prob"], top.values.numpy(), atol=1e-5)
+
+
+def test_predict_refuses_an_existing_output_and_a_non_run_weights(trained, cli_runner, tmp_path):
+    run, test = trained
+    out = tmp_path / "preds.csv"
+    out.write_text("keep")
+    result = cli_runner.invoke(app, ["predict", str(test), "--weights", str(run), "--out", str(out)])
+    assert result.exit_code == 2 and "--overwrite" in result.stderr and out.read_text() == "keep"
+    result = cli_runner.invoke(app, ["predict", str(test), "--weights", str(tmp_path), "--out", str(tmp_path / "p.csv")])
+    assert result.exit_code == 2 and "run directory" in result.stderr
+
+
+# ---------------------------------------------------------------- evaluate
+
+def test_evaluate_json_accuracy_matches_the_predictions(trained, cli_runner, tmp_path):
+    run, test = trained
+    invoke(cli_runner, "predict", test, "--weights", run, "--out", tmp_path / "preds.csv", "--workers", 0)
+    invoke(cli_runner, "evaluate", test, "--weights", run, "--json", tmp_path / "metrics.json", "--workers", 0)
+    df = pd.read_csv(tmp_path / "preds.csv")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    manual = float((df["label"] == df["prediction"]).mean())
+    assert metrics["accuracy"] == pytest.approx(manual, abs=1e-12)
+    assert metrics["images"] == 15 and metrics["classes"] == sorted(COLOURS)
+    expected_cm = pd.crosstab(df["label"], df["prediction"]).reindex(index=sorted(COLOURS), columns=sorted(COLOURS), fill_value=0)
+    assert metrics["confusion_matrix"] == expected_cm.to_numpy().tolist()
+    per_class = {r["class"]: r for r in metrics["per_class"]}
+    assert per_class["red"]["support"] == 5 and "macro avg" in per_class
+
+
+def test_evaluate_refuses_classes_the_run_does_not_know(trained, cli_runner, tmp_path):
+    run, _ = trained
+    write_colour_folder(tmp_path / "other", {"red": 2})
+    (tmp_path / "other" / "purple").mkdir()
+    (tmp_path / "other" / "red" / "000.png").rename(tmp_path / "other" / "purple" / "000.png")
+    result = cli_runner.invoke(app, ["evaluate", str(tmp_path / "other"), "--weights", str(run)])
+    assert result.exit_code == 2 and "purple" in result.stderr
+
+
+# ---------------------------------------------------------------- extract and timm
+
+def test_extract_with_a_run_directory_gives_the_models_pre_logits(trained, cli_runner, tmp_path):
+    run, test = trained
+    out = tmp_path / "feats.parquet"
+    invoke(cli_runner, "extract", test, "--weights", run, "--out", out, "--precision", "fp32", "--workers", 0)
+    paths, labels, matrix = read_features(out)
+    config = checkpoint.load_run_config(run)
+    model = timm.create_model(config["model"], num_classes=config["num_classes"])
+    model.load_state_dict(load_file(str(run / "model.safetensors")))
+    model.eval()
+    dc = config["data_config"]
+    transform = timm.data.create_transform(input_size=tuple(dc["input_size"]), interpolation=dc["interpolation"],
+                                           mean=tuple(dc["mean"]), std=tuple(dc["std"]), crop_pct=dc["crop_pct"])
+    x = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+    with torch.no_grad():
+        expected = model.forward_head(model.forward_features(x), pre_logits=True)
+    assert matrix.shape == (15, model.num_features)
+    np.testing.assert_allclose(matrix, expected.numpy(), rtol=1e-4, atol=1e-5)
+    assert sorted(set(labels)) == sorted(COLOURS)
+
+
+def test_run_directory_loads_in_plain_timm_with_identical_logits(trained):
+    run, _ = trained
+    config = checkpoint.load_run_config(run)
+    k, weights = len(config["classes"]), str(run / "model.safetensors")
+    ours = models.load_model(None, str(run)).model.eval()
+    # num_classes must be in the overlay too: timm drops a checkpoint's classifier whenever the
+    # model's num_classes differs from pretrained_cfg["num_classes"] (1000 by default).
+    theirs = timm.create_model(config["model"], num_classes=k, pretrained=True,
+                               pretrained_cfg_overlay=dict(file=weights, num_classes=k)).eval()
+    headless = timm.create_model(config["model"], num_classes=k, pretrained=True,
+                                 pretrained_cfg_overlay=dict(file=weights)).eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+        assert not torch.equal(ours(x), headless(x))  # the backbone alone: a new random head
+        torch.testing.assert_close(ours.forward_features(x), headless.forward_features(x), rtol=0, atol=0)
