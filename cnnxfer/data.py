@@ -69,8 +69,10 @@ def _is_ignored(name: str) -> bool:
 
 
 def _walk_images(top: Path) -> tuple[list[Path], int]:
-    """All image files below `top`, sorted; follows symlinked folders but never loops."""
+    """All image files below `top`, sorted; follows symlinked folders but never loops, and never
+    into a folder that contains `top` (a link to an ancestor would relabel other classes' images)."""
     found, ignored, seen = [], 0, set()
+    top_real = Path(os.path.realpath(top))
     stack = [top]
     while stack:
         folder = stack.pop()
@@ -86,8 +88,11 @@ def _walk_images(top: Path) -> tuple[list[Path], int]:
                 if _is_ignored(entry.name):
                     ignored += 1
                 elif entry.is_dir(follow_symlinks=True):
-                    if entry.name.lower() not in IGNORED_DIRS:
-                        stack.append(Path(entry.path))
+                    if entry.name.lower() in IGNORED_DIRS:
+                        continue
+                    if entry.is_symlink() and top_real.is_relative_to(os.path.realpath(entry.path)):
+                        continue
+                    stack.append(Path(entry.path))
                 elif Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
                     found.append(Path(entry.path))  # dangling symlinks included: reported at decode
                 else:

@@ -20,7 +20,7 @@ from .errors import DeviceError, UsageError
 
 log = logging.getLogger(__name__)
 
-_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_DEVICE_RE = re.compile(r"^(auto|cpu(:0)?|mps|cuda(:\d+)?)$")
 
 
 def resolve_device(spec: str = "auto") -> torch.device:

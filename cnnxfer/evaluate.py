@@ -166,7 +166,9 @@ def write_predictions(pred: Predictions, out: Path, top_k: int = 5) -> Path:
 
 
 def skipped_file_for(out: Path) -> Path:
-    return Path(out).with_name(Path(out).name.split(".")[0] + ".skipped.csv")
+    from .features import skipped_path
+
+    return skipped_path(Path(out))
 
 
 def predict_folder(images_path: Path, weights: str, out: Path, *, top_k: int = 5, overwrite: bool = False,

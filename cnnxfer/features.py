@@ -53,7 +53,8 @@ def column_name(layer: str | None) -> str:
 
 
 def skipped_path(out: Path) -> Path:
-    return out.with_name(out.name.split(".")[0] + ".skipped.csv")
+    """features.parquet -> features.skipped.csv (features.v2.parquet -> features.v2.skipped.csv)."""
+    return out.with_name(out.with_suffix("").name + ".skipped.csv")
 
 
 class Embedder:

@@ -212,7 +212,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
         notes.append(f"classifier {', '.join(sorted({k.rsplit('.', 1)[0] for k in dropped}))} re-initialised for {model_num_classes(model)} classes")
     head_missing = {k for k in own if k.startswith(heads)} if dropped else set()
     missing = [k for k in own if k not in state and k not in head_missing and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
+    unexpected = [k for k in state if k not in own and not k.endswith("num_batches_tracked")]
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state if k in own and state[k].shape != own[k].shape]
     if missing or unexpected or mismatched:
         parts = []

@@ -298,3 +298,21 @@ def test_signals_held_delivers_ctrl_c_after_the_block():
     assert reached == ["end of block"]
     assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # unblocked again
     data.release_signals(0)  # the worker_init_fn is harmless where nothing is blocked
+
+
+def test_symlink_to_an_ancestor_does_not_relabel_other_classes(tmp_path, make_images):
+    from cnnxfer.data import scan_class_folders
+
+    root = tmp_path / "data"
+    make_images(root, {"cats": 2, "dogs": 3})
+    (root / "cats" / "up").symlink_to("..", target_is_directory=True)
+    images = scan_class_folders(root)
+    assert len(images) == 5
+    assert all(images.classes[l] == p.parent.name for p, l in zip(images.paths, images.labels))
+
+
+def test_skipped_list_name_keeps_dotted_stems(tmp_path):
+    from cnnxfer.features import skipped_path
+
+    assert skipped_path(tmp_path / "features.v2.parquet").name == "features.v2.skipped.csv"
+    assert skipped_path(tmp_path / "features.parquet").name == "features.skipped.csv"

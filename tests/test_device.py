@@ -47,7 +47,7 @@ def test_mps_unavailable_is_a_device_error():
         dev.resolve_device("mps")
 
 
-@pytest.mark.parametrize("spec", ["gpu", "cuda:x", "tpu", "cuda0", "cpu:0"])
+@pytest.mark.parametrize("spec", ["gpu", "cuda:x", "tpu", "cuda0", "cpu:1"])
 def test_bad_device_spec_is_usage_error_naming_the_choices(spec):
     with pytest.raises(UsageError) as info:
         dev.resolve_device(spec)
