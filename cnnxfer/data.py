@@ -6,11 +6,9 @@ skipped at load time with a reason, and listed in a `*.skipped.csv` beside the o
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
 import os
-import signal
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -356,35 +354,7 @@ def make_loader(
         drop_last=drop_last,
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
-        worker_init_fn=release_signals,
     )
-
-
-_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-@contextlib.contextmanager
-def signals_held():
-    """Hold Ctrl-C and SIGTERM while DataLoader workers fork (wrap `iter(loader)`).
-
-    A signal that arrives during fork() is handled inside CPython's at-fork hooks, where the
-    exception it raises is printed as "Exception ignored" and lost: the run would carry on and
-    exit 0. Held signals are delivered when the block ends, in ordinary code.
-    """
-    if not hasattr(signal, "pthread_sigmask"):  # Windows: no fork either
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def release_signals(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: workers inherit the mask of `signals_held`; unblock it there."""
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD_SIGNALS)
 
 
 def write_skipped(path: Path, skipped: Sequence[tuple[Path | str, str]]) -> Path | None:

@@ -24,6 +24,7 @@ import torch
 from . import checkpoint, data, device as dev, models
 from .config import ExtractConfig, to_dict
 from .errors import DataError, OutputExistsError, StrictModeError
+from .signals import check_signals, deferred_signals
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,8 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None) ->
     n_parts = -(-len(images) // config.part_size)
     todo = [p for p in range(n_parts) if str(p) not in manifest["parts"]]
     resumed = sum(v["rows"] + len(v["skipped"]) for v in manifest["parts"].values())
-    columns = _run_parts(config, images, transform, embedder, metadata, parts_dir, manifest, todo, device, resumed, progress)
+    with deferred_signals():
+        columns = _run_parts(config, images, transform, embedder, metadata, parts_dir, manifest, todo, device, resumed, progress)
     skipped = [tuple(s) for p in sorted(manifest["parts"], key=int) for s in manifest["parts"][p]["skipped"]]
     rows = _merge_parts(out, parts_dir, n_parts)
     skip_file = skipped_path(out)
@@ -234,13 +236,11 @@ def _run_parts(config, images, transform, embedder, metadata, parts_dir, manifes
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=workers, collate_fn=data.collate,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
-        worker_init_fn=data.release_signals,
     )
     columns, schema, writer, tmp, current, rows, skipped = manifest.get("columns"), None, None, None, None, 0, []
     try:
-        with data.signals_held():  # the workers fork here
-            batches = iter(loader)
-        for batch in batches:
+        for batch in loader:
+            check_signals()  # Ctrl-C / SIGTERM act here, between batches (see signals.py)
             part = int(batch.indices[0]) // config.part_size if len(batch.indices) else batch.skipped[0][0] // config.part_size
             if part != current:
                 _finish_part(writer, tmp, parts_dir, current, rows, skipped, manifest)
