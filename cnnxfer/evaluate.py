@@ -83,7 +83,7 @@ class Predictions:
 def predict(images: data.ImageList, weights: str, *, device: str = "auto", precision: str = "auto",
             batch_size: int = 64, num_workers: int | None = None, tta: str = "none", progress=None) -> Predictions:
     """Run a trained model (a run directory, or a model file with classes) over `images`."""
-    from .engine import evaluate as run_eval
+    from .engine import Normalizer, evaluate as run_eval
 
     start = time.perf_counter()
     torch_device = dev.resolve_device(device)
@@ -97,12 +97,13 @@ def predict(images: data.ImageList, weights: str, *, device: str = "auto", preci
         model = model.to(memory_format=torch.channels_last)
     if tta == "flip":
         model = _FlipAverage(model)
-    transform = models.build_transform(loaded.data_config)
+    transform = models.build_transform(loaded.data_config, normalize=False)  # uint8: normalised per batch
     workers = num_workers if num_workers is not None else dev.default_num_workers(torch_device)
     loader = data.make_loader(data.ImageDataset(images, transform), batch_size, num_workers=workers,
                               pin_memory=torch_device.type == "cuda")
     loss_fn = torch.nn.CrossEntropyLoss()
-    stats, probs, _, indices = run_eval(model, _Progress(loader, progress, len(images)), loss_fn, torch_device, dtype, cl)
+    stats, probs, _, indices = run_eval(model, _Progress(loader, progress, len(images)), loss_fn, torch_device, dtype, cl,
+                                        Normalizer(loaded.data_config, torch_device))
     skipped = [(str(images.paths[i]), reason) for i, reason in stats.skipped]
     return Predictions(images, probs, indices, loaded.classes, skipped, time.perf_counter() - start, str(torch_device))
 

@@ -96,17 +96,18 @@ def main(argv=None) -> int:
 
     print("\n== level 2: fine-tune that network on the few labelled 5-9 images ==")
     t = cnnxfer("finetune", str(data["target_train"]), "--weights", str(runs / "source"), "--strategy", "full", "--val-split", "0",
-                "--epochs", str(plan["target_epochs"]), "--out", str(runs / "finetune"), *common)
+                "--batch-size", "16", "--epochs", str(plan["target_epochs"]), "--out", str(runs / "finetune"), *common)
     results.append(("digits 5-9", "level 2: finetune", n_few, accuracy_of(runs / "finetune", data["target_test"], out), t, "held out"))
 
     print("\n== baseline: train from scratch on the same few labelled images ==")
-    t = cnnxfer("train", str(data["target_train"]), "--val-split", "0", "--epochs", str(plan["target_epochs"]),
+    t = cnnxfer("train", str(data["target_train"]), "--val-split", "0", "--batch-size", "16", "--epochs", str(plan["target_epochs"]),
                 "--out", str(runs / "scratch"), *common)
     results.append(("digits 5-9", "baseline: train from scratch", n_few, accuracy_of(runs / "scratch", data["target_test"], out), t, "held out"))
 
     print("\n== a photographic task: grass / gravel / brick textures ==")
     n_tex = sum(1 for _ in textures["train"].rglob("*.png"))
     t = cnnxfer("train", str(textures["train"]), "--model", model, "--epochs", str(plan["texture_epochs"]), "--val-split", "0",
+                "--batch-size", "16",
                 "--out", str(runs / "textures"), "--overwrite")
     results.append(("textures", "level 3: train from scratch", n_tex, accuracy_of(runs / "textures", textures["test"], out), t, "held out"))
 

@@ -70,6 +70,10 @@ def metrics_rows(run: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+def without_seconds(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
 def cnnxfer_process(*args) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     return subprocess.Popen([sys.executable, "-m", "cnnxfer", *map(str, args)], cwd=ROOT, env=env,
@@ -94,7 +98,7 @@ def test_train_writes_a_complete_run_directory(finished_run):
     assert config["data_config"]["input_size"] == [3, 32, 32] and config["weights_source"] == "none"
     assert config["train_config"]["epochs"] == 2 and config["final"]["final_val_accuracy"] is not None
     assert [r["epoch"] for r in metrics_rows(finished_run)] == ["1", "2"]
-    assert open(finished_run / "curves.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert (finished_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_finetune_accepts_a_run_directory_as_weights(finished_run, colours, tmp_path):
@@ -179,6 +183,7 @@ def test_unreadable_images_are_skipped_and_strict_fails(tmp_path):
 
 # ---------------------------------------------------------------- signals and --resume
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_saves_the_epoch_and_resume_finishes_like_an_uninterrupted_run(sig, code, tmp_path):
     data = write_colour_folder(tmp_path / "data", dict.fromkeys(COLOURS, 24))
@@ -201,8 +206,7 @@ def test_signal_saves_the_epoch_and_resume_finishes_like_an_uninterrupted_run(si
     # the same run without an interruption, in this process (same seed, precision and loader worker)
     whole = engine.fit(TrainConfig(data=data, out=tmp_path / "whole", model="test_resnet", weights="none", epochs=epochs,
                                    img_size=32, batch_size=8, num_workers=1))
-    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
-    assert drop(metrics_rows(run)) == drop(metrics_rows(whole.run_dir))
+    assert without_seconds(metrics_rows(run)) == without_seconds(metrics_rows(whole.run_dir))
     a, b = load_file(str(run / "model.safetensors")), load_file(str(whole.run_dir / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -230,6 +234,7 @@ def digits_example(tmp_path_factory) -> tuple[Path, float]:
     return root, svc
 
 
+@pytest.mark.slow
 def test_train_beats_the_sklearn_digits_example_svc(digits_example, tmp_path):
     data, svc = digits_example
     assert svc == pytest.approx(0.9689, abs=5e-4)

@@ -77,6 +77,11 @@ def read_metrics(run: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+def without_seconds(rows: list[dict]) -> list[dict]:
+    """metrics.csv rows without the wall-clock column, for exact comparisons between runs."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
 def changed(before: dict, after: dict, prefixes: tuple[str, ...]) -> list[str]:
     """Names under `prefixes` whose tensors differ (parameters and buffers alike)."""
     return [k for k in before if k.startswith(prefixes) and not torch.equal(before[k], after[k])]
@@ -217,7 +222,7 @@ def test_full_training_from_scratch_learns_a_separable_problem(tmp_path):
 def test_interrupted_then_resumed_equals_uninterrupted(colours, tmp_path):
     """Augmentation, dropout, shuffling and a loader worker: every random stream must be restored."""
     common = dict(model="resnet10t", weights="none", epochs=3, dropout=0.2, num_workers=1, augment=True)
-    whole = fit(colours, tmp_path / "whole", **common)
+    fit(colours, tmp_path / "whole", **common)
 
     def stop_after_two(row):
         if row["epoch"] == 2:
@@ -228,8 +233,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(colours, tmp_path):
     assert (tmp_path / "cut" / "state.pt").is_file() and len(read_metrics(tmp_path / "cut")) == 2
     resumed = engine.fit(TrainConfig(data=Path("ignored"), out=tmp_path / "cut", resume=True))
     assert len(resumed.history) == 3
-    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
-    assert drop(read_metrics(tmp_path / "cut")) == drop(read_metrics(tmp_path / "whole"))
+    assert without_seconds(read_metrics(tmp_path / "cut")) == without_seconds(read_metrics(tmp_path / "whole"))
     a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "cut" / "state.pt").exists()
@@ -249,8 +253,7 @@ def test_resumed_finetune_equals_uninterrupted(colours, test_resnet_3, tmp_path,
     with pytest.raises(KeyboardInterrupt):
         fit(colours, tmp_path / "cut", engine.FitHooks(on_epoch=stop_after_one), **common)
     engine.fit(TrainConfig(data=colours, out=tmp_path / "cut", resume=True))
-    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
-    assert drop(read_metrics(tmp_path / "cut")) == drop(read_metrics(tmp_path / "whole"))
+    assert without_seconds(read_metrics(tmp_path / "cut")) == without_seconds(read_metrics(tmp_path / "whole"))
     a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -16,7 +16,8 @@ import timm
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from sklearn.metrics import confusion_matrix as sk_confusion_matrix, precision_recall_fscore_support
+from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+from sklearn.metrics import precision_recall_fscore_support
 
 from cnnxfer import checkpoint, engine, evaluate, models
 from cnnxfer.cli import app
