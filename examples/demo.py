@@ -131,7 +131,7 @@ def _print_table(results) -> None:
         table.add_column(col, justify="right" if col in ("labelled images", "test accuracy", "seconds") else "left")
     for task, method, n, acc, seconds, tested in results:
         table.add_row(task, method, str(n), f"{acc:.1%}", f"{seconds:.0f}", tested)
-    Console().print(table)
+    Console(width=120).print(table)  # wide enough for one line per row, also when piped
 
 
 if __name__ == "__main__":
