@@ -14,36 +14,21 @@ import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
+
+from helpers import COLOURS, single_thread, write_colour_folder
 
 from cnnxfer import engine, models
 from cnnxfer.config import Balance, Strategy, TrainConfig
 from cnnxfer.errors import DataError, OutputExistsError, TrainingError, UsageError
 
-COLOURS = {"blue": (40, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """One intra-op thread: on a shared 2-core CI runner, two OpenMP threads plus a loader worker
-    and other jobs stall each other (measured 5-10x slower); the results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from single_thread()
 
 
-def write_colour_folder(root: Path, counts: dict[str, int], size: int = 32, seed: int = 0) -> Path:
-    """Class folders of noisy solid-colour PNGs: a problem any CNN separates in a few steps."""
-    rng = np.random.default_rng(seed)
-    for name, n in counts.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            colour = np.array(COLOURS[name], dtype=float) * rng.uniform(0.7, 1.1)
-            pixels = colour[None, None] + rng.normal(0, 25, (size, size, 3))
-            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / name / f"{i:03d}.png")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -19,32 +19,20 @@ from safetensors.torch import load_file
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 from sklearn.metrics import precision_recall_fscore_support
 
+from helpers import COLOURS, single_thread, write_colour_folder
+
 from cnnxfer import checkpoint, engine, evaluate, models
 from cnnxfer.cli import app
 from cnnxfer.config import TrainConfig
 from cnnxfer.features import read_features
 
-COLOURS = {"blue": (40, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """One intra-op thread: two OpenMP threads on a shared 2-core runner stall each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from single_thread()
 
 
-def write_colour_folder(root: Path, counts: dict[str, int], size: int = 32, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    for name, n in counts.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            colour = np.array(COLOURS[name], dtype=float) * rng.uniform(0.7, 1.1)
-            pixels = colour[None, None] + rng.normal(0, 25, (size, size, 3))
-            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / name / f"{i:03d}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
