@@ -130,6 +130,7 @@ Dropout = Annotated[float, typer.Option("--dropout", help="Dropout before the cl
 Clip = Annotated[Optional[float], typer.Option("--grad-clip", help="Clip the gradient norm to this value.")]
 BalanceOpt = Annotated[cfg.Balance, typer.Option("--balance", help="Class imbalance: loss (weighted loss) or sampler (balanced sampling).")]
 Augment = Annotated[bool, typer.Option("--augment/--no-augment", help="Random resized crop + horizontal flip.")]
+CacheImagesOpt = Annotated[cfg.CacheImages, typer.Option("--cache-images", help="Decode the images once and keep them in memory: auto = when they fit (1/8 of RAM, at most 4 GiB).")]
 Hflip = Annotated[float, typer.Option("--hflip", help="Horizontal flip probability (0 for digits, text...).")]
 ValSplit = Annotated[float, typer.Option("--val-split", help="Stratified validation fraction when DATA has no train/ and val/.")]
 Patience = Annotated[Optional[int], typer.Option("--patience", help="Stop after this many epochs without a lower validation loss.")]
@@ -171,6 +172,7 @@ def finetune(
     balance: BalanceOpt = cfg.Balance.none,
     augment: Augment = True,
     hflip: Hflip = _default(_T, "hflip"),
+    cache_images: CacheImagesOpt = cfg.CacheImages.auto,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="linear: compute the frozen backbone's features once (un-augmented).")] = True,
     head_epochs: Annotated[int, typer.Option("--head-epochs", help="gradual: epochs with the backbone frozen before unfreezing.")] = _default(_T, "head_epochs"),
     val_split: ValSplit = _default(_T, "val_split"),
@@ -192,7 +194,7 @@ def finetune(
         data=data or Path("."), out=resume or out, model=model, weights=weights, strategy=strategy, epochs=epochs,
         batch_size=batch_size, lr=lr, backbone_lr_mult=backbone_lr_mult, optimizer=optimizer, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, dropout=dropout, grad_clip=grad_clip, balance=balance,
-        augment=augment, hflip=hflip, cache_features=cache, head_epochs=head_epochs, val_split=val_split, patience=patience,
+        augment=augment, hflip=hflip, cache_features=cache, cache_images=cache_images, head_epochs=head_epochs, val_split=val_split, patience=patience,
         img_size=img_size, seed=seed, num_workers=workers, device=device, precision=precision, resume=resume is not None,
         overwrite=overwrite, strict=strict,
     )
@@ -217,6 +219,7 @@ def train(
     balance: BalanceOpt = cfg.Balance.none,
     augment: Augment = True,
     hflip: Hflip = _default(_T, "hflip"),
+    cache_images: CacheImagesOpt = cfg.CacheImages.auto,
     val_split: ValSplit = _default(_T, "val_split"),
     patience: Patience = None,
     img_size: Annotated[Optional[int], typer.Option("--img-size", help="Input size (default: the images' own size when <= 64 px, else the model's).")] = None,
@@ -236,7 +239,7 @@ def train(
         data=data or Path("."), out=resume or out, model=model, weights="none", strategy=cfg.Strategy.full, epochs=epochs,
         batch_size=batch_size, lr=lr, backbone_lr_mult=1.0, optimizer=optimizer, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, dropout=dropout, grad_clip=grad_clip, balance=balance,
-        augment=augment, hflip=hflip, val_split=val_split, patience=patience, img_size=img_size, seed=seed,
+        augment=augment, hflip=hflip, cache_images=cache_images, val_split=val_split, patience=patience, img_size=img_size, seed=seed,
         num_workers=workers, device=device, precision=precision, resume=resume is not None, overwrite=overwrite, strict=strict,
     )
     _run_fit(config, data, resume)

@@ -41,6 +41,12 @@ class Optimizer(str, Enum):
     adamw = "adamw"
 
 
+class CacheImages(str, Enum):
+    auto = "auto"  # when the decoded images fit data.cache_budget() and the run would decode them every epoch
+    on = "on"
+    off = "off"
+
+
 class Balance(str, Enum):
     none = "none"
     loss = "loss"
@@ -134,6 +140,7 @@ class TrainConfig:
     augment: bool = True
     hflip: float = 0.5
     cache_features: bool = True  # linear strategy: compute frozen-backbone features once
+    cache_images: CacheImages = CacheImages.auto  # decode the images once and keep them in memory
     head_epochs: int = 1  # gradual: epochs with the backbone frozen before unfreezing starts
     val_split: float = 0.2
     patience: int | None = None  # early stopping on validation loss
@@ -156,7 +163,8 @@ def resumed_config(saved: dict, out: Path) -> TrainConfig:
     """The TrainConfig of an interrupted run, read back from its config.json, set to resume."""
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in saved.items() if k in fields}
-    for name, enum in (("strategy", Strategy), ("optimizer", Optimizer), ("balance", Balance), ("precision", Precision)):
+    for name, enum in (("strategy", Strategy), ("optimizer", Optimizer), ("balance", Balance), ("precision", Precision),
+                       ("cache_images", CacheImages)):
         if values.get(name) is not None:
             values[name] = enum(values[name])
     values["data"], values["out"] = Path(values["data"]), Path(out)

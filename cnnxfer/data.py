@@ -329,6 +329,98 @@ def collate(items) -> Batch:
     )
 
 
+# ---------------------------------------------------------------- decoded images in memory
+
+CACHE_MAX_BYTES = 4 << 30  # auto mode never holds more than this ...
+CACHE_RAM_FRACTION = 8  # ... nor more than 1/8 of the machine's RAM
+
+
+def cache_budget() -> int:
+    """Bytes `--cache-images auto` may hold. From the machine's total RAM, not what is free right
+    now, so the decision (and with it the random stream of the run) is the same when resumed."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # Windows
+        total = 8 << 30
+    return min(CACHE_MAX_BYTES, total // CACHE_RAM_FRACTION)
+
+
+def decoded_size(images: ImageList) -> int:
+    """Bytes the decoded RGB images would take (width x height x 3, from the file headers only;
+    an unreadable header counts 0: that file is skipped later anyway)."""
+    total = 0
+    for path in images.paths:
+        try:
+            with Image.open(path) as im:
+                total += im.size[0] * im.size[1] * 3
+        except Exception:
+            pass
+    return total
+
+
+def _as_array(image: Image.Image) -> np.ndarray:  # module level: picklable for loader workers
+    return np.asarray(image)
+
+
+def decode_all(images: ImageList, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, num_workers: int = 0,
+               ) -> list[np.ndarray | str]:
+    """Decode every image once (in `num_workers` processes): an HxWx3 uint8 array, or the reason it failed."""
+    loader = torch.utils.data.DataLoader(ImageDataset(images, _as_array, max_pixels), batch_size=32,
+                                         num_workers=num_workers, collate_fn=list)
+    out: list[np.ndarray | str] = [""] * len(images)
+    for items in loader:
+        for value, reason_or_label, i in items:
+            out[i] = value if value is not None else reason_or_label
+    return out
+
+
+class MemoryDataset(torch.utils.data.Dataset):
+    """ImageDataset's items from images decoded once (`decode_all`), so an epoch costs only the transform.
+
+    With `keep_output` the transform must be deterministic (evaluation, --no-augment): its outputs
+    are computed here, once, and the decoded arrays are not kept. The items equal ImageDataset's:
+    Image.fromarray(np.asarray(im)) gives back the same RGB pixels.
+    """
+
+    def __init__(self, images: ImageList, decoded: Sequence[np.ndarray | str], transform: Callable | None,
+                 keep_output: bool = False):
+        self.images, self.transform, self.keep_output = images, transform, keep_output
+        if keep_output:
+            self.items = [self._safe_apply(i, x) for i, x in enumerate(decoded)]
+        else:
+            self.items = list(decoded)
+
+    def _apply(self, value):
+        if isinstance(value, str):
+            return value
+        image = Image.fromarray(value, "RGB")
+        return self.transform(image) if self.transform else image
+
+    def _safe_apply(self, i: int, value):
+        try:
+            return self._apply(value)
+        except Exception as exc:
+            return describe_failure(self.images.paths[i], exc)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def nbytes(self) -> int:
+        return sum(x.nbytes if isinstance(x, np.ndarray) else x.numel() * x.element_size() if isinstance(x, torch.Tensor)
+                   else 0 for x in self.items)
+
+    def __getitem__(self, i: int):
+        value = self.items[i]
+        if isinstance(value, str):
+            return None, value, i
+        if not self.keep_output:
+            value = self._safe_apply(i, value)
+            if isinstance(value, str):
+                return None, value, i
+        label = self.images.labels[i]
+        return value, -1 if label is None else label, i
+
+
 def make_loader(
     dataset: torch.utils.data.Dataset,
     batch_size: int,

@@ -117,6 +117,12 @@ def default_num_workers(device: torch.device) -> int:
     return max(1, min(cores - 1, 16))
 
 
+def default_decode_workers() -> int:
+    """Processes for a one-off decode of a whole dataset (nothing else runs meanwhile): every core, up to 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, 8) if cores > 1 else 0
+
+
 @dataclass(frozen=True)
 class EnvironmentInfo:
     """What `cnnxfer info` reports."""

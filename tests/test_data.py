@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import threading
@@ -28,6 +29,42 @@ def _decode_all(images: data.ImageList, max_pixels: int, num_workers: int = 0):
         skipped.update(dict(batch.skipped))
     return decoded, skipped
 
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_images_decoded_in_memory_give_the_same_items_and_skip_reasons_as_disk(dirty_folder, num_workers):
+    """data.decode_all + MemoryDataset (--cache-images) against ImageDataset reading every file."""
+    from cnnxfer import models
+
+    images = data.discover(dirty_folder.root)
+    decoded = data.decode_all(images, dirty_folder.max_image_pixels, num_workers)
+    eval_tf = models.build_transform({"input_size": (3, 24, 24), "interpolation": "bilinear", "mean": (0.5,) * 3,
+                                      "std": (0.5,) * 3, "crop_pct": 0.875}, normalize=False)
+    train_tf = models.build_transform({"input_size": (3, 24, 24), "interpolation": "bilinear", "mean": (0.5,) * 3,
+                                       "std": (0.5,) * 3, "crop_pct": 0.875}, training=True, normalize=False)
+    for transform, keep in ((eval_tf, True), (train_tf, False)):
+        disk = data.ImageDataset(images, transform, dirty_folder.max_image_pixels)
+        memory = data.MemoryDataset(images, decoded, transform, keep_output=keep)
+        assert len(memory) == len(disk) == len(images)
+        for i in range(len(images)):
+            torch.manual_seed(i), random.seed(i)  # the same crop and flip for both
+            want = disk[i]
+            torch.manual_seed(i), random.seed(i)
+            got = memory[i]
+            assert got[1:] == want[1:], images.paths[i]  # label and index, or the skip reason and index
+            if want[0] is not None:
+                assert torch.equal(torch.as_tensor(got[0]), torch.as_tensor(want[0])), images.paths[i]
+            else:
+                assert got[0] is None
+    assert sum(isinstance(x, str) for x in decoded) == len(dirty_folder.skipped)
+    assert 0 < data.decoded_size(images) and data.decoded_size(images) >= sum(
+        x.nbytes for x in decoded if not isinstance(x, str))
+
+
+def test_cache_budget_is_a_fixed_share_of_the_machine():
+    budget = data.cache_budget()
+    assert 0 < budget <= data.CACHE_MAX_BYTES
+    assert budget == data.cache_budget()  # not what happens to be free: a resumed run decides the same
 
 # ---------------------------------------------------------------- scanning a dirty folder
 

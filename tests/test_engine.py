@@ -350,6 +350,41 @@ def test_unreadable_training_images_are_skipped_and_listed(colours, tmp_path):
     assert set(rows) == {"text.png", "truncated.png"} and all(rows.values())
 
 
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_images_held_in_memory_train_exactly_like_images_read_every_epoch(colours, tmp_path, augment):
+    """--cache-images on/off: the same pixels, transforms and random stream, so the same weights."""
+    data = tmp_path / "data"
+    write_colour_folder(data, dict.fromkeys(COLOURS, 6))
+    (data / "red" / "text.png").write_text("not an image")
+    runs = {mode: fit(data, tmp_path / mode, model="test_resnet", weights="none", epochs=2, val_split=0.3,
+                      augment=augment, cache_images=mode) for mode in ("on", "off")}
+    assert any("into memory" in n for n in runs["on"].notes)
+    assert not any("into memory" in n for n in runs["off"].notes)
+    on, off = (load_file(str(tmp_path / mode / "model.safetensors")) for mode in ("on", "off"))
+    assert on.keys() == off.keys() and all(torch.equal(on[k], off[k]) for k in on)
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop(read_metrics(tmp_path / "on")) == drop(read_metrics(tmp_path / "off"))
+    assert runs["on"].skipped == runs["off"].skipped == 1
+
+
+def test_cache_images_auto_streams_what_does_not_fit_and_what_is_read_once(colours, tmp_path, monkeypatch):
+    result = fit(colours, tmp_path / "fits", model="test_resnet", weights="none", epochs=2)
+    assert any("decoded 36 images once into memory" in n for n in result.notes)
+    result = fit(colours, tmp_path / "one_epoch", model="test_resnet", weights="none", epochs=1)
+    assert not any("into memory" in n for n in result.notes)
+    monkeypatch.setattr("cnnxfer.data.CACHE_MAX_BYTES", 1000)  # 36 images of 32x32x3 bytes do not fit
+    result = fit(colours, tmp_path / "too_big", model="test_resnet", weights="none", epochs=2)
+    assert any("streaming them from disk" in n for n in result.notes)
+    assert not any("into memory" in n for n in result.notes)
+    result = fit(colours, tmp_path / "forced", model="test_resnet", weights="none", epochs=2, cache_images="on")
+    assert any("into memory" in n for n in result.notes)
+
+
+def test_linear_with_its_feature_cache_decodes_each_image_once_without_holding_it(colours, test_resnet_3, tmp_path):
+    result = fit(colours, tmp_path / "run", model="test_resnet", weights=str(test_resnet_3), strategy=Strategy.linear, epochs=3)
+    assert not any("into memory" in n for n in result.notes)
+
 def test_a_class_with_only_unreadable_images_is_named(tmp_path):
     data = write_colour_folder(tmp_path / "data", {"blue": 6, "green": 6})
     (data / "red").mkdir()
