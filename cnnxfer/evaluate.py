@@ -23,10 +23,12 @@ class Evaluation:
     images: int = 0
     skipped: int = 0
     skipped_file: Path | None = None
+    data: Path | None = None  # the folder evaluated (DATA's val/ when DATA holds train/ and val/)
 
     def to_dict(self) -> dict:
         return {
             "accuracy": self.accuracy, "loss": self.loss, "images": self.images, "skipped": self.skipped,
+            "data": str(self.data) if self.data else None,
             "classes": self.classes, "confusion_matrix": self.confusion.tolist(),
             "per_class": self.report.to_dict(orient="records"),
         }
@@ -189,6 +191,9 @@ def evaluate_folder(data_path: Path, weights: str, *, json_path: Path | None = N
                     **kwargs) -> Evaluation:
     """`cnnxfer evaluate`: accuracy, per-class report and confusion matrix on a labelled folder."""
     classes = run_classes(weights)
+    split = data.find_split_folders(Path(data_path))
+    if split and "train" not in classes:  # a train/ + val/ dataset, as finetune takes it: score val/
+        data_path = split[1]
     images = data.discover(data_path, labelled=True, classes=classes)
     pred = predict(images, weights, **kwargs)
     targets = torch.tensor([images.labels[i] for i in pred.indices.tolist()], dtype=torch.long)
@@ -198,7 +203,7 @@ def evaluate_folder(data_path: Path, weights: str, *, json_path: Path | None = N
         raise DataError(f"{data_path}: no image could be read")
     loss = float(torch.nn.functional.nll_loss(pred.probs.clamp_min(1e-12).log(), targets))
     result = summarize(pred.probs, targets, classes, loss)
-    result.skipped = len(pred.skipped)
+    result.skipped, result.data = len(pred.skipped), Path(data_path)
     if json_path:
         checkpoint.atomic_write_json(Path(json_path), result.to_dict())
         if pred.skipped:

@@ -192,7 +192,8 @@ def _save_fig(fig, path, atomic_path):
 
 
 def evaluation_summary(result, title: str = "evaluate") -> None:
-    rows = [("accuracy", f"{result.accuracy:.4f}"), ("images", f"{result.images:,}"),
+    rows = [("data", str(result.data))] if getattr(result, "data", None) else []
+    rows += [("accuracy", f"{result.accuracy:.4f}"), ("images", f"{result.images:,}"),
             ("skipped", f"{result.skipped:,}" + (f" (listed in {result.skipped_file})" if result.skipped_file else ""))]
     show(table(title, rows))
     per_class = Table(title="per class", title_justify="left")

@@ -152,6 +152,19 @@ def test_evaluate_json_accuracy_matches_the_predictions(trained, cli_runner, tmp
     assert per_class["red"]["support"] == 5 and "macro avg" in per_class
 
 
+
+def test_evaluate_on_a_train_val_dataset_scores_its_val_folder(trained, cli_runner, tmp_path):
+    """DATA with train/ and val/ (the layout finetune takes as given) is scored on val/, not on two
+    classes called train and val."""
+    run, test = trained
+    write_colour_folder(tmp_path / "data" / "train", dict.fromkeys(COLOURS, 2), seed=3)
+    val = write_colour_folder(tmp_path / "data" / "val", dict.fromkeys(COLOURS, 4), seed=4)
+    invoke(cli_runner, "evaluate", tmp_path / "data", "--weights", run, "--json", tmp_path / "split.json", "--workers", 0)
+    invoke(cli_runner, "evaluate", val, "--weights", run, "--json", tmp_path / "val.json", "--workers", 0)
+    split, direct = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("split", "val"))
+    assert split["images"] == 12 and split["data"] == str(val)
+    assert split == direct
+
 def test_evaluate_refuses_classes_the_run_does_not_know(trained, cli_runner, tmp_path):
     run, _ = trained
     write_colour_folder(tmp_path / "other", {"red": 2})
