@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import config as cfg
+from .data import DEFAULT_MAX_IMAGE_PIXELS
 from .errors import CnnxferError
 
 app = typer.Typer(
@@ -65,6 +66,7 @@ PrecisionOpt = Annotated[cfg.Precision, typer.Option("--precision", help="auto: 
 Weights = Annotated[Optional[str], typer.Option("--weights", "-w", help="hub (timm pretrained), none (random init), a .safetensors/.pth file, or a cnnxfer run directory.")]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="timm architecture (resnet50) or your own path/to/file.py:factory.")]
 ImgSize = Annotated[Optional[int], typer.Option("--img-size", help="Input size in pixels (default: the model's own).")]
+MaxPixels = Annotated[int, typer.Option("--max-image-pixels", min=1, help="Refuse (skip) images with more pixels: a guard against decompression bombs. Raise it for huge scans.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="DataLoader worker processes (default: sized from the CPU count).")]
 Strict = Annotated[bool, typer.Option("--strict", help="Exit 1 if any image was skipped as unreadable.")]
 
@@ -94,6 +96,7 @@ def extract(
     img_size: ImgSize = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = _default(_E, "batch_size"),
     workers: Workers = None,
+    max_image_pixels: MaxPixels = DEFAULT_MAX_IMAGE_PIXELS,
     device: Device = "auto",
     precision: PrecisionOpt = cfg.Precision.auto,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted extraction into the same --out.")] = False,
@@ -109,7 +112,7 @@ def extract(
     config = cfg.ExtractConfig(
         data=data, out=out, model=model, weights=weights, layers=tuple(l for l in (layers or "").split(",") if l.strip()),
         pool=pool, tta=tta, img_size=img_size, batch_size=batch_size, num_workers=workers, device=device,
-        precision=precision, resume=resume, overwrite=overwrite, strict=strict,
+        precision=precision, resume=resume, overwrite=overwrite, strict=strict, max_image_pixels=max_image_pixels,
     )
     with report.image_progress("extract") as progress:
         summary = features.extract_features(config, progress)
@@ -180,6 +183,7 @@ def finetune(
     img_size: ImgSize = None,
     seed: Seed = 0,
     workers: Workers = None,
+    max_image_pixels: MaxPixels = DEFAULT_MAX_IMAGE_PIXELS,
     device: Device = "auto",
     precision: PrecisionOpt = cfg.Precision.auto,
     resume: Resume = None,
@@ -196,7 +200,7 @@ def finetune(
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, dropout=dropout, grad_clip=grad_clip, balance=balance,
         augment=augment, hflip=hflip, cache_features=cache, cache_images=cache_images, head_epochs=head_epochs, val_split=val_split, patience=patience,
         img_size=img_size, seed=seed, num_workers=workers, device=device, precision=precision, resume=resume is not None,
-        overwrite=overwrite, strict=strict,
+        overwrite=overwrite, strict=strict, max_image_pixels=max_image_pixels,
     )
     _run_fit(config, data, resume)
 
@@ -225,6 +229,7 @@ def train(
     img_size: Annotated[Optional[int], typer.Option("--img-size", help="Input size (default: the images' own size when <= 64 px, else the model's).")] = None,
     seed: Seed = 0,
     workers: Workers = None,
+    max_image_pixels: MaxPixels = DEFAULT_MAX_IMAGE_PIXELS,
     device: Device = "auto",
     precision: PrecisionOpt = cfg.Precision.auto,
     resume: Resume = None,
@@ -241,6 +246,7 @@ def train(
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, dropout=dropout, grad_clip=grad_clip, balance=balance,
         augment=augment, hflip=hflip, cache_images=cache_images, val_split=val_split, patience=patience, img_size=img_size, seed=seed,
         num_workers=workers, device=device, precision=precision, resume=resume is not None, overwrite=overwrite, strict=strict,
+        max_image_pixels=max_image_pixels,
     )
     _run_fit(config, data, resume)
 
@@ -258,6 +264,7 @@ def predict(
     tta: Annotated[cfg.Tta, typer.Option("--tta", help="flip: average with the mirrored image.")] = cfg.Tta.none,
     batch_size: BatchSize = 64,
     workers: Workers = None,
+    max_image_pixels: MaxPixels = DEFAULT_MAX_IMAGE_PIXELS,
     device: Device = "auto",
     precision: PrecisionOpt = cfg.Precision.auto,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
@@ -272,7 +279,7 @@ def predict(
     with report.image_progress("predict") as progress:
         pred = evaluate.predict_folder(images, weights, out, top_k=top_k, overwrite=overwrite, strict=strict, device=device,
                                        precision=precision.value, batch_size=batch_size, num_workers=workers, tta=tta.value,
-                                       progress=progress)
+                                       progress=progress, max_image_pixels=max_image_pixels)
     report.predictions_summary(pred, out, evaluate.skipped_file_for(out))
 
 
@@ -285,6 +292,7 @@ def evaluate(
     tta: Annotated[cfg.Tta, typer.Option("--tta")] = cfg.Tta.none,
     batch_size: BatchSize = 64,
     workers: Workers = None,
+    max_image_pixels: MaxPixels = DEFAULT_MAX_IMAGE_PIXELS,
     device: Device = "auto",
     precision: PrecisionOpt = cfg.Precision.auto,
     strict: Strict = False,
@@ -297,7 +305,8 @@ def evaluate(
 
     with report.image_progress("evaluate") as progress:
         result = ev.evaluate_folder(data, weights, json_path=json_path, strict=strict, device=device, precision=precision.value,
-                                    batch_size=batch_size, num_workers=workers, tta=tta.value, progress=progress)
+                                    batch_size=batch_size, num_workers=workers, tta=tta.value, progress=progress,
+                                    max_image_pixels=max_image_pixels)
     report.evaluation_summary(result)
 
 
@@ -320,6 +329,7 @@ def sanity_check(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON.")] = None,
     seed: Seed = 0,
     workers: Workers = None,
+    max_image_pixels: MaxPixels = DEFAULT_MAX_IMAGE_PIXELS,
     device: Device = "auto",
     precision: PrecisionOpt = cfg.Precision.auto,
 ) -> None:
@@ -333,6 +343,7 @@ def sanity_check(
         data=data, model=model, weights=weights, only=tuple(c.strip() for c in (only or "").split(",") if c.strip()),
         lr_find=lr_find, lr=lr, optimizer=optimizer, img_size=img_size, batch_size=batch_size, overfit_steps=overfit_steps,
         json_path=json_path, seed=seed, num_workers=workers, device=device, precision=precision,
+        max_image_pixels=max_image_pixels,
     )
     with report.status("sanity-check") as progress:
         result = sanity.run_checks(config, progress)

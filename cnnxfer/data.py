@@ -281,7 +281,7 @@ def describe_failure(path: Path, exc: BaseException) -> str:
     except OSError:
         pass
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return f"too many pixels (decompression bomb limit, see max_image_pixels): {exc}"
+        return f"too many pixels (decompression bomb limit; raise --max-image-pixels to read it): {exc}"
     message = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {message}"[:300]
 

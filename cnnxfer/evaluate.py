@@ -83,7 +83,8 @@ class Predictions:
 
 
 def predict(images: data.ImageList, weights: str, *, device: str = "auto", precision: str = "auto",
-            batch_size: int = 64, num_workers: int | None = None, tta: str = "none", progress=None) -> Predictions:
+            batch_size: int = 64, num_workers: int | None = None, tta: str = "none", progress=None,
+            max_image_pixels: int = data.DEFAULT_MAX_IMAGE_PIXELS) -> Predictions:
     """Run a trained model (a run directory, or a model file with classes) over `images`."""
     from .engine import Normalizer, evaluate as run_eval
 
@@ -101,7 +102,7 @@ def predict(images: data.ImageList, weights: str, *, device: str = "auto", preci
         model = _FlipAverage(model)
     transform = models.build_transform(loaded.data_config, normalize=False)  # uint8: normalised per batch
     workers = num_workers if num_workers is not None else dev.default_num_workers(torch_device)
-    loader = data.make_loader(data.ImageDataset(images, transform), batch_size, num_workers=workers,
+    loader = data.make_loader(data.ImageDataset(images, transform, max_image_pixels), batch_size, num_workers=workers,
                               pin_memory=torch_device.type == "cuda")
     loss_fn = torch.nn.CrossEntropyLoss()
     stats, probs, _, indices = run_eval(model, _Progress(loader, progress, len(images)), loss_fn, torch_device, dtype, cl,

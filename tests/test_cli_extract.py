@@ -109,6 +109,18 @@ def test_dirty_folder_exit_0_with_skip_list_and_strict_exit_1(cli_runner, tmp_pa
     assert result.exit_code == 1 and "--strict" in result.stderr
 
 
+
+def test_max_image_pixels_option_skips_the_bombs_and_says_how_to_read_them(cli_runner, tmp_path, dirty_folder, test_resnet_weights):
+    out = tmp_path / "dirty.parquet"
+    result = cli_runner.invoke(app, ["extract", str(dirty_folder.root), *_fast(test_resnet_weights, out),
+                                     "--max-image-pixels", str(dirty_folder.max_image_pixels)])
+    assert result.exit_code == 0, result.output
+    assert len(read_features(out)[0]) == len(dirty_folder.valid)
+    rows = (tmp_path / "dirty.skipped.csv").read_text(encoding="utf-8").splitlines()[1:]
+    assert len(rows) == len(dirty_folder.skipped)
+    bombs = [r for r in rows if "too many pixels" in r]
+    assert len(bombs) == 2 and all("--max-image-pixels" in r for r in bombs)
+
 def test_csv_manifest_input(cli_runner, tmp_path, make_images, test_resnet_weights):
     make_images(tmp_path / "imgs", {"a": 2})
     (tmp_path / "list.csv").write_text("path,label\nimgs/a/img0.jpg,yes\nimgs/a/img1.jpg,no\n")

@@ -165,6 +165,20 @@ def test_evaluate_on_a_train_val_dataset_scores_its_val_folder(trained, cli_runn
     assert split["images"] == 12 and split["data"] == str(val)
     assert split == direct
 
+
+def test_predict_and_evaluate_take_max_image_pixels(trained, cli_runner, tmp_path):
+    run, _ = trained
+    folder = write_colour_folder(tmp_path / "imgs", dict.fromkeys(COLOURS, 2))  # 32 x 32 = 1024 pixels
+    write_colour_folder(tmp_path / "imgs", {"red": 1}, size=64, seed=5)  # red/000.png: 4096 pixels
+    invoke(cli_runner, "predict", folder, "--weights", run, "--out", tmp_path / "p.csv", "--workers", 0,
+           "--max-image-pixels", 2000)
+    assert len(pd.read_csv(tmp_path / "p.csv")) == 5
+    skipped = pd.read_csv(tmp_path / "p.skipped.csv")
+    assert [Path(p).name for p in skipped["path"]] == ["000.png"] and "--max-image-pixels" in skipped["reason"][0]
+    invoke(cli_runner, "evaluate", folder, "--weights", run, "--json", tmp_path / "e.json", "--workers", 0,
+           "--max-image-pixels", 2000)
+    assert json.loads((tmp_path / "e.json").read_text())["images"] == 5
+
 def test_evaluate_refuses_classes_the_run_does_not_know(trained, cli_runner, tmp_path):
     run, _ = trained
     write_colour_folder(tmp_path / "other", {"red": 2})
