@@ -139,6 +139,7 @@ ValSplit = Annotated[float, typer.Option("--val-split", help="Stratified validat
 Patience = Annotated[Optional[int], typer.Option("--patience", help="Stop after this many epochs without a lower validation loss.")]
 Seed = Annotated[int, typer.Option("--seed")]
 Resume = Annotated[Optional[Path], typer.Option("--resume", exists=True, file_okay=False, help="Continue an interrupted run directory from its last finished epoch.")]
+CheckpointEvery = Annotated[float, typer.Option("--checkpoint-every", min=0, help="Seconds between checkpoint writes (0: every epoch). Ctrl-C and SIGTERM always save the last finished epoch.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")]
 
 
@@ -187,6 +188,7 @@ def finetune(
     device: Device = "auto",
     precision: PrecisionOpt = cfg.Precision.auto,
     resume: Resume = None,
+    checkpoint_every: CheckpointEvery = _default(_T, "checkpoint_every"),
     overwrite: Overwrite = False,
     strict: Strict = False,
 ) -> None:
@@ -200,7 +202,7 @@ def finetune(
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, dropout=dropout, grad_clip=grad_clip, balance=balance,
         augment=augment, hflip=hflip, cache_features=cache, cache_images=cache_images, head_epochs=head_epochs, val_split=val_split, patience=patience,
         img_size=img_size, seed=seed, num_workers=workers, device=device, precision=precision, resume=resume is not None,
-        overwrite=overwrite, strict=strict, max_image_pixels=max_image_pixels,
+        overwrite=overwrite, strict=strict, max_image_pixels=max_image_pixels, checkpoint_every=checkpoint_every,
     )
     _run_fit(config, data, resume)
 
@@ -233,6 +235,7 @@ def train(
     device: Device = "auto",
     precision: PrecisionOpt = cfg.Precision.auto,
     resume: Resume = None,
+    checkpoint_every: CheckpointEvery = _default(_T, "checkpoint_every"),
     overwrite: Overwrite = False,
     strict: Strict = False,
 ) -> None:
@@ -246,7 +249,7 @@ def train(
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, dropout=dropout, grad_clip=grad_clip, balance=balance,
         augment=augment, hflip=hflip, cache_images=cache_images, val_split=val_split, patience=patience, img_size=img_size, seed=seed,
         num_workers=workers, device=device, precision=precision, resume=resume is not None, overwrite=overwrite, strict=strict,
-        max_image_pixels=max_image_pixels,
+        max_image_pixels=max_image_pixels, checkpoint_every=checkpoint_every,
     )
     _run_fit(config, data, resume)
 

@@ -154,6 +154,7 @@ class TrainConfig:
     strict: bool = False
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_steps: int | None = None  # stop after this many optimizer steps (sanity checks, tests)
+    checkpoint_every: float = 30.0  # seconds between checkpoint writes (0: every epoch); see engine.save_epoch
 
     def __post_init__(self):
         _coerce(self)

@@ -402,6 +402,9 @@ class _Run:
         self.hp = resolve_hparams(config)
         self.skipped: dict[str, str] = {}
         self.saved: dict = {}
+        self.pending_best: tuple[dict, dict] | None = None  # (weights, best row) not yet written
+        self.pending_state: dict | None = None
+        self.last_save = time.monotonic()
 
     # -- model and modules
     def build_model(self, weights: str | None) -> None:
@@ -622,20 +625,43 @@ class _Run:
             raise StrictModeError(f"--strict: {len(self.skipped)} unreadable image(s) skipped; see {listed}")
 
     def save_epoch(self, epoch: int, history: list, best: dict, bad_epochs: int, improved: bool) -> None:
-        from . import checkpoint
+        """Checkpoint a finished epoch: to disk when --checkpoint-every seconds have passed since
+        the last write (or on the last epoch), else as an in-memory copy that `flush` writes on
+        Ctrl-C, SIGTERM, a failure or the end of the run.
 
-        if improved:
-            checkpoint.save_state_dict(self.run_dir / checkpoint.MODEL_FILE, self.model.state_dict(),
-                                       {"format": "pt", "arch": self.arch, "epoch": epoch + 1})
-            self.write_config(best)
+        A small dataset's epoch can take less time than the checkpoint: 15 images for 60 epochs spent
+        6.3 of 9.9 s writing 60 MB of weights and optimizer state per epoch. A kill (SIGKILL, power)
+        loses at most --checkpoint-every seconds of training; the resume from there is as exact.
+        """
+        import copy
+
         state = {
             "epoch": epoch + 1, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else {},
             "history": history, "best": best, "bad_epochs": bad_epochs, "global_step": self.ctx.global_step,
             "skipped": dict(self.skipped),
         }
-        checkpoint.save_training_state(self.run_dir / checkpoint.STATE_FILE, state)
-        write_metrics_csv(self.run_dir / "metrics.csv", history)
+        due = epoch + 1 >= self.config.epochs or time.monotonic() - self.last_save >= self.config.checkpoint_every
+        if improved:
+            self.pending_best = (state["model"] if due else copy.deepcopy(state["model"]), dict(best))
+        self.pending_state = state if due else copy.deepcopy(state)
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the checkpoint `save_epoch` kept in memory, if any."""
+        from . import checkpoint
+
+        if self.pending_best is not None:
+            weights, best = self.pending_best
+            checkpoint.save_state_dict(self.run_dir / checkpoint.MODEL_FILE, weights,
+                                       {"format": "pt", "arch": self.arch, "epoch": best["epoch"]})
+            self.write_config(best)
+        if self.pending_state is not None:
+            checkpoint.save_training_state(self.run_dir / checkpoint.STATE_FILE, self.pending_state)
+            write_metrics_csv(self.run_dir / "metrics.csv", self.pending_state["history"])
+        self.pending_best = self.pending_state = None
+        self.last_save = time.monotonic()
 
     def write_config(self, best: dict, final: dict | None = None) -> None:
         import timm
@@ -749,7 +775,10 @@ def _train(run: _Run) -> tuple[list, dict, bool]:
         start_epoch, history, best, bad = run.restore(state) if state else (0, history, {}, 0)
         if not run.config.resume:
             run.write_config(best)
-        return run.run_epochs(start_epoch, history, best, bad)
+        try:
+            return run.run_epochs(start_epoch, history, best, bad)
+        finally:  # also on Ctrl-C, SIGTERM and a non-finite loss: the last finished epoch on disk
+            run.flush()
     except TrainingError as exc:
         raise TrainingError(f"{exc}; {_last_good(run, history)}") from exc
     except torch.OutOfMemoryError as exc:  # the training step has its own hint; this is evaluation or the feature cache

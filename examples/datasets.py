@@ -34,11 +34,13 @@ def write_digits_split(root: Path, size: int = 32) -> tuple[Path, Path]:
     return Path(root) / "train", Path(root) / "val"
 
 
-def write_digits_transfer(root: Path, labels_per_class: int, seed: int = 0, size: int = 32) -> dict[str, Path]:
+def write_digits_transfer(root: Path, labels_per_class: int, seed: int = 0, size: int = 32,
+                          source: bool = True) -> dict[str, Path]:
     """A transfer-learning task from digits.
 
-    source/: every image of digits 0-4 (the large task a network is pretrained on);
-    target_train/: `labels_per_class` images of each digit 5-9 (the few labelled images);
+    source/: every image of digits 0-4 (the large task a network is pretrained on; not written
+    with source=False, e.g. for a second draw of the target images);
+    target_train/: `labels_per_class` images of each digit 5-9, drawn with `seed` (the few labelled images);
     target_test/: every other image of digits 5-9 (held out).
     """
     from sklearn.datasets import load_digits
@@ -49,7 +51,7 @@ def write_digits_transfer(root: Path, labels_per_class: int, seed: int = 0, size
     for digit in range(10):
         idx = np.flatnonzero(digits.target == digit)
         if digit < 5:
-            splits = {"source": idx}
+            splits = {"source": idx} if source else {}
         else:
             idx = rng.permutation(idx)
             splits = {"target_train": idx[:labels_per_class], "target_test": idx[labels_per_class:]}

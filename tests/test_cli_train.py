@@ -177,7 +177,9 @@ def test_signal_saves_the_epoch_and_resume_finishes_like_an_uninterrupted_run(si
     data = write_colour_folder(tmp_path / "data", dict.fromkeys(COLOURS, 24))
     run, epochs = tmp_path / "run", 6
     args = ["--model", "test_resnet", "--epochs", epochs, "--img-size", "32", "--batch-size", "8", "--workers", "1"]
-    proc = cnnxfer_process("train", data, "--out", run, *args)
+    # a checkpoint every epoch, so metrics.csv appearing means an epoch is done (the kept-in-memory
+    # path is tested in test_engine)
+    proc = cnnxfer_process("train", data, "--out", run, *args, "--checkpoint-every", "0")
     deadline = time.monotonic() + 120
     while not (run / "metrics.csv").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -36,17 +36,18 @@ def test_demo_prints_the_table_and_the_commands(demo):
     assert all(0.0 <= r["test_accuracy"] <= 1.0 and r["seconds"] > 0 for r in results)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "issue 5 open: measured with --quick (6 source epochs) and batch 16, scratch 90.0% beats "
-    "level 1 83.5% and level 2 73.5% (87.1% with --backbone-lr-mult 1); the source task/schedule needs work"))
 def test_transfer_beats_training_from_scratch_on_few_labels(demo):
+    """The issue's criterion, on the mean over the demo's random draws of the labelled images (one
+    draw alone is close to a coin flip: which 3 images per digit are labelled moves every method)."""
     _, _, results = demo
-    scratch = _row(results, "baseline")["test_accuracy"]
-    level1 = _row(results, "level 1")["test_accuracy"]
-    level2 = _row(results, "level 2")["test_accuracy"]
+    scratch = _row(results, "baseline")
+    level1 = _row(results, "level 1: extract --layers")
+    level2 = _row(results, "level 2")
     assert _row(results, "level 3", task="digits 0-4")["test_accuracy"] > 0.9  # the source network learned
-    assert level1 > scratch + 0.03, results
-    assert level2 > scratch + 0.03, results
+    assert len(scratch["accuracies"]) == len(level1["accuracies"]) == len(level2["accuracies"]) >= 3
+    assert level1["test_accuracy"] > scratch["test_accuracy"] + 0.03, results
+    assert level2["test_accuracy"] > scratch["test_accuracy"] + 0.03, results
+    assert _row(results, "level 1: extract final")["test_accuracy"] > 0.5  # ten times chance, though below layer -2
 
 
 def test_demo_sanity_report_passes(demo):

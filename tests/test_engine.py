@@ -172,7 +172,7 @@ def test_gradual_freezes_the_backbone_for_head_epochs_then_unfreezes_top_down(co
         snapshots.append(checkpoint.load_training_state(tmp_path / "run" / "state.pt")["model"])
 
     result = fit(colours, tmp_path / "run", engine.FitHooks(on_epoch=snapshot), model="test_resnet", weights=str(test_resnet_3),
-                 strategy=Strategy.gradual, epochs=3, head_epochs=1, lr=1e-2)
+                 strategy=Strategy.gradual, epochs=3, head_epochs=1, lr=1e-2, checkpoint_every=0)
     assert [h["phase"] for h in result.history] == ["head", "head+1 group(s)", "head+2 group(s)"]
     start = load_file(str(test_resnet_3))
     backbone = tuple(f"{s}." for s in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"))
@@ -213,8 +213,9 @@ def test_interrupted_then_resumed_equals_uninterrupted(colours, tmp_path):
         if row["epoch"] == 2:
             raise KeyboardInterrupt
 
+    # no checkpoint is due by time: the interrupt itself writes the one epoch 2 kept in memory
     with pytest.raises(KeyboardInterrupt):
-        fit(colours, tmp_path / "cut", engine.FitHooks(on_epoch=stop_after_two), **common)
+        fit(colours, tmp_path / "cut", engine.FitHooks(on_epoch=stop_after_two), checkpoint_every=3600, **common)
     assert (tmp_path / "cut" / "state.pt").is_file() and len(read_metrics(tmp_path / "cut")) == 2
     resumed = engine.fit(TrainConfig(data=Path("ignored"), out=tmp_path / "cut", resume=True))
     assert len(resumed.history) == 3
@@ -242,6 +243,28 @@ def test_resumed_finetune_equals_uninterrupted(colours, test_resnet_3, tmp_path,
     a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
+
+
+@pytest.mark.parametrize("every", [0, 3600])
+def test_checkpoints_are_written_every_epoch_or_kept_in_memory_until_due(colours, tmp_path, every):
+    from cnnxfer import checkpoint
+
+    on_disk = []  # (state.pt epoch or None, model.safetensors present) as each epoch ends
+
+    def look(row):
+        state = tmp_path / "run" / "state.pt"
+        on_disk.append((checkpoint.load_training_state(state)["epoch"] if state.exists() else None,
+                        (tmp_path / "run" / "model.safetensors").exists()))
+
+    result = fit(colours, tmp_path / "run", engine.FitHooks(on_epoch=look), model="test_resnet", weights="none", epochs=3,
+                 checkpoint_every=every)
+    if every == 0:
+        assert on_disk == [(1, True), (2, True), (3, True)]
+    else:  # nothing written until the last epoch: it is always due
+        assert on_disk == [(None, False), (None, False), (3, True)]
+    assert len(read_metrics(tmp_path / "run")) == 3 and not (tmp_path / "run" / "state.pt").exists()
+    # finish_run evaluates model.safetensors from disk: the best epoch's weights, whenever they were written
+    assert result.best["final_val_accuracy"] == pytest.approx(result.history[result.best["epoch"] - 1]["val_accuracy"])
 
 def test_resume_refuses_a_finished_run_and_a_missing_one(colours, tmp_path):
     fit(colours, tmp_path / "run", model="test_resnet", weights="none", epochs=1)
