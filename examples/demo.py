@@ -29,7 +29,7 @@ from datasets import write_digits_transfer, write_textures  # noqa: E402
 # Three labels per class: with 10, training from scratch on 50 augmented digits already reaches
 # ~85-90% and the transfer effect (a few points) is within the spread between draws.
 FULL = {"source_epochs": 15, "target_epochs": 100, "texture_epochs": 30, "labels_per_class": 3, "draws": 5}
-QUICK = {"source_epochs": 10, "target_epochs": 60, "texture_epochs": 12, "labels_per_class": 3, "draws": 3}
+QUICK = {"source_epochs": 10, "target_epochs": 100, "texture_epochs": 12, "labels_per_class": 3, "draws": 3}
 
 
 def cnnxfer(*args: str, quiet: bool = True) -> float:
