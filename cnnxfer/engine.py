@@ -441,9 +441,14 @@ class _Run:
             # --no-augment: the training transform is the evaluation one; one copy serves both
             train_set = data.MemoryDataset(self.train_images, train_decoded, train_tf) if c.augment else train_eval_set
             # Transformed images are a batch of indexing: no worker. Augmenting from memory is
-            # cheap next to a CPU model, and a worker would take a core from it; a GPU is fed by workers.
+            # cheap next to a CPU model, and a worker would take a core from it; a GPU is fed by
+            # workers, when they fork (sharing the images): spawned ones would be sent a pickled copy
+            # of them every epoch (macOS, Windows, Python 3.14's forkserver).
+            import multiprocessing
+
             eval_workers = 0
-            train_workers = 0 if not c.augment or self.device.type == "cpu" else workers
+            forks = multiprocessing.get_start_method(allow_none=False) == "fork"
+            train_workers = workers if c.augment and self.device.type != "cpu" and forks else 0
             held = sum(d.nbytes() for d in {id(d): d for d in (train_set, val_set, train_eval_set)}.values())
             self.notes.append(f"decoded {len(self.train_images) + len(self.val_images)} images once into memory "
                               f"({held / 2**20:.1f} MiB; --cache-images off streams them from disk)")
