@@ -152,7 +152,7 @@ def _run_fit(config: cfg.TrainConfig, data: Optional[Path], resume: Optional[Pat
     with report.fit_progress(config.epochs) as (on_batch, on_epoch, on_message):
         result = engine.fit(config, engine.FitHooks(on_batch, on_epoch, on_message))
     report.save_run_plots(result.run_dir)
-    report.fit_summary(result)
+    report.fit_summary(result, notes_shown=True)
 
 
 @app.command()

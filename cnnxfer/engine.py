@@ -59,6 +59,7 @@ class StepContext:
 
 
 BatchHook = Callable[[int, int, float], None]  # (step in epoch, steps in epoch, loss)
+FEW_STEPS = 100  # fewer optimizer steps in a whole run than this gets a note
 
 
 # ---------------------------------------------------------------- hyperparameters
@@ -393,12 +394,14 @@ class _Run:
         self.channels_last = dev.use_channels_last(self.device)
         self.train_images, self.val_images = split_data(config)
         self.classes = self.train_images.classes
-        self.notes = list(self.train_images.warnings)
+        self.notes: list[str] = []
+        for warning in self.train_images.warnings:
+            self.note(warning)
         self.img_size = config.img_size or (auto_img_size(self.train_images) if config.weights == models.NONE else None)
         if self.img_size and not config.img_size:
-            self.notes.append(f"small images: training at {self.img_size} px (set --img-size to change)")
+            self.note(f"small images: training at {self.img_size} px (set --img-size to change)")
         if config.patience and not len(self.val_images):
-            self.notes.append("--patience is ignored without a validation set (--val-split 0): the last epoch is kept")
+            self.note("--patience is ignored without a validation set (--val-split 0): the last epoch is kept")
         self.hp = resolve_hparams(config)
         self.skipped: dict[str, str] = {}
         self.saved: dict = {}
@@ -406,13 +409,20 @@ class _Run:
         self.pending_state: dict | None = None
         self.last_save = time.monotonic()
 
+    def note(self, text: str) -> None:
+        """Something the user should know about this run: kept for FitResult.notes and shown now."""
+        self.notes.append(text)
+        if self.hooks.on_message:
+            self.hooks.on_message(text)
+
     # -- model and modules
     def build_model(self, weights: str | None) -> None:
         loaded = models.load_model(self.config.model, weights, len(self.classes), drop_rate=self.config.dropout, img_size=self.img_size)
         if loaded.classes and loaded.classes != self.classes and weights == self.config.weights:
-            self.notes.append(f"new head for {len(self.classes)} classes (the weights' run had {len(loaded.classes)})")
+            self.note(f"new head for {len(self.classes)} classes (the weights' run had {len(loaded.classes)})")
         self.loaded, self.arch = loaded, loaded.arch
-        self.notes += loaded.notes
+        for note in loaded.notes:
+            self.note(note)
         self.model = loaded.model.to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -450,7 +460,7 @@ class _Run:
             forks = multiprocessing.get_start_method(allow_none=False) == "fork"
             train_workers = workers if c.augment and self.device.type != "cpu" and forks else 0
             held = sum(d.nbytes() for d in {id(d): d for d in (train_set, val_set, train_eval_set)}.values())
-            self.notes.append(f"decoded {len(self.train_images) + len(self.val_images)} images once into memory "
+            self.note(f"decoded {len(self.train_images) + len(self.val_images)} images once into memory "
                               f"({held / 2**20:.1f} MiB; --cache-images off streams them from disk)")
         self.train_loader = data.make_loader(train_set, c.batch_size, shuffle=True, sampler=sampler,
                                              num_workers=train_workers, pin_memory=pin, seed=c.seed)
@@ -475,7 +485,7 @@ class _Run:
                 return None
             size = data.decoded_size(self.train_images) + data.decoded_size(self.val_images)
             if size > data.cache_budget():
-                self.notes.append(f"the decoded images would take {size / 2**30:.1f} GiB: streaming them from disk "
+                self.note(f"the decoded images would take {size / 2**30:.1f} GiB: streaming them from disk "
                                   f"each epoch (--cache-images on to hold them anyway)")
                 return None
         workers = self.config.num_workers if self.config.num_workers is not None else dev.default_decode_workers()
@@ -513,6 +523,10 @@ class _Run:
             opt_module, head_names = head, {n for n, _ in head.named_parameters()}
         self.optimizer = build_optimizer(opt_module, head_names, self.hp, c.momentum)
         steps = steps_per_epoch(self.loaders[0])
+        if steps * c.epochs < FEW_STEPS and not c.max_steps:
+            self.note(f"{len(self.train_images)} training images at --batch-size {c.batch_size} give {steps} optimizer "
+                      f"step(s) per epoch, {steps * c.epochs} in all: with few images, raise --epochs (a few hundred "
+                      f"steps is usual) or lower --batch-size")
         self.scheduler = cosine_with_warmup(self.optimizer, c.epochs * steps, int(c.warmup_epochs * steps))
         use_scaler = self.dtype == torch.float16 and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None

@@ -20,6 +20,11 @@ def warn(message: str) -> None:
     err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
+def note(message: str) -> None:
+    """Something about a run worth knowing (a choice made for the user, a hint), on stderr."""
+    err_console.print(f"[cyan]note:[/] {message}", highlight=False, soft_wrap=True)
+
+
 def info_line(message: str) -> None:
     console.print(message, highlight=False, soft_wrap=True)
 
@@ -119,13 +124,18 @@ def fit_progress(epochs: int) -> Iterator[tuple]:
             highlight=False,
         )
 
+    def on_message(message: str) -> None:
+        progress.console.print(f"[cyan]note:[/] {message}", highlight=False, soft_wrap=True)
+
     with progress:
-        yield on_batch, on_epoch, warn
+        yield on_batch, on_epoch, on_message
 
 
-def fit_summary(result) -> None:
-    for note in result.notes:
-        warn(note)
+def fit_summary(result, notes_shown: bool = False) -> None:
+    """The run's summary table; its notes too unless they were shown as they came (fit_progress)."""
+    if not notes_shown:
+        for message in result.notes:
+            note(message)
     best = result.best
     rows = [
         ("run directory", result.run_dir),

@@ -89,6 +89,12 @@ def test_train_writes_a_complete_run_directory(finished_run):
     assert (finished_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+
+def test_train_prints_each_note_once(colours, tmp_path):
+    result = _invoke("train", colours, "--model", "test_resnet", "--epochs", "1", "--out", tmp_path / "run", *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.count("optimizer step(s) per epoch") == 1 and "note:" in result.stderr
+
 def test_finetune_accepts_a_run_directory_as_weights(finished_run, colours, tmp_path):
     result = _invoke("finetune", colours, "--weights", finished_run, "--strategy", "linear", "--epochs", "1",
                      "--out", tmp_path / "tuned", *FAST)
@@ -143,8 +149,9 @@ def test_out_of_memory_exits_1_with_a_batch_size_that_fits(colours, tmp_path):
     result = _invoke("train", colours, "--model", f"{tmp_path / 'hungry.py'}:build", "--epochs", "1",
                      "--out", tmp_path / "run", "--img-size", "32", "--workers", "0", "--batch-size", "24")
     assert result.exit_code == 1
-    fits = int(result.stderr.split("--batch-size ")[1].split()[0])
-    assert "batch size 24" in result.stderr and 1 <= fits <= 3
+    error = next(line for line in result.stderr.splitlines() if line.startswith("error:"))
+    fits = int(error.split("--batch-size ")[1].split()[0])
+    assert "batch size 24" in error and 1 <= fits <= 3
 
 
 def test_a_class_whose_images_are_all_unreadable_exits_2_naming_it(tmp_path):

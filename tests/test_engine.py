@@ -408,6 +408,18 @@ def test_linear_with_its_feature_cache_decodes_each_image_once_without_holding_i
     result = fit(colours, tmp_path / "run", model="test_resnet", weights=str(test_resnet_3), strategy=Strategy.linear, epochs=3)
     assert not any("into memory" in n for n in result.notes)
 
+
+def test_a_run_with_few_optimizer_steps_says_so_as_it_starts(colours, tmp_path):
+    shown = []
+    result = fit(colours, tmp_path / "few", engine.FitHooks(on_message=shown.append), model="test_resnet", weights="none",
+                 epochs=2)  # 30 training images at batch 8: 3 steps per epoch
+    few = [n for n in result.notes if "optimizer step" in n]
+    assert few == ["30 training images at --batch-size 8 give 3 optimizer step(s) per epoch, 6 in all: with few images, "
+                   "raise --epochs (a few hundred steps is usual) or lower --batch-size"]
+    assert shown == result.notes  # every note reaches the hook as it is made
+    result = fit(colours, tmp_path / "enough", model="test_resnet", weights="none", epochs=7, batch_size=2)  # 15 x 7 = 105
+    assert not [n for n in result.notes if "optimizer step" in n]
+
 def test_a_class_with_only_unreadable_images_is_named(tmp_path):
     data = write_colour_folder(tmp_path / "data", {"blue": 6, "green": 6})
     (data / "red").mkdir()
