@@ -460,8 +460,7 @@ class _Run:
             forks = multiprocessing.get_start_method(allow_none=False) == "fork"
             train_workers = workers if c.augment and self.device.type != "cpu" and forks else 0
             held = sum(d.nbytes() for d in {id(d): d for d in (train_set, val_set, train_eval_set)}.values())
-            self.note(f"decoded {len(self.train_images) + len(self.val_images)} images once into memory "
-                              f"({held / 2**20:.1f} MiB; --cache-images off streams them from disk)")
+            log.info("images in memory: %.1f MiB", held / 2**20)
         self.train_loader = data.make_loader(train_set, c.batch_size, shuffle=True, sampler=sampler,
                                              num_workers=train_workers, pin_memory=pin, seed=c.seed)
         self.val_loader = data.make_loader(val_set, c.batch_size, num_workers=eval_workers, pin_memory=pin)
@@ -485,9 +484,11 @@ class _Run:
                 return None
             size = data.decoded_size(self.train_images) + data.decoded_size(self.val_images)
             if size > data.cache_budget():
-                self.note(f"the decoded images would take {size / 2**30:.1f} GiB: streaming them from disk "
-                                  f"each epoch (--cache-images on to hold them anyway)")
+                self.note(f"the decoded images would take about {size / 2**30:.1f} GiB: reading them from disk "
+                          f"every epoch (--cache-images on holds them anyway)")
                 return None
+        n = len(self.train_images) + len(self.val_images)
+        self.note(f"decoding {n} images once into memory (--cache-images off reads them from disk every epoch)")
         workers = self.config.num_workers if self.config.num_workers is not None else dev.default_decode_workers()
         return tuple(data.decode_all(images, c.max_image_pixels, workers) for images in (self.train_images, self.val_images))
 

@@ -61,6 +61,18 @@ def test_images_decoded_in_memory_give_the_same_items_and_skip_reasons_as_disk(d
         x.nbytes for x in decoded if not isinstance(x, str))
 
 
+
+def test_decoded_size_reads_a_sample_of_headers_for_large_folders(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(300):  # 150 images of 10x8 and 150 of 20x8
+        w = 10 if i % 2 else 20
+        Image.fromarray(rng.integers(0, 255, (8, w, 3), dtype=np.uint8)).save(tmp_path / f"{i:03d}.png")
+    images = data.discover(tmp_path)
+    exact = 150 * (10 * 8 * 3) + 150 * (20 * 8 * 3)
+    assert data.decoded_size(images, sample=1000) == exact
+    estimate = data.decoded_size(images, sample=256)
+    assert abs(estimate - exact) / exact < 0.05 and estimate == data.decoded_size(images, sample=256)
+
 def test_cache_budget_is_a_fixed_share_of_the_machine():
     budget = data.cache_budget()
     assert 0 < budget <= data.CACHE_MAX_BYTES

@@ -393,12 +393,12 @@ def test_images_held_in_memory_train_exactly_like_images_read_every_epoch(colour
 
 def test_cache_images_auto_streams_what_does_not_fit_and_what_is_read_once(colours, tmp_path, monkeypatch):
     result = fit(colours, tmp_path / "fits", model="test_resnet", weights="none", epochs=2)
-    assert any("decoded 36 images once into memory" in n for n in result.notes)
+    assert any("decoding 36 images once into memory" in n for n in result.notes)
     result = fit(colours, tmp_path / "one_epoch", model="test_resnet", weights="none", epochs=1)
     assert not any("into memory" in n for n in result.notes)
     monkeypatch.setattr("cnnxfer.data.CACHE_MAX_BYTES", 1000)  # 36 images of 32x32x3 bytes do not fit
     result = fit(colours, tmp_path / "too_big", model="test_resnet", weights="none", epochs=2)
-    assert any("streaming them from disk" in n for n in result.notes)
+    assert any("reading them from disk every epoch" in n for n in result.notes)
     assert not any("into memory" in n for n in result.notes)
     result = fit(colours, tmp_path / "forced", model="test_resnet", weights="none", epochs=2, cache_images="on")
     assert any("into memory" in n for n in result.notes)
