@@ -459,6 +459,8 @@ class _Run:
             eval_workers = 0
             forks = multiprocessing.get_start_method(allow_none=False) == "fork"
             train_workers = workers if c.augment and self.device.type != "cpu" and forks else 0
+            if c.num_workers is not None and c.augment:  # --workers given: as asked
+                train_workers = c.num_workers
             held = sum(d.nbytes() for d in {id(d): d for d in (train_set, val_set, train_eval_set)}.values())
             log.info("images in memory: %.1f MiB", held / 2**20)
         self.train_loader = data.make_loader(train_set, c.batch_size, shuffle=True, sampler=sampler,
