@@ -393,33 +393,23 @@ class MemoryDataset(torch.utils.data.Dataset):
         else:
             self.items = list(decoded)
 
-    def _apply(self, value):
+    def _safe_apply(self, i: int, value):
+        """The transform's output for a decoded array; a skip reason (str) stays as it is or is made."""
         if isinstance(value, str):
             return value
-        image = Image.fromarray(value, "RGB")
-        return self.transform(image) if self.transform else image
-
-    def _safe_apply(self, i: int, value):
         try:
-            return self._apply(value)
+            image = Image.fromarray(value, "RGB")
+            return self.transform(image) if self.transform else image
         except Exception as exc:
             return describe_failure(self.images.paths[i], exc)
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def nbytes(self) -> int:
-        return sum(x.nbytes if isinstance(x, np.ndarray) else x.numel() * x.element_size() if isinstance(x, torch.Tensor)
-                   else 0 for x in self.items)
-
     def __getitem__(self, i: int):
-        value = self.items[i]
+        value = self.items[i] if self.keep_output else self._safe_apply(i, self.items[i])
         if isinstance(value, str):
             return None, value, i
-        if not self.keep_output:
-            value = self._safe_apply(i, value)
-            if isinstance(value, str):
-                return None, value, i
         label = self.images.labels[i]
         return value, -1 if label is None else label, i
 

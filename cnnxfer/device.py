@@ -105,13 +105,18 @@ def use_channels_last(device: torch.device) -> bool:
     return device.type in ("cuda", "cpu")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_num_workers(device: torch.device) -> int:
     """DataLoader workers: decode in parallel with the model.
 
     On CPU the model needs the cores too, so one worker overlaps decode with compute without
     starving the matrix multiplies; on a GPU, decoding is the bottleneck, so use most cores.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     if device.type == "cpu":
         return 1 if cores >= 2 else 0
     return max(1, min(cores - 1, 16))
@@ -119,7 +124,7 @@ def default_num_workers(device: torch.device) -> int:
 
 def default_decode_workers() -> int:
     """Processes for a one-off decode of a whole dataset (nothing else runs meanwhile): every core, up to 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     return min(cores, 8) if cores > 1 else 0
 
 

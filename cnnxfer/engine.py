@@ -461,8 +461,6 @@ class _Run:
             train_workers = workers if c.augment and self.device.type != "cpu" and forks else 0
             if c.num_workers is not None and c.augment:  # --workers given: as asked
                 train_workers = c.num_workers
-            held = sum(d.nbytes() for d in {id(d): d for d in (train_set, val_set, train_eval_set)}.values())
-            log.info("images in memory: %.1f MiB", held / 2**20)
         self.train_loader = data.make_loader(train_set, c.batch_size, shuffle=True, sampler=sampler,
                                              num_workers=train_workers, pin_memory=pin, seed=c.seed)
         self.val_loader = data.make_loader(val_set, c.batch_size, num_workers=eval_workers, pin_memory=pin)

@@ -27,6 +27,10 @@ Fixture names are stable; other test modules rely on them.
     truncated, text as .jpg, EPS as .jpg, dangling symlink, two decompression bombs that need
     `max_image_pixels=DirtyFolder.max_image_pixels`) to a regex its skip reason must match.
 `cli_runner`: a `typer.testing.CliRunner` (stdout and stderr are separate: result.stdout / .stderr).
+`one_thread` (module): one torch intra-op thread while the module runs (helpers.single_thread);
+    training modules use it with `pytestmark = pytest.mark.usefixtures("one_thread")`.
+`colours` (module): 3 classes x 12 noisy solid-colour 32 px PNGs in one folder (a stratified 20%
+    validation split: 2 per class), from helpers.write_colour_folder.
 """
 from __future__ import annotations
 
@@ -218,3 +222,17 @@ def _build_dirty_folder(root: Path) -> DirtyFolder:
 @pytest.fixture
 def dirty_folder(tmp_path) -> DirtyFolder:
     return _build_dirty_folder(tmp_path / "dirty")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    from helpers import single_thread
+
+    yield from single_thread()
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory) -> Path:
+    from helpers import COLOURS, write_colour_folder
+
+    return write_colour_folder(tmp_path_factory.mktemp("colours") / "data", dict.fromkeys(COLOURS, 12))

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import COLOURS, single_thread, write_colour_folder
+from helpers import COLOURS, write_colour_folder
 
 from cnnxfer import engine
 from cnnxfer.cli import app
@@ -26,17 +26,7 @@ from cnnxfer.config import TrainConfig
 FAST = ["--img-size", "32", "--workers", "0", "--batch-size", "8"]
 ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread()
-
-
-
-
-@pytest.fixture(scope="module")
-def colours(tmp_path_factory) -> Path:
-    return write_colour_folder(tmp_path_factory.mktemp("cli_train") / "colours", dict.fromkeys(COLOURS, 12))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,25 +16,13 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import COLOURS, single_thread, write_colour_folder
+from helpers import COLOURS, write_colour_folder
 
 from cnnxfer import engine, models
 from cnnxfer.config import Balance, Strategy, TrainConfig
 from cnnxfer.errors import DataError, OutputExistsError, TrainingError, UsageError
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread()
-
-
-
-
-@pytest.fixture(scope="module")
-def colours(tmp_path_factory) -> Path:
-    """3 classes x 12 images in one folder (a stratified 20% validation split: 2 per class)."""
-    return write_colour_folder(tmp_path_factory.mktemp("colours") / "data", dict.fromkeys(COLOURS, 12))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,20 +19,14 @@ from safetensors.torch import load_file
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 from sklearn.metrics import precision_recall_fscore_support
 
-from helpers import COLOURS, single_thread, write_colour_folder
+from helpers import COLOURS, write_colour_folder
 
 from cnnxfer import checkpoint, engine, evaluate, models
 from cnnxfer.cli import app
 from cnnxfer.config import TrainConfig
 from cnnxfer.features import read_features
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread()
-
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
