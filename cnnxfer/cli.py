@@ -67,7 +67,7 @@ Weights = Annotated[Optional[str], typer.Option("--weights", "-w", help="hub (ti
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="timm architecture (resnet50) or your own path/to/file.py:factory.")]
 ImgSize = Annotated[Optional[int], typer.Option("--img-size", help="Input size in pixels (default: the model's own).")]
 MaxPixels = Annotated[int, typer.Option("--max-image-pixels", min=1, help="Refuse (skip) images with more pixels: a guard against decompression bombs. Raise it for huge scans.")]
-Workers = Annotated[Optional[int], typer.Option("--workers", help="DataLoader worker processes (default: sized from the CPU count).")]
+Workers = Annotated[Optional[int], typer.Option("--workers", min=0, help="Image decoding threads (default: every core; 0 decodes in the main thread).")]
 Strict = Annotated[bool, typer.Option("--strict", help="Exit 1 if any image was skipped as unreadable.")]
 
 

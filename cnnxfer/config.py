@@ -111,6 +111,7 @@ class ExtractConfig:
     strict: bool = False
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     part_size: int = 1024  # images per finished Parquet part: the most a kill can cost
+    reduced_decode: bool = True  # decode at the working resolution (False: every pixel of the file, e.g. to compare)
 
     def __post_init__(self):
         _coerce(self)
@@ -155,6 +156,7 @@ class TrainConfig:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_steps: int | None = None  # stop after this many optimizer steps (sanity checks, tests)
     checkpoint_every: float = 30.0  # seconds between checkpoint writes (0: every epoch); see engine.save_epoch
+    reduced_decode: bool = True  # decode at the working resolution (False: every pixel of the file, e.g. to compare)
 
     def __post_init__(self):
         _coerce(self)

@@ -1,4 +1,4 @@
-"""Device, precision and worker selection.
+"""Device, precision and decode-thread selection: one Runtime per command.
 
 `auto` picks CUDA, then Apple MPS, then CPU. Precision `auto` uses autocast where it pays:
 bf16 on CUDA GPUs that support it (fp16 + GradScaler on older ones) and on CPUs with native
@@ -110,22 +110,41 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def default_num_workers(device: torch.device) -> int:
-    """DataLoader workers: decode in parallel with the model.
-
-    On CPU the model needs the cores too, so one worker overlaps decode with compute without
-    starving the matrix multiplies; on a GPU, decoding is the bottleneck, so use most cores.
-    """
-    cores = usable_cores()
-    if device.type == "cpu":
-        return 1 if cores >= 2 else 0
-    return max(1, min(cores - 1, 16))
+def default_decode_threads(device: torch.device) -> int:
+    """Image decoding threads: every core. On a CPU they take turns with the model, each using all
+    the cores (see loader.py); feeding a GPU, decoding is what limits, so all of them decode."""
+    return usable_cores()
 
 
-def default_decode_workers() -> int:
-    """Processes for a one-off decode of a whole dataset (nothing else runs meanwhile): every core, up to 8."""
-    cores = usable_cores()
-    return min(cores, 8) if cores > 1 else 0
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a command computes, resolved once for the whole command."""
+
+    device: torch.device
+    dtype: torch.dtype | None  # the autocast dtype; None for plain fp32
+    channels_last: bool
+    decode_threads: int  # 0: decode in the calling thread
+    ahead: int  # batches decoded ahead of the model: 0 on a CPU (decoders and model take turns)
+    pin_memory: bool
+
+    @property
+    def precision(self) -> str:
+        return str(self.dtype).replace("torch.", "") if self.dtype else "float32"
+
+    def autocast(self):
+        return autocast(self.device, self.dtype)
+
+
+def resolve_runtime(device: str = "auto", precision: str = "auto", workers: int | None = None) -> Runtime:
+    """The Runtime for `--device`, `--precision` and `--workers` (decode threads; None: every core)."""
+    torch_device = resolve_device(device)
+    dtype = resolve_precision(getattr(precision, "value", precision), torch_device)
+    if workers is not None and workers < 0:
+        raise UsageError(f"--workers must be 0 or more (got {workers})")
+    threads = default_decode_threads(torch_device) if workers is None else workers
+    cpu = torch_device.type == "cpu"
+    return Runtime(torch_device, dtype, use_channels_last(torch_device), threads, 0 if cpu else 3,
+                   torch_device.type == "cuda")
 
 
 @dataclass(frozen=True)
@@ -168,5 +187,5 @@ def describe_environment(device_spec: str = "auto", precision: str = "auto") -> 
         precision=str(dtype).replace("torch.", "") if dtype else "float32",
         channels_last=use_channels_last(device),
         threads=torch.get_num_threads(),
-        workers=default_num_workers(device),
+        workers=default_decode_threads(device),
     )

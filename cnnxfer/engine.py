@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import data, device as dev, models
+from . import data, device as dev, loader as loaders, models
 from .config import CacheImages, Optimizer, Strategy, TrainConfig
+from .preprocess import Augment, Normalize, Preprocess
 from .errors import TrainingError
 from .signals import check_signals, deferred_signals
 
@@ -55,7 +56,7 @@ class StepContext:
     channels_last: bool = False
     global_step: int = 0
     max_steps: int | None = None
-    normalizer: "Normalizer | None" = None  # for loaders that deliver uint8 images
+    normalizer: Normalize | None = None  # for loaders that deliver uint8 images (on the device)
 
 
 BatchHook = Callable[[int, int, float], None]  # (step in epoch, steps in epoch, loss)
@@ -122,28 +123,10 @@ def seed_everything(seed: int) -> None:
 
 # ---------------------------------------------------------------- the loop
 
-class Normalizer:
-    """uint8 image batches to normalised float, on the device, in two in-place ops.
-
-    The loaders stop at uint8 tensors (models.build_transform(normalize=False)): per image, timm's
-    ToTensor + Normalize cost 150 of 440 us on a 64 px digit (2-core CPU), per batch under 10 us
-    an image; `train` on resnet10t at 64 px went from 341/348 to 387/390 img/s. A uint8 batch is
-    also a quarter of the bytes to move to a GPU.
-    """
-
-    def __init__(self, data_config: dict, device: torch.device):
-        mean = torch.tensor(data_config["mean"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        std = torch.tensor(data_config["std"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self.scale, self.shift = 1.0 / (255.0 * std), mean / std  # (x / 255 - mean) / std
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float().mul_(self.scale).sub_(self.shift)
-
-
 def _to_device(x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
     x = x.to(ctx.device, non_blocking=True)
     if x.dtype == torch.uint8:
-        assert ctx.normalizer is not None, "uint8 images need a Normalizer"
+        assert ctx.normalizer is not None, "uint8 images need a Normalize module"
         x = ctx.normalizer(x)
     if ctx.channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -183,7 +166,7 @@ def train_step(ctx: StepContext, inputs: torch.Tensor, targets: torch.Tensor) ->
 
 def steps_per_epoch(loader) -> int:
     """Optimisation steps in one pass: the batches, less a ragged last one (see train_one_epoch)."""
-    n, bs = len(loader.sampler), loader.batch_size
+    n, bs = loader.num_samples, loader.batch_size
     return len(loader) - (1 if len(loader) > 1 and n % bs else 0)
 
 
@@ -218,7 +201,7 @@ def train_one_epoch(ctx: StepContext, loader, on_batch: BatchHook | None = None)
 
 @torch.inference_mode()
 def evaluate(module: nn.Module, loader, loss_fn: nn.Module, device: torch.device, dtype: torch.dtype | None,
-             channels_last: bool = False, normalizer: Normalizer | None = None,
+             channels_last: bool = False, normalizer: Normalize | None = None,
              ) -> tuple[EpochStats, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss/accuracy over `loader` in eval mode; also (probabilities, targets, dataset indices)."""
     was_training = module.training
@@ -322,8 +305,8 @@ class LinearProbe(nn.Module):
         return self
 
 
-class FeatureDataset(torch.utils.data.Dataset):
-    """Cached backbone features, served like images (a data.collate-compatible triple)."""
+class FeatureDataset:
+    """Cached backbone features, served like images (loader items: feature, label, image index)."""
 
     def __init__(self, features: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor):
         self.features, self.labels, self.indices = features, labels, indices
@@ -331,7 +314,7 @@ class FeatureDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int):
+    def item(self, i: int, seed: str | None = None):
         return self.features[i], int(self.labels[i]), int(self.indices[i])
 
 
@@ -357,15 +340,8 @@ def split_data(config: TrainConfig) -> tuple[data.ImageList, data.ImageList]:
 def auto_img_size(images: data.ImageList, sample: int = 64) -> int | None:
     """For small images (median side <= 64 px, e.g. digits), train at about their own size
     instead of upscaling to the model's 224: same information, a fraction of the compute."""
-    from PIL import Image
-
-    sides = []
-    for path in images.paths[:: max(1, len(images) // sample)][:sample]:
-        try:
-            with Image.open(path) as im:
-                sides.append(max(im.size))
-        except Exception:
-            continue
+    sizes = [data.image_size(path) for path in images.paths[:: max(1, len(images) // sample)][:sample]]
+    sides = [max(size) for size in sizes if size]
     if not sides:
         return None
     median = float(np.median(sides))
@@ -389,9 +365,8 @@ class _Run:
         self.config, self.hooks = config, hooks
         self.run_dir = Path(config.out)
         checkpoint.prepare_output(self.run_dir, config.overwrite, config.resume)
-        self.device = dev.resolve_device(config.device)
-        self.dtype = dev.resolve_precision(config.precision, self.device)
-        self.channels_last = dev.use_channels_last(self.device)
+        self.runtime = dev.resolve_runtime(config.device, config.precision, config.num_workers)
+        self.device, self.dtype, self.channels_last = self.runtime.device, self.runtime.dtype, self.runtime.channels_last
         self.train_images, self.val_images = split_data(config)
         self.classes = self.train_images.classes
         self.notes: list[str] = []
@@ -430,49 +405,47 @@ class _Run:
         self.groups = models.stage_groups(self.model)
 
     def build_loaders(self) -> None:
-        c = self.config
-        workers = c.num_workers if c.num_workers is not None else dev.default_num_workers(self.device)
-        pin = self.device.type == "cuda"
-        self.normalizer = Normalizer(self.loaded.data_config, self.device)
-        train_tf = models.build_transform(self.loaded.data_config, training=True, augment=c.augment, hflip=c.hflip,
-                                          scale=crop_scale(self.loaded.data_config), normalize=False)
-        eval_tf = models.build_transform(self.loaded.data_config, normalize=False)
-        sampler = self._balanced_sampler() if c.balance.value == "sampler" else None
-        decoded = self._decode_in_memory()
+        """Train, validation and un-augmented train loaders, from disk or from images decoded once.
+
+        Training images are decoded as the augmentation needs them (random crops keep real pixels)
+        by every reader, so the un-augmented pass over them and the image cache see the same
+        pixels; validation images as the eval transform needs them.
+        """
+        c, rt = self.config, self.runtime
+        pre = Preprocess.from_data_config(self.loaded.data_config, max_pixels=c.max_image_pixels,
+                                          reduced_decode=c.reduced_decode)
+        self.normalizer = pre.normalizer().to(self.device)
+        augment = Augment(scale=crop_scale(self.loaded.data_config), hflip=c.hflip) if c.augment else None
+        train_pre = pre.training(augment)
+        train_eval_pre, val_pre = train_pre.evaluation(), pre
+        decoded = self._decode_in_memory(train_pre, val_pre)
         if decoded is None:
-            train_set = data.ImageDataset(self.train_images, train_tf, c.max_image_pixels)
-            val_set = data.ImageDataset(self.val_images, eval_tf, c.max_image_pixels)
-            train_eval_set = data.ImageDataset(self.train_images, eval_tf, c.max_image_pixels)
-            train_workers = eval_workers = workers
+            train_set = loaders.ImageDataset(self.train_images, train_pre)
+            val_set = loaders.ImageDataset(self.val_images, val_pre)
+            train_eval_set = loaders.ImageDataset(self.train_images, train_eval_pre)
         else:
             train_decoded, val_decoded = decoded
-            val_set = data.MemoryDataset(self.val_images, val_decoded, eval_tf, keep_output=True)
-            train_eval_set = data.MemoryDataset(self.train_images, train_decoded, eval_tf, keep_output=True)
+            val_set = loaders.MemoryDataset(self.val_images, val_decoded, val_pre)
+            train_eval_set = loaders.MemoryDataset(self.train_images, train_decoded, train_eval_pre)
             # --no-augment: the training transform is the evaluation one; one copy serves both
-            train_set = data.MemoryDataset(self.train_images, train_decoded, train_tf) if c.augment else train_eval_set
-            # Transformed images are a batch of indexing: no worker. Augmenting from memory is
-            # cheap next to a CPU model, and a worker would take a core from it; a GPU is fed by
-            # workers, when they fork (sharing the images): spawned ones would be sent a pickled copy
-            # of them every epoch (macOS, Windows, Python 3.14's forkserver).
-            import multiprocessing
+            train_set = loaders.MemoryDataset(self.train_images, train_decoded, train_pre) if c.augment else train_eval_set
+        weights = self._balanced_weights() if c.balance.value == "sampler" else None
+        common = dict(threads=rt.decode_threads, ahead=rt.ahead, pin_memory=rt.pin_memory)
+        self.train_loader = loaders.Loader(train_set, c.batch_size, shuffle=True, weights=weights, seed=c.seed,
+                                           augment_seed=True, **common)
+        self.val_loader = loaders.Loader(val_set, c.batch_size, **common)
+        self.train_eval_loader = loaders.Loader(train_eval_set, c.batch_size, **common)
 
-            eval_workers = 0
-            forks = multiprocessing.get_start_method(allow_none=False) == "fork"
-            train_workers = workers if c.augment and self.device.type != "cpu" and forks else 0
-            if c.num_workers is not None and c.augment:  # --workers given: as asked
-                train_workers = c.num_workers
-        self.train_loader = data.make_loader(train_set, c.batch_size, shuffle=True, sampler=sampler,
-                                             num_workers=train_workers, pin_memory=pin, seed=c.seed)
-        self.val_loader = data.make_loader(val_set, c.batch_size, num_workers=eval_workers, pin_memory=pin)
-        self.train_eval_loader = data.make_loader(train_eval_set, c.batch_size, num_workers=eval_workers, pin_memory=pin)
-
-    def _decode_in_memory(self):
-        """(train, val) decoded images when --cache-images says so, else None (stream from disk).
+    def _decode_in_memory(self, train_pre: Preprocess, val_pre: Preprocess):
+        """(train, val) images decoded once at the working resolution when --cache-images says
+        so, else None (read from disk every epoch).
 
         Decoding dominates a small model's epoch on a CPU (a 64 px PNG: ~115 us to decode, ~40 us
-        to crop and flip); a small dataset decoded once then costs only its transform per epoch.
-        `auto` decodes when the images fit data.cache_budget() and they would be decoded more than
-        once: not for --strategy linear with its feature cache (one pass), nor for one epoch.
+        to crop and flip; a 12 MP JPEG: 35 ms at the working resolution); a dataset decoded once
+        then costs only its transform per epoch. `auto` decodes when the images fit
+        loader.cache_budget() at the working resolution (a 12 MP photo takes 0.6-2.3 MB there instead
+        of 36 MB) and would be decoded more than once: not for --strategy linear with its feature
+        cache (one pass), nor for one epoch.
         """
         c = self.config
         mode = CacheImages(c.cache_images)
@@ -482,21 +455,21 @@ class _Run:
             one_pass = (Strategy(c.strategy) == Strategy.linear and c.cache_features) or c.epochs <= 1
             if one_pass:
                 return None
-            size = data.decoded_size(self.train_images) + data.decoded_size(self.val_images)
-            if size > data.cache_budget():
+            size = loaders.decoded_size(self.train_images, train_pre) + loaders.decoded_size(self.val_images, val_pre)
+            if size > loaders.cache_budget():
                 self.note(f"the decoded images would take about {size / 2**30:.1f} GiB: reading them from disk "
                           f"every epoch (--cache-images on holds them anyway)")
                 return None
         n = len(self.train_images) + len(self.val_images)
         self.note(f"decoding {n} images once into memory (--cache-images off reads them from disk every epoch)")
-        workers = self.config.num_workers if self.config.num_workers is not None else dev.default_decode_workers()
-        return tuple(data.decode_all(images, c.max_image_pixels, workers) for images in (self.train_images, self.val_images))
+        threads = self.runtime.decode_threads
+        return (loaders.decode_all(self.train_images, train_pre, threads),
+                loaders.decode_all(self.val_images, val_pre, threads))
 
-    def _balanced_sampler(self):
+    def _balanced_weights(self) -> list[float]:
+        """Sampling weights that draw every class equally often (--balance sampler)."""
         counts = np.bincount(self.train_images.labels, minlength=len(self.classes)).astype(float)
-        weights = [1.0 / counts[label] for label in self.train_images.labels]
-        generator = torch.Generator().manual_seed(self.config.seed)
-        return torch.utils.data.WeightedRandomSampler(weights, len(weights), replacement=True, generator=generator)
+        return [1.0 / counts[label] for label in self.train_images.labels]
 
     def loss_fn(self) -> nn.Module:
         weight = None
@@ -556,8 +529,7 @@ class _Run:
         out = []
         for loader, shuffle in ((self.train_eval_loader, True), (self.val_loader, False)):
             feats, labels, indices = self._features(loader)
-            dataset = FeatureDataset(feats, labels, indices)
-            out.append(data.make_loader(dataset, c.batch_size, shuffle=shuffle, seed=c.seed))
+            out.append(loaders.Loader(FeatureDataset(feats, labels, indices), c.batch_size, shuffle=shuffle, seed=c.seed))
         return tuple(out)
 
     @torch.inference_mode()
@@ -584,7 +556,7 @@ class _Run:
         return torch.cat(feats), torch.cat(labels), torch.cat(indices)
 
     def _record_skipped(self, loader, skipped) -> None:
-        images = loader.dataset.images if isinstance(loader.dataset, (data.ImageDataset, data.MemoryDataset)) else None
+        images = getattr(loader.dataset, "images", None)
         for i, reason in skipped:
             if images is not None:
                 self.skipped[str(images.paths[i])] = reason
@@ -597,7 +569,7 @@ class _Run:
             check_signals()
             epoch_seed = c.seed * 1000 + epoch
             seed_everything(epoch_seed)
-            self.loaders[0].generator.manual_seed(epoch_seed)
+            self.loaders[0].set_epoch(epoch)
             phase = self.set_phase(epoch)
             self.module.train()
             for m in models.frozen_norm_modules(self.model):

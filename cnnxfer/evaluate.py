@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import checkpoint, data, device as dev, models
+from . import checkpoint, data, device as dev, loader as loaders, models
+from .preprocess import Preprocess
 from .errors import StrictModeError, UsageError
 
 
@@ -86,29 +87,26 @@ def predict(images: data.ImageList, weights: str, *, device: str = "auto", preci
             batch_size: int = 64, num_workers: int | None = None, tta: str = "none", progress=None,
             max_image_pixels: int = data.DEFAULT_MAX_IMAGE_PIXELS) -> Predictions:
     """Run a trained model (a run directory, or a model file with classes) over `images`."""
-    from .engine import Normalizer, evaluate as run_eval
+    from .engine import evaluate as run_eval
 
     start = time.perf_counter()
-    torch_device = dev.resolve_device(device)
-    dtype = dev.resolve_precision(precision, torch_device)
+    runtime = dev.resolve_runtime(device, precision, num_workers)
     if not checkpoint.is_run_dir(weights):
         raise UsageError(f"--weights {weights} must be a cnnxfer run directory (from finetune or train)")
     loaded = models.load_model(None, weights)
-    model = loaded.model.eval().to(torch_device)
-    cl = dev.use_channels_last(torch_device)
-    if cl:
+    model = loaded.model.eval().to(runtime.device)
+    if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if tta == "flip":
         model = _FlipAverage(model)
-    transform = models.build_transform(loaded.data_config, normalize=False)  # uint8: normalised per batch
-    workers = num_workers if num_workers is not None else dev.default_num_workers(torch_device)
-    loader = data.make_loader(data.ImageDataset(images, transform, max_image_pixels), batch_size, num_workers=workers,
-                              pin_memory=torch_device.type == "cuda")
+    preprocess = Preprocess.from_data_config(loaded.data_config, max_pixels=max_image_pixels)
+    loader = loaders.Loader(loaders.ImageDataset(images, preprocess), batch_size, threads=runtime.decode_threads,
+                            ahead=runtime.ahead, pin_memory=runtime.pin_memory)
     loss_fn = torch.nn.CrossEntropyLoss()
-    stats, probs, _, indices = run_eval(model, _Progress(loader, progress, len(images)), loss_fn, torch_device, dtype, cl,
-                                        Normalizer(loaded.data_config, torch_device))
+    stats, probs, _, indices = run_eval(model, _Progress(loader, progress, len(images)), loss_fn, runtime.device,
+                                        runtime.dtype, runtime.channels_last, preprocess.normalizer().to(runtime.device))
     skipped = [(str(images.paths[i]), reason) for i, reason in stats.skipped]
-    return Predictions(images, probs, indices, loaded.classes, skipped, time.perf_counter() - start, str(torch_device))
+    return Predictions(images, probs, indices, loaded.classes, skipped, time.perf_counter() - start, str(runtime.device))
 
 
 class _FlipAverage(torch.nn.Module):

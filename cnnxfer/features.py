@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from . import checkpoint, data, device as dev, models
+from . import checkpoint, data, device as dev, loader as loaders, models
+from .preprocess import Preprocess
 from .config import ExtractConfig, to_dict
 from .errors import DataError, OutputExistsError, StrictModeError
 from .signals import check_signals, deferred_signals
@@ -59,18 +60,18 @@ def skipped_path(out: Path) -> Path:
 
 
 class Embedder:
-    """Model + options -> {column: (N, D) float32 features} for a batch of images."""
+    """Model + options -> {column: (N, D) float32 features} for a batch of uint8 images."""
 
     def __init__(self, model: torch.nn.Module, layers: list[str], pool: str | None, tta: str,
-                 device: torch.device, dtype: torch.dtype | None):
+                 runtime: dev.Runtime, preprocess: Preprocess):
         self.model, self.layers, self.tta = model, layers, tta
         self.layer_pool = pool or "avg"
-        self.device, self.dtype = device, dtype
-        self.channels_last = dev.use_channels_last(device)
+        self.device, self.dtype, self.channels_last = runtime.device, runtime.dtype, runtime.channels_last
+        self.normalize = preprocess.normalizer().to(runtime.device)
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = images.to(self.device, non_blocking=True)
+        x = self.normalize(images.to(self.device, non_blocking=True))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out = self._forward(x)
@@ -121,20 +122,13 @@ def _record_batch(schema: pa.Schema, paths: list[str], labels: list[str | None],
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
-class _PartBatches(torch.utils.data.Sampler):
+def _part_batches(n: int, part_size: int, batch_size: int, todo: list[int]) -> list[list[int]]:
     """Batches that never cross a part boundary, over the parts still to do."""
-
-    def __init__(self, n: int, part_size: int, batch_size: int, todo: list[int]):
-        self.n, self.part_size, self.batch_size, self.todo = n, part_size, batch_size, todo
-
-    def __iter__(self):
-        for part in self.todo:
-            start, stop = part * self.part_size, min((part + 1) * self.part_size, self.n)
-            for i in range(start, stop, self.batch_size):
-                yield list(range(i, min(i + self.batch_size, stop)))
-
-    def __len__(self) -> int:
-        return sum(-(-(min((p + 1) * self.part_size, self.n) - p * self.part_size) // self.batch_size) for p in self.todo)
+    out = []
+    for part in todo:
+        start, stop = part * part_size, min((part + 1) * part_size, n)
+        out += [list(range(i, min(i + batch_size, stop))) for i in range(start, stop, batch_size)]
+    return out
 
 
 def _open_manifest(config: ExtractConfig, parts_dir: Path, fingerprint: dict) -> dict:
@@ -165,19 +159,20 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None) ->
         if not config.resume:
             raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
     start = time.perf_counter()
-    device = dev.resolve_device(config.device)
-    dtype = dev.resolve_precision(config.precision, device)
+    runtime = dev.resolve_runtime(config.device, config.precision, config.num_workers)
     images = data.discover(config.data)
     loaded = models.load_model(config.model, config.weights, None, img_size=config.img_size)
-    model = loaded.model.eval().to(device)
-    if dev.use_channels_last(device):
+    model = loaded.model.eval().to(runtime.device)
+    if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if config.pool is not None:
         models.set_global_pool(model, getattr(config.pool, "value", config.pool))
     layers = models.resolve_layers(model, config.layers)
-    embedder = Embedder(model, layers, getattr(config.pool, "value", config.pool), getattr(config.tta, "value", config.tta), device, dtype)
-    transform = models.build_transform(loaded.data_config)
-    metadata = _metadata(config, loaded, layers, dtype, device)
+    preprocess = Preprocess.from_data_config(loaded.data_config, max_pixels=config.max_image_pixels,
+                                             reduced_decode=config.reduced_decode)
+    embedder = Embedder(model, layers, getattr(config.pool, "value", config.pool), getattr(config.tta, "value", config.tta),
+                        runtime, preprocess)
+    metadata = _metadata(config, loaded, layers, runtime)
     fingerprint = {"inputs": _input_fingerprint(images), "model": loaded.arch, "weights": loaded.weights,
                    "options": {k: metadata[k] for k in ("layers", "pool", "tta", "data_config", "precision")},
                    "part_size": config.part_size}
@@ -186,7 +181,8 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None) ->
     todo = [p for p in range(n_parts) if str(p) not in manifest["parts"]]
     resumed = sum(v["rows"] + len(v["skipped"]) for v in manifest["parts"].values())
     with deferred_signals():
-        columns = _run_parts(config, images, transform, embedder, metadata, parts_dir, manifest, todo, device, resumed, progress)
+        columns = _run_parts(config, images, preprocess, embedder, metadata, parts_dir, manifest, todo, runtime, resumed,
+                             progress)
     skipped = [tuple(s) for p in sorted(manifest["parts"], key=int) for s in manifest["parts"][p]["skipped"]]
     rows = _merge_parts(out, parts_dir, n_parts)
     skip_file = skipped_path(out)
@@ -196,14 +192,14 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None) ->
         skip_file.unlink()
     shutil.rmtree(parts_dir, ignore_errors=True)
     summary = ExtractSummary(out, rows, len(skipped), skip_file if skipped else None, columns or manifest.get("columns", {}),
-                             time.perf_counter() - start, str(device), metadata["precision"], resumed,
+                             time.perf_counter() - start, str(runtime.device), runtime.precision, resumed,
                              images.warnings + loaded.notes)
     if config.strict and skipped:
         raise StrictModeError(f"--strict: {len(skipped)} unreadable image(s) skipped; see {skip_file}")
     return summary
 
 
-def _metadata(config: ExtractConfig, loaded: models.LoadedModel, layers, dtype, device) -> dict:
+def _metadata(config: ExtractConfig, loaded: models.LoadedModel, layers, runtime: dev.Runtime) -> dict:
     import timm
 
     return {
@@ -214,8 +210,8 @@ def _metadata(config: ExtractConfig, loaded: models.LoadedModel, layers, dtype, 
         "pool": getattr(config.pool, "value", config.pool) or "model",
         "tta": getattr(config.tta, "value", config.tta),
         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in loaded.data_config.items()},
-        "precision": str(dtype).replace("torch.", "") if dtype else "float32",
-        "device": str(device),
+        "precision": runtime.precision,
+        "device": str(runtime.device),
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "cnnxfer": _version()},
         "classes": loaded.classes,
         "config": to_dict(config),
@@ -228,15 +224,11 @@ def _version() -> str:
     return __version__
 
 
-def _run_parts(config, images, transform, embedder, metadata, parts_dir, manifest, todo, device, done, progress):
+def _run_parts(config, images, preprocess, embedder, metadata, parts_dir, manifest, todo, runtime, done, progress):
     """Embed the parts in `todo`, each into its own Parquet file, recording each in the manifest."""
-    dataset = data.ImageDataset(images, transform, config.max_image_pixels)
-    workers = config.num_workers if config.num_workers is not None else dev.default_num_workers(device)
-    sampler = _PartBatches(len(images), config.part_size, config.batch_size, todo)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=workers, collate_fn=data.collate,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
-    )
+    loader = loaders.Loader(loaders.ImageDataset(images, preprocess), config.batch_size,
+                            batches=_part_batches(len(images), config.part_size, config.batch_size, todo),
+                            threads=runtime.decode_threads, ahead=runtime.ahead, pin_memory=runtime.pin_memory)
     columns, schema, writer, tmp, current, rows, skipped = manifest.get("columns"), None, None, None, None, 0, []
     try:
         for batch in loader:

@@ -388,29 +388,6 @@ def resolve_data_config(model: nn.Module, img_size: int | None = None, base: dic
     return config
 
 
-def build_transform(data_config: dict, *, training: bool = False, augment: bool = True, hflip: float = 0.5,
-                    scale: tuple[float, float] = (0.35, 1.0), normalize: bool = True) -> Callable:
-    """timm's eval transform, or its training transform (random resized crop + flip).
-
-    `normalize=False` stops at uint8 CHW tensors (timm's prefetcher layout): the training engine
-    normalises whole batches on the device, which costs less than per-image float tensors.
-    """
-    from timm.data import create_transform
-
-    cfg = dict(data_config)
-    if training and augment:
-        return create_transform(
-            input_size=cfg["input_size"], is_training=True, interpolation=cfg["interpolation"],
-            mean=cfg["mean"], std=cfg["std"], scale=scale, hflip=hflip, color_jitter=None,
-            use_prefetcher=not normalize,
-        )
-    return create_transform(
-        input_size=cfg["input_size"], is_training=False, interpolation=cfg["interpolation"],
-        mean=cfg["mean"], std=cfg["std"], crop_pct=cfg["crop_pct"], crop_mode=cfg.get("crop_mode", "center"),
-        use_prefetcher=not normalize,
-    )
-
-
 # ---------------------------------------------------------------- embeddings and taps
 
 def set_global_pool(model: nn.Module, pool: str | None) -> None:

@@ -79,7 +79,7 @@ def environment(info) -> None:
         ("precision (auto)", info.precision),
         ("channels_last", "yes" if info.channels_last else "no"),
         ("torch threads", info.threads),
-        ("loader workers", info.workers),
+        ("decode threads", info.workers),
     ]
     show(table("cnnxfer info", rows))
 

@@ -549,7 +549,7 @@ def run_checks(config, progress=None) -> SanityReport:
                           str(config.data), classes)
     results, batch = {}, None
     if "data" in selected:
-        results["data"], skipped = check_data(train_images, val_images, config, loaded.data_config, device)
+        results["data"], skipped = check_data(train_images, val_images, config, loaded.data_config)
         report.skipped_file = str(data_mod.write_skipped(out_dir / "sanity.skipped.csv", skipped)) if skipped else None
     needs_batch = [c for c in selected if c != "data"]
     if needs_batch:
@@ -604,7 +604,9 @@ def _overfit_batch(images, data_config: dict, config) -> tuple[torch.Tensor, tor
     """`config.batch_size` readable images drawn round-robin across classes, un-augmented."""
     from . import data as data_mod, models
 
-    transform = models.build_transform(data_config)
+    from .preprocess import Preprocess
+
+    preprocess = Preprocess.from_data_config(data_config, max_pixels=config.max_image_pixels)
     rng = np.random.default_rng(config.seed)
     by_class = [rng.permutation([i for i, l in enumerate(images.labels) if l == c]).tolist() for c in range(len(images.classes))]
     xs, ys = [], []
@@ -613,7 +615,7 @@ def _overfit_batch(images, data_config: dict, config) -> tuple[torch.Tensor, tor
             if queue and len(xs) < config.batch_size:
                 i = queue.pop(0)
                 try:
-                    xs.append(transform(data_mod.load_image(images.paths[i], config.max_image_pixels)))
+                    xs.append(preprocess(images.paths[i]))
                     ys.append(images.labels[i])
                 except Exception:
                     continue  # unreadable files are the data check's business
@@ -621,7 +623,7 @@ def _overfit_batch(images, data_config: dict, config) -> tuple[torch.Tensor, tor
         from .errors import DataError
 
         raise DataError(f"{config.data}: no readable image for the checks")
-    return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
+    return preprocess.normalizer()(torch.stack(xs)), torch.tensor(ys, dtype=torch.long)
 
 
 def check_overfit(model, x, y, config, device, dtype) -> CheckResult:
@@ -661,11 +663,11 @@ def check_overfit(model, x, y, config, device, dtype) -> CheckResult:
     return result
 
 
-def check_data(train, val, config, data_config: dict, device) -> tuple[CheckResult, list[tuple[str, str]]]:
+def check_data(train, val, config, data_config: dict) -> tuple[CheckResult, list[tuple[str, str]]]:
     """Class counts and imbalance, unreadable files, exact duplicates across train and val
     (content hash), and the spread of image sizes against the model's input size."""
     start = time.perf_counter()
-    probes = _probe_images(train, config, device) + _probe_images(val, config, device)
+    probes = _probe_images(train, config, data_config) + _probe_images(val, config, data_config)
     n_train = len(train)
     skipped = [(str(p), r) for p, r, *_ in probes if r]
     counts = train.class_counts()
@@ -707,16 +709,16 @@ def _spread(values: np.ndarray) -> dict:
     return {"min": int(values.min()), "median": int(np.median(values)), "max": int(values.max())}
 
 
-class _ProbeDataset(torch.utils.data.Dataset):
-    """(path, reason or None, (width, height) or None, sha1 of the bytes) per image."""
+class _ProbeDataset:
+    """(path, reason or None, displayed (width, height) or None, sha1 of the bytes) per image."""
 
-    def __init__(self, images, max_pixels):
-        self.images, self.max_pixels = images, max_pixels
+    def __init__(self, images, preprocess):
+        self.images, self.preprocess = images, preprocess
 
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(self, i):
+    def item(self, i, seed=None):
         import hashlib
 
         from . import data as data_mod
@@ -724,20 +726,21 @@ class _ProbeDataset(torch.utils.data.Dataset):
         path = self.images.paths[i]
         try:
             digest = hashlib.sha1(Path(path).read_bytes()).hexdigest()
-            image = data_mod.load_image(path, self.max_pixels)
-            return str(path), None, image.size, digest
+            _, size = self.preprocess.decode(path)  # a full decode at the working resolution: truncation shows
+            return str(path), None, size, digest
         except Exception as exc:
             return str(path), data_mod.describe_failure(path, exc), None, None
 
 
-def _probe_images(images, config, device) -> list[tuple]:
-    from . import device as dev
+def _probe_images(images, config, data_config: dict) -> list[tuple]:
+    from . import device as dev, loader as loaders
+    from .preprocess import Preprocess
 
     if not len(images):
         return []
-    workers = config.num_workers if config.num_workers is not None else dev.default_num_workers(device)
-    loader = torch.utils.data.DataLoader(_ProbeDataset(images, config.max_image_pixels), batch_size=32,
-                                         num_workers=workers, collate_fn=list)
+    threads = config.num_workers if config.num_workers is not None else dev.default_decode_threads(torch.device("cpu"))
+    preprocess = Preprocess.from_data_config(data_config, max_pixels=config.max_image_pixels)
+    loader = loaders.Loader(_ProbeDataset(images, preprocess), 32, threads=threads, collate_fn=list)
     return [item for batch in loader for item in batch]
 
 

@@ -94,16 +94,21 @@ def test_autocast_context():
         assert layer(x).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("cores, expected", [(1, 0), (2, 1), (16, 1)])
-def test_default_workers_on_cpu(monkeypatch, cores, expected):
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("cores", [1, 2, 16])
+def test_decode_threads_use_every_core(monkeypatch, cores, device):
     monkeypatch.setattr(dev.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
-    assert dev.default_num_workers(torch.device("cpu")) == expected
+    assert dev.default_decode_threads(torch.device(device)) == cores
 
 
-@pytest.mark.parametrize("cores, expected", [(1, 1), (4, 3), (64, 16)])
-def test_default_workers_on_gpu(monkeypatch, cores, expected):
-    monkeypatch.setattr(dev.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
-    assert dev.default_num_workers(torch.device("cuda")) == expected
+def test_runtime_on_cpu_takes_turns_and_honours_workers():
+    rt = dev.resolve_runtime("cpu", "fp32", None)
+    assert rt.device == torch.device("cpu") and rt.dtype is None and rt.precision == "float32"
+    assert rt.ahead == 0 and not rt.pin_memory and rt.decode_threads == dev.usable_cores()
+    assert dev.resolve_runtime("cpu", "bf16", 0).decode_threads == 0
+    assert dev.resolve_runtime("cpu", "bf16", 3).dtype is torch.bfloat16
+    with pytest.raises(UsageError, match="--workers"):
+        dev.resolve_runtime("cpu", "auto", -1)
 
 
 def test_describe_environment():

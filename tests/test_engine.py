@@ -337,9 +337,19 @@ def test_balanced_loss_weights_and_sampler(tmp_path):
     run = engine._Run(TrainConfig(data=data, out=tmp_path / "run", balance=Balance.loss, val_split=0.2), engine.FitHooks())
     weight = run.loss_fn().weight  # n / (classes * count): blue 16 -> 24/48, green/red 4 -> 2
     torch.testing.assert_close(weight, torch.tensor([0.5, 2.0, 2.0]))
-    drawn = np.array(run.train_images.labels)[list(run._balanced_sampler())]
-    counts = np.bincount(drawn, minlength=3) / len(drawn)  # balanced in expectation (24 draws)
-    assert counts.min() > 0.1
+    from cnnxfer.loader import Loader
+
+    labels = np.array(run.train_images.labels)
+    loader = Loader(labels, 8, weights=run._balanced_weights(), seed=0)
+    draws = []
+    for epoch in range(20):
+        loader.set_epoch(epoch)
+        order = [i for batch in loader.batches() for i in batch]
+        assert order == [i for batch in loader.batches() for i in batch]  # the same draw when resumed
+        draws.append(order)
+    assert draws[0] != draws[1]  # each epoch its own draw
+    counts = np.bincount(labels[np.concatenate(draws)], minlength=3) / (20 * len(labels))
+    assert counts == pytest.approx([1 / 3] * 3, abs=0.06)  # balanced, though blue has 4x the images
 
 
 def test_early_stopping_stops_when_validation_loss_stalls(colours, test_resnet_3, tmp_path):
@@ -384,7 +394,7 @@ def test_cache_images_auto_streams_what_does_not_fit_and_what_is_read_once(colou
     assert any("decoding 36 images once into memory" in n for n in result.notes)
     result = fit(colours, tmp_path / "one_epoch", model="test_resnet", weights="none", epochs=1)
     assert not any("into memory" in n for n in result.notes)
-    monkeypatch.setattr("cnnxfer.data.CACHE_MAX_BYTES", 1000)  # 36 images of 32x32x3 bytes do not fit
+    monkeypatch.setattr("cnnxfer.loader.CACHE_MAX_BYTES", 1000)  # 36 images of 32x32x3 bytes do not fit
     result = fit(colours, tmp_path / "too_big", model="test_resnet", weights="none", epochs=2)
     assert any("reading them from disk every epoch" in n for n in result.notes)
     assert not any("into memory" in n for n in result.notes)

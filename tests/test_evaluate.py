@@ -15,6 +15,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from timm.data import create_transform
 from safetensors.torch import load_file
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 from sklearn.metrics import precision_recall_fscore_support
@@ -110,7 +111,9 @@ def test_predict_matches_the_model_and_reports_unreadable_files(trained, cli_run
     assert [Path(p).name for p in skipped["path"]] == ["broken.png"]
     # the reference: the run's weights in timm's model, timm's eval transform from config.json
     loaded = models.load_model(None, str(run))
-    transform = models.build_transform(loaded.data_config)
+    c = loaded.data_config
+    transform = create_transform(input_size=c["input_size"], interpolation=c["interpolation"], mean=c["mean"],
+                                 std=c["std"], crop_pct=c["crop_pct"], crop_mode=c["crop_mode"])
     x = torch.stack([transform(Image.open(p).convert("RGB")) for p in df["path"]])
     with torch.no_grad():
         probs = loaded.model.eval()(x).softmax(1)

@@ -321,10 +321,11 @@ def test_data_config_and_small_images():
     assert config["input_size"] == (3, 160, 160) and config["mean"] == (0.5, 0.5, 0.5)
     small = models.resolve_data_config(model, img_size=32)
     assert small["input_size"] == (3, 32, 32) and small["crop_pct"] == 1.0
-    transform = models.build_transform(small)
     from PIL import Image
 
-    assert transform(Image.new("RGB", (50, 40))).shape == (3, 32, 32)
+    from cnnxfer.preprocess import Preprocess
+
+    assert Preprocess.from_data_config(small).transform(Image.new("RGB", (50, 40))).shape == (3, 32, 32)
 
 
 def test_resolve_layers_by_name_and_index():
