@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 benchmark: $(STAMP)
-	$(BIN)/python benchmarks/extract.py
+	$(BIN)/python benchmarks/photos.py
 	$(BIN)/python benchmarks/finetune.py
 
 clean:

@@ -89,3 +89,63 @@ def print_table(headers: list[str], rows: list[list]) -> None:
 
 def verdict(value: float, target: float) -> str:
     return "PASS" if value >= target else "MISS"
+
+
+def write_photo_folder(root: Path, n: int, size: tuple[int, int], fmt: str = "jpg", quality: int = 90,
+                       seed: int = 0, portrait_every: int = 4, noise: int = 6) -> Path:
+    """`n` camera-size photos (random 4:3 crops of the bundled photos, upscaled to `size`, with
+    +-`noise` grey levels of sensor-like noise) in one class folder per photo. Every
+    `portrait_every`-th JPEG is stored landscape with EXIF orientation 6, as phones store portraits."""
+    rng = np.random.default_rng(seed)
+    photos = {name: _photo(name) for name in PHOTOS}
+    names = list(photos)
+    w, h = size
+    for i in range(n):
+        name = names[i % len(names)]
+        image = photos[name]
+        ih, iw = image.shape[:2]
+        ch = int(min(ih, iw * 3 / 4) * rng.uniform(0.6, 1.0))
+        cw = min(iw, int(ch * 4 / 3))
+        top, left = rng.integers(0, ih - ch + 1), rng.integers(0, iw - cw + 1)
+        crop = Image.fromarray(image[top:top + ch, left:left + cw]).resize((w, h), Image.BICUBIC)
+        pixels = np.asarray(crop).astype(np.int16) + rng.integers(-noise, noise + 1, (h, w, 3), dtype=np.int16)
+        out = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+        folder = Path(root) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        if fmt == "png":
+            out.save(folder / f"{i:05d}.png", compress_level=1)
+        else:
+            kwargs = {"quality": quality}
+            if portrait_every and i % portrait_every == portrait_every - 1:
+                exif = Image.Exif()
+                exif[0x0112] = 6
+                kwargs["exif"] = exif.tobytes()
+            out.save(folder / f"{i:05d}.jpg", **kwargs)
+    return Path(root)
+
+
+TEXTURES = ("brick", "grass", "gravel", "moon")
+
+
+def write_texture_photos(root: Path, per_class: int, size: tuple[int, int] = (4032, 3024), seed: int = 0) -> Path:
+    """A 4-class problem at phone resolution: random crops (a quarter to three quarters of the side)
+    of scikit-image's brick, grass, gravel and moon-surface textures, tinted with a random colour
+    cast (the same for every class, so colour is no cue), upscaled to `size`, noise added, JPEG q90."""
+    import skimage.data
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    for name in TEXTURES:
+        texture = getattr(skimage.data, name)().astype(np.float32)
+        folder = Path(root) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            side = int(texture.shape[0] * rng.uniform(0.25, 0.75))
+            ch, cw = int(side * 3 / 4), side
+            top, left = rng.integers(0, texture.shape[0] - ch + 1), rng.integers(0, texture.shape[1] - cw + 1)
+            gray = texture[top:top + ch, left:left + cw]
+            rgb = np.clip(gray[..., None] * rng.uniform(0.6, 1.2, 3)[None, None], 0, 255).astype(np.uint8)
+            big = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BICUBIC)).astype(np.int16)
+            big = big + rng.integers(-6, 7, big.shape, dtype=np.int16)
+            Image.fromarray(np.clip(big, 0, 255).astype(np.uint8)).save(folder / f"{i:04d}.jpg", quality=90)
+    return Path(root)

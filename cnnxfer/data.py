@@ -1,8 +1,10 @@
-"""Finding images (class folders, flat folders, CSV manifests), robust decoding, splits, loaders.
+"""Finding images (class folders, flat folders, CSV manifests), the one decode function, splits.
 
 Real folders are dirty. Hidden files, AppleDouble `._*`, Thumbs.db and non-image extensions are
 ignored (counted, not reported as corrupt). Files that look like images but cannot be decoded are
 skipped at load time with a reason, and listed in a `*.skipped.csv` beside the output.
+`decode_image` decodes at the working resolution a reader asks for (preprocess.py says what that
+is; loader.py batches the results).
 """
 from __future__ import annotations
 
@@ -406,11 +408,13 @@ def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         if s > 1:
             im.draft(None, (im.size[0] // s, im.size[1] // s))  # stored orientation; draft keeps >= the request
         im.load()
-        rotated = ImageOps.exif_transpose(im)  # a copy, also without orientation: `im` is closed on exit
-        image = _to_rgb(rotated)
+        ImageOps.exif_transpose(im, in_place=True)  # not a copy (24 ms for 6 MP); leaving `with` only closes the file
+        image = _to_rgb(im)
     target = planned_size(shown, im.format, factor)
     if image.size != target:
-        image = image.resize(target, resample)
+        # reducing_gap: a fast box reduction first, leaving the filter at least DCT_GAP of the work
+        # (a 3000x2000 PNG to 384x256: 37 -> ~8 ms)
+        image = image.resize(target, resample, reducing_gap=DCT_GAP)
     return image, shown
 
 

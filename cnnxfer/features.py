@@ -174,7 +174,7 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None) ->
                         runtime, preprocess)
     metadata = _metadata(config, loaded, layers, runtime)
     fingerprint = {"inputs": _input_fingerprint(images), "model": loaded.arch, "weights": loaded.weights,
-                   "options": {k: metadata[k] for k in ("layers", "pool", "tta", "data_config", "precision")},
+                   "options": {k: metadata[k] for k in ("layers", "pool", "tta", "data_config", "precision", "decode")},
                    "part_size": config.part_size}
     manifest = _open_manifest(config, parts_dir, fingerprint)
     n_parts = -(-len(images) // config.part_size)
@@ -211,6 +211,7 @@ def _metadata(config: ExtractConfig, loaded: models.LoadedModel, layers, runtime
         "tta": getattr(config.tta, "value", config.tta),
         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in loaded.data_config.items()},
         "precision": runtime.precision,
+        "decode": "working resolution" if config.reduced_decode else "full",
         "device": str(runtime.device),
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "cnnxfer": _version()},
         "classes": loaded.classes,

@@ -535,8 +535,8 @@ def run_checks(config, progress=None) -> SanityReport:
     unknown = [c for c in selected if c not in SANITY_CHECKS]
     if unknown:
         raise UsageError(f"unknown check(s) {', '.join(unknown)} for --only; choose from {', '.join(SANITY_CHECKS)}")
-    device = dev.resolve_device(config.device)
-    dtype = dev.resolve_precision(config.precision, device)
+    runtime = dev.resolve_runtime(config.device, config.precision, config.num_workers)
+    device, dtype = runtime.device, runtime.dtype
     train_cfg = _as_train_config(config)
     train_images, val_images = engine.split_data(train_cfg)
     classes = train_images.classes
@@ -549,7 +549,7 @@ def run_checks(config, progress=None) -> SanityReport:
                           str(config.data), classes)
     results, batch = {}, None
     if "data" in selected:
-        results["data"], skipped = check_data(train_images, val_images, config, loaded.data_config)
+        results["data"], skipped = check_data(train_images, val_images, config, loaded.data_config, runtime.decode_threads)
         report.skipped_file = str(data_mod.write_skipped(out_dir / "sanity.skipped.csv", skipped)) if skipped else None
     needs_batch = [c for c in selected if c != "data"]
     if needs_batch:
@@ -663,11 +663,11 @@ def check_overfit(model, x, y, config, device, dtype) -> CheckResult:
     return result
 
 
-def check_data(train, val, config, data_config: dict) -> tuple[CheckResult, list[tuple[str, str]]]:
+def check_data(train, val, config, data_config: dict, threads: int = 0) -> tuple[CheckResult, list[tuple[str, str]]]:
     """Class counts and imbalance, unreadable files, exact duplicates across train and val
     (content hash), and the spread of image sizes against the model's input size."""
     start = time.perf_counter()
-    probes = _probe_images(train, config, data_config) + _probe_images(val, config, data_config)
+    probes = _probe_images(train, config, data_config, threads) + _probe_images(val, config, data_config, threads)
     n_train = len(train)
     skipped = [(str(p), r) for p, r, *_ in probes if r]
     counts = train.class_counts()
@@ -732,13 +732,12 @@ class _ProbeDataset:
             return str(path), data_mod.describe_failure(path, exc), None, None
 
 
-def _probe_images(images, config, data_config: dict) -> list[tuple]:
-    from . import device as dev, loader as loaders
+def _probe_images(images, config, data_config: dict, threads: int) -> list[tuple]:
+    from . import loader as loaders
     from .preprocess import Preprocess
 
     if not len(images):
         return []
-    threads = config.num_workers if config.num_workers is not None else dev.default_decode_threads(torch.device("cpu"))
     preprocess = Preprocess.from_data_config(data_config, max_pixels=config.max_image_pixels)
     loader = loaders.Loader(_ProbeDataset(images, preprocess), 32, threads=threads, collate_fn=list)
     return [item for batch in loader for item in batch]
