@@ -133,26 +133,33 @@ def scan_class_folders(root: Path, classes: Sequence[str] | None = None) -> Imag
     """ImageFolder layout: one subfolder per class, images anywhere below it.
 
     `classes` fixes the class list (e.g. the training classes when reading a validation folder).
+    A class folder without images is not a class: it is left out with a warning (a model trained
+    with it would learn a class it never saw, offer it in predictions, and count it in averages).
+    With a fixed `classes` list an empty folder of a known class only gets the warning.
     """
     root = Path(root)
-    names = [d.name for d in _class_dirs(root)]
+    found, ignored, notes = {}, 0, []
+    for folder in _class_dirs(root):
+        files, n_ignored = _walk_images(folder)
+        ignored += n_ignored
+        if files:
+            found[folder.name] = files
+        else:
+            left_out = " (left out of the classes)" if classes is None else ""
+            notes.append(f"class folder '{folder}' holds no images{left_out}")
     if classes is None:
-        classes = names
+        classes = list(found)
+        if not classes and not notes:
+            raise DataError(f"{root}: no class folders found (expected one subfolder per class)")
     else:
-        unknown = sorted(set(names) - set(classes))
+        unknown = sorted(set(found) - set(classes))
         if unknown:
             raise DataError(f"{root}: class folder(s) {', '.join(unknown)} are not among the training classes")
     index = {name: i for i, name in enumerate(classes)}
-    paths, labels, ignored, notes = [], [], 0, []
-    for name in names:
-        files, n_ignored = _walk_images(root / name)
-        ignored += n_ignored
-        if not files:
-            notes.append(f"class folder '{root / name}' holds no images")
+    paths, labels = [], []
+    for name, files in found.items():
         paths += files
         labels += [index[name]] * len(files)
-    if not classes:
-        raise DataError(f"{root}: no class folders found (expected one subfolder per class)")
     return ImageList(paths, labels, list(classes), root, ignored, notes)
 
 

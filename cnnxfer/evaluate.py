@@ -25,6 +25,7 @@ class Evaluation:
     skipped: int = 0
     skipped_file: Path | None = None
     data: Path | None = None  # the folder evaluated (DATA's val/ when DATA holds train/ and val/)
+    warnings: list[str] = field(default_factory=list)  # e.g. empty class folders
 
     def to_dict(self) -> dict:
         return {
@@ -202,7 +203,7 @@ def evaluate_folder(data_path: Path, weights: str, *, json_path: Path | None = N
         raise DataError(f"{data_path}: no image could be read")
     loss = float(torch.nn.functional.nll_loss(pred.probs.clamp_min(1e-12).log(), targets))
     result = summarize(pred.probs, targets, classes, loss)
-    result.skipped, result.data = len(pred.skipped), Path(data_path)
+    result.skipped, result.data, result.warnings = len(pred.skipped), Path(data_path), images.warnings
     if json_path:
         checkpoint.atomic_write_json(Path(json_path), result.to_dict())
         if pred.skipped:

@@ -202,6 +202,8 @@ def _save_fig(fig, path, atomic_path):
 
 
 def evaluation_summary(result, title: str = "evaluate") -> None:
+    for w in getattr(result, "warnings", []):
+        warn(w)
     rows = [("data", str(result.data))] if getattr(result, "data", None) else []
     rows += [("accuracy", f"{result.accuracy:.4f}"), ("images", f"{result.images:,}"),
             ("skipped", f"{result.skipped:,}" + (f" (listed in {result.skipped_file})" if result.skipped_file else ""))]
@@ -215,6 +217,8 @@ def evaluation_summary(result, title: str = "evaluate") -> None:
 
 
 def predictions_summary(pred, out, skipped_file) -> None:
+    for w in pred.images.warnings:
+        warn(w)
     counts = {}
     for i in pred.probs.argmax(1).tolist():
         counts[pred.classes[i]] = counts.get(pred.classes[i], 0) + 1
@@ -237,6 +241,8 @@ _STYLE = {"PASS": "green", "WARN": "yellow", "FAIL": "bold red", "SKIP": "dim"}
 
 def sanity_report(result) -> None:
     """One row per check: status, the measured figure, and what to look at on WARN/FAIL."""
+    for w in result.warnings:
+        warn(w)
     if result.lr_plot:
         lr = next((c for c in result.checks if c.name == "lr_find"), None)
         if lr and lr.details.get("lrs"):

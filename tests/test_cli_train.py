@@ -236,3 +236,34 @@ def test_train_beats_the_sklearn_digits_example_svc(digits_example, tmp_path):
     result = _invoke("evaluate", data / "val", "--weights", run, "--json", tmp_path / "digits.json")
     assert result.exit_code == 0, result.stderr
     assert json.loads((tmp_path / "digits.json").read_text())["accuracy"] > svc
+
+
+# ---------------------------------------------------------------- issue 10: runs a user can trust
+
+def test_an_empty_class_folder_is_left_out_with_a_warning_everywhere(tmp_path):
+    """Issue 10.5: an empty class folder became a class in train, sanity-check (ln(5)), evaluate
+    (a 0-support row in the macro average) and predict (offered in the top 3)."""
+    data = write_colour_folder(tmp_path / "data", dict.fromkeys(COLOURS, 8))
+    (data / "empty_class").mkdir()
+    warning = f"class folder '{data / 'empty_class'}' holds no images (left out of the classes)"
+    run = tmp_path / "run"
+    result = _invoke("train", data, "--model", "test_resnet", "--epochs", 1, "--out", run, *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert warning in result.stderr and json.loads((run / "config.json").read_text())["classes"] == sorted(COLOURS)
+    result = _invoke("sanity-check", data, "--model", "test_resnet", "--img-size", 32, "--workers", 0,
+                     "--only", "data,init_loss", "--json", tmp_path / "sanity.json")
+    assert warning in result.stderr
+    report = json.loads((tmp_path / "sanity.json").read_text())
+    assert report["classes"] == sorted(COLOURS)
+    init = next(c for c in report["checks"] if c["name"] == "init_loss")
+    assert init["details"]["num_classes"] == 3 and init["details"]["expected"] == pytest.approx(np.log(3))
+    result = _invoke("evaluate", data, "--weights", run, "--workers", 0, "--json", tmp_path / "eval.json")
+    assert result.exit_code == 0, result.stderr
+    assert warning.replace(" (left out of the classes)", "") in result.stderr
+    assert [r["class"] for r in json.loads((tmp_path / "eval.json").read_text())["per_class"]][:3] == sorted(COLOURS)
+    result = _invoke("predict", data, "--weights", run, "--workers", 0, "--top-k", 5, "--out", tmp_path / "p.csv")
+    assert result.exit_code == 0, result.stderr
+    assert warning in result.stderr
+    with open(tmp_path / "p.csv", newline="") as fh:
+        header = next(csv.reader(fh))
+    assert [c for c in header if c.endswith("_class")] == ["top1_class", "top2_class", "top3_class"]
