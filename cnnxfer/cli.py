@@ -136,7 +136,7 @@ Augment = Annotated[bool, typer.Option("--augment/--no-augment", help="Random re
 CacheImagesOpt = Annotated[cfg.CacheImages, typer.Option("--cache-images", help="Decode the images once and keep them in memory: auto = when they fit (1/8 of RAM, at most 4 GiB).")]
 Hflip = Annotated[float, typer.Option("--hflip", help="Horizontal flip probability (0 for digits, text...).")]
 ValSplit = Annotated[float, typer.Option("--val-split", help="Stratified validation fraction when DATA has no train/ and val/.")]
-Patience = Annotated[Optional[int], typer.Option("--patience", help="Stop after this many epochs without a lower validation loss.")]
+Patience = Annotated[Optional[int], typer.Option("--patience", min=1, help="Stop after this many epochs without a new best epoch. The best epoch, the one kept in the run directory, is the one with the lowest validation loss.")]
 Seed = Annotated[int, typer.Option("--seed")]
 Resume = Annotated[Optional[Path], typer.Option("--resume", exists=True, file_okay=False, help="Continue an interrupted run directory from its last finished epoch.")]
 CheckpointEvery = Annotated[float, typer.Option("--checkpoint-every", min=0, help="Seconds between checkpoint writes (0: every epoch). Ctrl-C and SIGTERM always save the last finished epoch.")]

@@ -61,6 +61,7 @@ class StepContext:
 
 BatchHook = Callable[[int, int, float], None]  # (step in epoch, steps in epoch, loss)
 FEW_STEPS = 100  # fewer optimizer steps in a whole run than this gets a note
+BEST_RULE = "the lowest validation loss"  # how the best epoch is chosen (is_new_best), as the summary says it
 
 
 # ---------------------------------------------------------------- hyperparameters
@@ -284,6 +285,7 @@ class FitResult:
     skipped_file: Path | None
     hparams: dict
     notes: list[str] = field(default_factory=list)
+    best_rule: str = BEST_RULE
 
 
 class LinearProbe(nn.Module):
@@ -586,12 +588,10 @@ class _Run:
                    "val_loss": val.loss, "val_accuracy": val.accuracy, "lr": self.optimizer.param_groups[-1]["lr"],
                    "seconds": time.perf_counter() - start}
             history.append(row)
-            validated = len(self.val_images) > 0  # --val-split 0: keep the last epoch, never stop early
-            improved = not best or not validated or _better(row, best)
+            improved = is_new_best(row, best, validated=len(self.val_images) > 0)
             if improved:
                 best = {k: row[k] for k in ("epoch", "val_loss", "val_accuracy", "train_loss", "train_accuracy")}
-            loss_improved = len(history) == 1 or _finite(val.loss) < min(_finite(h["val_loss"]) for h in history[:-1]) - 1e-4
-            bad_epochs = 0 if loss_improved or not validated else bad_epochs + 1
+            bad_epochs = 0 if improved else bad_epochs + 1
             self.save_epoch(epoch, history, best, bad_epochs, improved)
             if self.hooks.on_epoch:
                 self.hooks.on_epoch(row)
@@ -665,7 +665,7 @@ class _Run:
             "model": self.arch, "classes": self.classes, "num_classes": len(self.classes),
             "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.loaded.data_config.items()},
             "weights_source": self.loaded.weights if not self.config.resume else self.saved.get("weights_source"),
-            "hparams": self.hp, "best": best, "final": final, "train_images": len(self.train_images),
+            "hparams": self.hp, "best": best, "best_rule": BEST_RULE, "final": final, "train_images": len(self.train_images),
             "val_images": len(self.val_images), "precision": str(self.dtype).replace("torch.", "") if self.dtype else "float32",
             "device": str(self.device), "versions": {"torch": torch.__version__, "timm": timm.__version__},
             "train_config": to_dict(self.config),
@@ -704,13 +704,14 @@ def _finite(x: float) -> float:
     return x if x == x and math.isfinite(x) else float("inf")
 
 
-def _better(row: dict, best: dict) -> bool:
-    """Best model: higher validation accuracy, then lower validation loss; without a validation
-    set (--val-split 0) the latest epoch."""
-    if row["val_accuracy"] != row["val_accuracy"]:  # NaN: nothing to validate on
+def is_new_best(row: dict, best: dict, validated: bool = True) -> bool:
+    """The one rule for the best epoch and for --patience: an epoch is the new best when its
+    validation loss is lower than every earlier epoch's; --patience N stops after N epochs with no
+    new best. Loss rather than accuracy: it moves with every image, where accuracy on a small
+    validation set ties or jumps by whole images. Without a validation set (--val-split 0) every
+    epoch is the new best: the last one is kept and the run never stops early."""
+    if not best or not validated:
         return True
-    if row["val_accuracy"] != best["val_accuracy"]:
-        return _finite(-row["val_accuracy"]) < _finite(-best["val_accuracy"])
     return _finite(row["val_loss"]) < _finite(best["val_loss"])
 
 

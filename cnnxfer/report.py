@@ -142,7 +142,8 @@ def fit_summary(result, notes_shown: bool = False) -> None:
         ("classes", f"{len(result.classes)}: {', '.join(result.classes[:10])}{' ...' if len(result.classes) > 10 else ''}"),
         ("images", f"{result.train_images:,} train / {result.val_images:,} val"),
         ("skipped", f"{result.skipped:,}" + (f" (listed in {result.skipped_file})" if result.skipped_file else "")),
-        ("best epoch", f"{best.get('epoch')} of {len(result.history)}" + (" (stopped early)" if result.stopped_early else "")),
+        ("best epoch", f"{best.get('epoch')} of {len(result.history)}, by {result.best_rule}"
+                       + (" (stopped early: --patience epochs without a new best)" if result.stopped_early else "")),
         ("val accuracy", _metric(best.get("val_accuracy"))),
         ("val loss", _metric(best.get("val_loss"))),
         ("optimizer", f"{result.hparams['optimizer']} lr {result.hparams['lr']:.3g} wd {result.hparams['weight_decay']:.3g}"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -267,3 +268,53 @@ def test_an_empty_class_folder_is_left_out_with_a_warning_everywhere(tmp_path):
     with open(tmp_path / "p.csv", newline="") as fh:
         header = next(csv.reader(fh))
     assert [c for c in header if c.endswith("_class")] == ["top1_class", "top2_class", "top3_class"]
+
+
+SCRIPTED_NET = """
+import torch
+from torch import nn
+
+# Validation logits per epoch for the 6 validation images, in order: blue, blue, green, green, red, red.
+RIGHT = torch.eye(3)[[0, 0, 1, 1, 2, 2]]
+ONE_WRONG = RIGHT.clone()
+ONE_WRONG[0] = torch.tensor([0.0, 0.5, 0.0])
+SCRIPT = [1.0 * RIGHT,  # epoch 1: every image right, unsure: accuracy 1.0, the highest loss
+          torch.cat([ONE_WRONG[:1], 3.0 * RIGHT[1:]]),  # epoch 2: one wrong, the rest sure: 5/6, the lowest loss
+          torch.cat([4.0 * ONE_WRONG[:1], 3.0 * RIGHT[1:]])]  # epoch 3: the same one confidently wrong
+
+
+class Scripted(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.fc = nn.Linear(3, num_classes)
+        self.validations = 0
+
+    def forward(self, x):
+        out = self.fc(x.mean((2, 3)))
+        if self.training or len(x) != 6:
+            return out
+        self.validations += 1
+        return SCRIPT[min(self.validations, len(SCRIPT)) - 1] + 0 * out
+
+
+def build(num_classes=1000):
+    return Scripted(num_classes)
+"""
+
+
+def test_the_best_epoch_and_patience_follow_one_stated_rule(colours, tmp_path):
+    """Issue 10.7: best was the highest accuracy while --patience watched the loss, and nobody was
+    told. Epoch 1 here has the best accuracy, epoch 2 the lowest loss, epoch 3 neither."""
+    (tmp_path / "scripted.py").write_text(SCRIPTED_NET)
+    run = tmp_path / "run"
+    result = _invoke("train", colours, "--model", f"{tmp_path / 'scripted.py'}:build", "--epochs", 5, "--patience", 1,
+                     "--out", run, *FAST)
+    assert result.exit_code == 0, result.stderr
+    rows = metrics_rows(run)
+    accuracy, loss = [float(r["val_accuracy"]) for r in rows], [float(r["val_loss"]) for r in rows]
+    assert accuracy == pytest.approx([1.0, 5 / 6, 5 / 6]) and loss[1] < min(loss[0], loss[2])  # the script as designed
+    config = json.loads((run / "config.json").read_text())
+    assert config["best"]["epoch"] == 2 and config["best_rule"] == "the lowest validation loss"
+    assert re.search(r"best epoch\s*│\s*2 of 3, by the lowest validation loss \(stopped early", result.stdout)
+    assert "lowest validation loss" in re.sub(r"[│\s]+", " ", _invoke("train", "--help").stdout)  # the --patience help
+    assert "lowest validation loss" in (ROOT / "README.md").read_text()
