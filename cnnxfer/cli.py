@@ -37,9 +37,16 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
-def handle_errors(fn):
-    """Run a command; map library errors, Ctrl-C and SIGTERM to exit codes."""
+def handle_errors(fn=None, *, interrupted=None):
+    """Run a command; map library errors, Ctrl-C and SIGTERM to exit codes.
+
+    `interrupted(kwargs)` says after Ctrl-C / SIGTERM what was kept and how to go on, from the
+    command's own options; a command without it (nothing to continue) says only that it stopped.
+    """
     from . import report
+
+    if fn is None:
+        return functools.partial(handle_errors, interrupted=interrupted)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -50,15 +57,25 @@ def handle_errors(fn):
             report.error(str(exc))
             raise typer.Exit(exc.exit_code)
         except KeyboardInterrupt:
-            report.error("interrupted (Ctrl-C); finished work was kept - re-run with --resume to continue")
+            report.error("interrupted (Ctrl-C)" + (f"; {interrupted(kwargs)}" if interrupted else ""))
             raise typer.Exit(130)
         except Terminated:
-            report.error("terminated (SIGTERM); finished work was kept - re-run with --resume to continue")
+            report.error("terminated (SIGTERM)" + (f"; {interrupted(kwargs)}" if interrupted else ""))
             raise typer.Exit(143)
         finally:
             signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _extract_interrupted(kwargs) -> str:
+    return "finished parts were kept - re-run with --resume to continue"
+
+
+def _fit_interrupted(kwargs) -> str:
+    from .checkpoint import resume_hint  # reads the run directory: the message says what is there
+
+    return resume_hint(kwargs.get("resume") or kwargs["out"])
 
 
 Device = Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
@@ -84,7 +101,7 @@ def info(device: Device = "auto", precision: PrecisionOpt = cfg.Precision.auto) 
 
 
 @app.command()
-@handle_errors
+@handle_errors(interrupted=_extract_interrupted)
 def extract(
     data: Annotated[Path, typer.Argument(exists=True, help="Image folder (class subfolders or flat) or a CSV manifest (path,label).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output Parquet file.")] = Path("features.parquet"),
@@ -156,7 +173,7 @@ def _run_fit(config: cfg.TrainConfig, data: Optional[Path], resume: Optional[Pat
 
 
 @app.command()
-@handle_errors
+@handle_errors(interrupted=_fit_interrupted)
 def finetune(
     data: DataArg = None,
     model: ModelOpt = None,
@@ -208,7 +225,7 @@ def finetune(
 
 
 @app.command()
-@handle_errors
+@handle_errors(interrupted=_fit_interrupted)
 def train(
     data: DataArg = None,
     model: ModelOpt = None,

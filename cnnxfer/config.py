@@ -160,6 +160,28 @@ class TrainConfig:
 
     def __post_init__(self):
         _coerce(self)
+        _check_ranges(self)
+
+
+def _check_ranges(config: TrainConfig) -> None:
+    """Values no run can use, refused before any image is read."""
+    from .errors import UsageError
+
+    if not 0.0 <= config.val_split < 1.0:
+        raise UsageError(f"--val-split must be at least 0 and below 1 (got {config.val_split})")
+    for name, low in (("epochs", 1), ("batch_size", 1), ("patience", 1), ("head_epochs", 0)):
+        value = getattr(config, name)
+        if value is not None and value < low:
+            raise UsageError(f"{option_flag(name)} must be at least {low} (got {value})")
+
+
+_FLAGS = {"data": "DATA", "num_workers": "--workers", "cache_features": "--cache/--no-cache",
+          "augment": "--augment/--no-augment"}
+
+
+def option_flag(name: str) -> str:
+    """The command-line spelling of a TrainConfig field (num_workers -> --workers)."""
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
 def resumed_config(saved: dict, out: Path) -> TrainConfig:

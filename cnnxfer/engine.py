@@ -369,6 +369,8 @@ class _Run:
         checkpoint.prepare_output(self.run_dir, config.overwrite, config.resume)
         self.runtime = dev.resolve_runtime(config.device, config.precision, config.num_workers)
         self.device, self.dtype, self.channels_last = self.runtime.device, self.runtime.dtype, self.runtime.channels_last
+        # a resumed run takes its weights from state.pt: the original --weights need not exist any more
+        models.check_model_options(config.model, models.NONE if config.resume else config.weights)
         self.train_images, self.val_images = split_data(config)
         self.classes = self.train_images.classes
         self.notes: list[str] = []

@@ -149,9 +149,7 @@ def run_classes(weights: str) -> list[str]:
 def write_predictions(pred: Predictions, out: Path, top_k: int = 5) -> Path:
     """One row per readable image: path, predicted class and probability, then the top-k; CSV or
     Parquet by the extension of `out`."""
-    suffix = Path(out).suffix.lower()
-    if suffix not in (".csv", ".parquet"):
-        raise UsageError(f"--out {out}: use a .csv or .parquet file name")
+    suffix = _check_out_suffix(out)
     k = max(1, min(top_k, len(pred.classes)))
     top_p, top_i = pred.probs.topk(k, dim=1)
     rows = {"path": [str(pred.images.paths[i]) for i in pred.indices.tolist()]}
@@ -168,6 +166,13 @@ def write_predictions(pred: Predictions, out: Path, top_k: int = 5) -> Path:
     return Path(out)
 
 
+def _check_out_suffix(out: Path) -> str:
+    suffix = Path(out).suffix.lower()
+    if suffix not in (".csv", ".parquet"):
+        raise UsageError(f"--out {out}: use a .csv or .parquet file name")
+    return suffix
+
+
 def skipped_file_for(out: Path) -> Path:
     from .features import skipped_path
 
@@ -178,6 +183,8 @@ def predict_folder(images_path: Path, weights: str, out: Path, *, top_k: int = 5
                    strict: bool = False, **kwargs) -> Predictions:
     """`cnnxfer predict`: top-k classes per image to CSV/Parquet, unreadable files listed beside it."""
     checkpoint.prepare_output(out, overwrite)
+    _check_out_suffix(out)  # options first: a bad one is named before any image is read
+    run_classes(weights)
     images = data.discover(images_path, labelled=None, classes=None)
     pred = predict(images, weights, **kwargs)
     write_predictions(pred, out, top_k)

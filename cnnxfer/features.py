@@ -160,6 +160,7 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None) ->
             raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
     start = time.perf_counter()
     runtime = dev.resolve_runtime(config.device, config.precision, config.num_workers)
+    models.check_model_options(config.model, config.weights)  # before the data scan: a bad option is named first
     images = data.discover(config.data)
     loaded = models.load_model(config.model, config.weights, None, img_size=config.img_size)
     model = loaded.model.eval().to(runtime.device)

@@ -540,6 +540,7 @@ def run_checks(config, progress=None) -> SanityReport:
     device = dev.resolve_device(config.device)
     dtype = dev.resolve_precision(config.precision, device)
     train_cfg = _as_train_config(config)
+    models.check_model_options(config.model, config.weights)  # before the data scan: a bad option is named first
     train_images, val_images = engine.split_data(train_cfg)
     classes = train_images.classes
     img_size = config.img_size or (engine.auto_img_size(train_images) if config.weights == models.NONE else None)

@@ -318,3 +318,58 @@ def test_the_best_epoch_and_patience_follow_one_stated_rule(colours, tmp_path):
     assert re.search(r"best epoch\s*│\s*2 of 3, by the lowest validation loss \(stopped early", result.stdout)
     assert "lowest validation loss" in re.sub(r"[│\s]+", " ", _invoke("train", "--help").stdout)  # the --patience help
     assert "lowest validation loss" in (ROOT / "README.md").read_text()
+
+
+def test_messages_name_only_the_commands_own_options_and_come_before_the_scan(finished_run, tmp_path):
+    """Issue 10.8: predict offered --resume, train --weights; a missing --model came after the scan."""
+    data = write_colour_folder(tmp_path / "data", dict.fromkeys(COLOURS, 4))
+    (data / "empty_class").mkdir()  # the scan would warn about it
+    result = _invoke("train", data, "--out", tmp_path / "run", *FAST)
+    assert result.exit_code == 2 and "--model is required" in result.stderr
+    assert "--weights" not in result.stderr and "holds no images" not in result.stderr
+    result = _invoke("train", data, "--model", "resnt18", "--out", tmp_path / "run", *FAST)
+    assert result.exit_code == 2 and "did you mean" in result.stderr and "holds no images" not in result.stderr
+    result = _invoke("finetune", data, "--out", tmp_path / "run", *FAST)
+    assert result.exit_code == 2 and "--model is required unless --weights is a cnnxfer run directory" in result.stderr
+    out = tmp_path / "p.csv"
+    out.write_text("keep")
+    result = _invoke("predict", data, "--weights", finished_run, "--out", out)
+    assert result.exit_code == 2 and "--overwrite" in result.stderr and "--resume" not in result.stderr
+    result = _invoke("train", data, "--model", "test_resnet", "--out", finished_run, *FAST)
+    assert result.exit_code == 2 and "--overwrite" in result.stderr and "--resume" not in result.stderr  # it finished
+
+
+INTERRUPTING_NET = """
+import os
+import signal
+
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        if not self.training and os.environ.get("PRESS_CTRL_C"):
+            os.kill(os.getpid(), signal.SIGINT)  # a user pressing Ctrl-C while predict computes
+        return self.fc(self.conv(x).relu().mean((2, 3)))
+
+
+def build(num_classes=1000):
+    return Net(num_classes)
+"""
+
+
+def test_ctrl_c_in_a_command_without_resume_does_not_offer_it(colours, tmp_path):
+    (tmp_path / "net.py").write_text(INTERRUPTING_NET)
+    run = tmp_path / "run"
+    result = _invoke("train", colours, "--model", f"{tmp_path / 'net.py'}:build", "--epochs", 1, "--out", run, *FAST)
+    assert result.exit_code == 0, result.stderr
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PRESS_CTRL_C="1")
+    proc = subprocess.run([sys.executable, "-m", "cnnxfer", "predict", str(colours), "--weights", str(run), "--out",
+                           str(tmp_path / "p.csv"), "--workers", "0"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert "interrupted (Ctrl-C)" in proc.stderr and "--resume" not in proc.stderr

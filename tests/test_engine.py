@@ -334,7 +334,8 @@ def test_class_imbalance_options_run(balance, tmp_path):
 
 def test_balanced_loss_weights_and_sampler(tmp_path):
     data = write_colour_folder(tmp_path / "data", {"blue": 20, "green": 5, "red": 5})
-    run = engine._Run(TrainConfig(data=data, out=tmp_path / "run", balance=Balance.loss, val_split=0.2), engine.FitHooks())
+    run = engine._Run(TrainConfig(data=data, out=tmp_path / "run", model="test_resnet", balance=Balance.loss, val_split=0.2),
+                      engine.FitHooks())
     weight = run.loss_fn().weight  # n / (classes * count): blue 16 -> 24/48, green/red 4 -> 2
     torch.testing.assert_close(weight, torch.tensor([0.5, 2.0, 2.0]))
     from cnnxfer.loader import Loader
