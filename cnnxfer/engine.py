@@ -285,6 +285,7 @@ class FitResult:
     skipped_file: Path | None
     hparams: dict
     notes: list[str] = field(default_factory=list)
+    class_counts: dict[str, dict[str, int]] = field(default_factory=dict)  # class -> readable {"train": n, "val": n}
     best_rule: str = BEST_RULE
 
 
@@ -321,22 +322,49 @@ class FeatureDataset:
 
 
 def split_data(config: TrainConfig) -> tuple[data.ImageList, data.ImageList]:
-    """train/ and val/ folders when DATA has them, else a stratified, seeded --val-split."""
+    """train/ and val/ folders when DATA has them, else a stratified, seeded --val-split.
+
+    The train list's warnings (shown as notes) name the empty class folders left out and the
+    classes too small to validate or to split in proportion.
+    """
     folders = data.find_split_folders(config.data)
     if folders:
         train = data.discover(folders[0], labelled=True)
         val = data.discover(folders[1], labelled=True, classes=train.classes)
-        val.warnings = train.warnings + val.warnings
+        train.warnings += val.warnings
+        unseen = [c for c, n in val.class_counts().items() if not n]
+        if unseen:
+            train.warnings.append(f"{folders[1]} holds no image of class(es) {', '.join(unseen)}: validation never sees them")
         return train, val
     images = data.discover(config.data, labelled=True)
     if len(images.classes) < 2:
         from .errors import DataError
 
-        raise DataError(f"{config.data}: found {len(images.classes)} class; classification needs at least 2")
+        found = f"{len(images.classes)} class with images ({', '.join(images.classes)})" if images.classes else "no class"
+        raise DataError(f"{config.data}: found {found}; classification needs at least 2")
     train_idx, val_idx = data.stratified_split(images.labels, config.val_split, config.seed)
     train, val = images.subset(train_idx), images.subset(val_idx)
-    train.warnings, train.ignored = images.warnings, images.ignored
+    train.warnings, train.ignored = images.warnings + _small_classes(images, val, config.val_split), images.ignored
     return train, val
+
+
+def _small_classes(images: data.ImageList, val: data.ImageList, val_split: float) -> list[str]:
+    """A note naming the classes with too few images to hold out `val_split` of them: one image
+    trains and validation never sees the class; a few have one held out, more than their share."""
+    if not val_split:
+        return []  # no validation asked for
+    totals, held = images.class_counts(), val.class_counts()
+    small = []
+    for name, n in totals.items():
+        if held[name] == 0:
+            small.append(f"{name} ({n} image{'s' if n > 1 else ''}: none held out, so validation never sees it)")
+        elif round(n * val_split) == 0:  # rounded down to none, yet one is held out: not `val_split` of it
+            small.append(f"{name} ({n} images: {held[name]} held out)")
+    if not small:
+        return []
+    split = f"{(1 - val_split) * 100:.0f}/{val_split * 100:.0f}"
+    return [f"class(es) too small to split {split} for validation: {', '.join(small)}; add images or give train/ and "
+            f"val/ folders"]
 
 
 def auto_img_size(images: data.ImageList, sample: int = 64) -> int | None:
@@ -464,11 +492,14 @@ class _Run:
                 self.note(f"the decoded images would take about {size / 2**30:.1f} GiB: reading them from disk "
                           f"every epoch (--cache-images on holds them anyway)")
                 return None
-        n = len(self.train_images) + len(self.val_images)
-        self.note(f"decoding {n} images once into memory (--cache-images off reads them from disk every epoch)")
         threads = self.runtime.decode_threads
-        return (loaders.decode_all(self.train_images, train_pre, threads),
-                loaders.decode_all(self.val_images, val_pre, threads))
+        decoded = (loaders.decode_all(self.train_images, train_pre, threads),
+                   loaders.decode_all(self.val_images, val_pre, threads))
+        unreadable = sum(isinstance(item, str) for part in decoded for item in part)  # a reason, not an image
+        readable = len(decoded[0]) + len(decoded[1]) - unreadable
+        also = f" ({unreadable} unreadable file(s) skipped)" if unreadable else ""
+        self.note(f"{readable} images decoded once into memory{also}; --cache-images off reads them from disk every epoch")
+        return decoded
 
     def _balanced_weights(self) -> list[float]:
         """Sampling weights that draw every class equally often (--balance sampler)."""
@@ -663,15 +694,26 @@ class _Run:
         from . import checkpoint
         from .config import to_dict
 
+        counts = self.class_counts()
         checkpoint.atomic_write_json(self.run_dir / checkpoint.CONFIG_FILE, {
             "model": self.arch, "classes": self.classes, "num_classes": len(self.classes),
             "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.loaded.data_config.items()},
             "weights_source": self.loaded.weights if not self.config.resume else self.saved.get("weights_source"),
-            "hparams": self.hp, "best": best, "best_rule": BEST_RULE, "final": final, "train_images": len(self.train_images),
-            "val_images": len(self.val_images), "precision": str(self.dtype).replace("torch.", "") if self.dtype else "float32",
+            "hparams": self.hp, "best": best, "best_rule": BEST_RULE, "final": final,
+            "train_images": sum(c["train"] for c in counts.values()), "val_images": sum(c["val"] for c in counts.values()),
+            "class_counts": counts, "precision": str(self.dtype).replace("torch.", "") if self.dtype else "float32",
             "device": str(self.device), "versions": {"torch": torch.__version__, "timm": timm.__version__},
             "train_config": to_dict(self.config),
         })
+
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        """Readable images per class in the training and validation sets (unreadable files are
+        known once decoded: before that, every file counts)."""
+        counts = {name: {"train": 0, "val": 0} for name in self.classes}
+        for split, images in (("train", self.train_images), ("val", self.val_images)):
+            for label, (total, skipped) in _counts_by_label(images, self.skipped).items():
+                counts[self.classes[label]][split] = total - skipped
+        return counts
 
     def restore_model(self) -> dict:
         """The interrupted run's state; its weights go into the model now, before setup_strategy
@@ -755,9 +797,11 @@ def fit(config: TrainConfig, hooks: FitHooks | None = None) -> FitResult:
         final = finish_run(run, best)
     (run.run_dir / checkpoint.STATE_FILE).unlink(missing_ok=True)  # complete: nothing left to resume
     skipped_file = data.write_skipped(run.run_dir / "skipped.csv", sorted(run.skipped.items()))
+    counts = run.class_counts()
     return FitResult(run.run_dir, run.classes, history, dict(best, **final), stopped, time.perf_counter() - start,
                      str(run.device), str(run.dtype).replace("torch.", "") if run.dtype else "float32",
-                     len(run.train_images), len(run.val_images), len(run.skipped), skipped_file, run.hp, run.notes)
+                     sum(c["train"] for c in counts.values()), sum(c["val"] for c in counts.values()), len(run.skipped),
+                     skipped_file, run.hp, run.notes, counts)
 
 
 def _train(run: _Run) -> tuple[list, dict, bool]:

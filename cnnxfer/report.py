@@ -140,7 +140,7 @@ def fit_summary(result, notes_shown: bool = False) -> None:
     rows = [
         ("run directory", result.run_dir),
         ("classes", f"{len(result.classes)}: {', '.join(result.classes[:10])}{' ...' if len(result.classes) > 10 else ''}"),
-        ("images", f"{result.train_images:,} train / {result.val_images:,} val"),
+        ("images", f"{result.train_images:,} train / {result.val_images:,} val (readable)"),
         ("skipped", f"{result.skipped:,}" + (f" (listed in {result.skipped_file})" if result.skipped_file else "")),
         ("best epoch", f"{best.get('epoch')} of {len(result.history)}, by {result.best_rule}"
                        + (" (stopped early: --patience epochs without a new best)" if result.stopped_early else "")),
@@ -150,6 +150,26 @@ def fit_summary(result, notes_shown: bool = False) -> None:
         ("time", f"{result.seconds:.1f} s on {result.device} / {result.precision}"),
     ]
     show(table("fit", rows))
+    if result.class_counts:
+        show(class_counts_table(result.class_counts))
+
+
+MAX_CLASS_ROWS = 30
+
+
+def class_counts_table(counts: dict) -> Table:
+    """Readable training and validation images per class; with many classes, the smallest (the
+    ones a user must look at), the rest counted in config.json."""
+    names = list(counts)
+    if len(names) > MAX_CLASS_ROWS:
+        names = sorted(names, key=lambda n: (counts[n]["val"], counts[n]["train"], n))[:MAX_CLASS_ROWS]
+    title = "per class" if len(names) == len(counts) else f"per class: the {len(names)} smallest of {len(counts)}"
+    t = Table(title=title, title_justify="left")
+    for col in ("class", "train", "val"):
+        t.add_column(col, justify="left" if col == "class" else "right")
+    for name in names:
+        t.add_row(name, f"{counts[name]['train']:,}", f"{counts[name]['val']:,}")
+    return t
 
 
 def _metric(value) -> str:

@@ -270,6 +270,28 @@ def test_an_empty_class_folder_is_left_out_with_a_warning_everywhere(tmp_path):
     assert [c for c in header if c.endswith("_class")] == ["top1_class", "top2_class", "top3_class"]
 
 
+def test_classes_too_small_to_validate_are_named_and_counts_leave_out_unreadable_files(tmp_path):
+    """Issue 10.6: with 20 + 20 + 1 images the single one trained and validation never saw its
+    class, unmentioned; the image counts included unreadable files."""
+    data = write_colour_folder(tmp_path / "data", {"blue": 20, "green": 20, "red": 1})
+    for i in range(3):
+        (data / "blue" / f"broken{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    run = tmp_path / "run"
+    result = _invoke("train", data, "--model", "test_resnet", "--epochs", 2, "--out", run, "--cache-images", "on", *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert ("class(es) too small to split 80/20 for validation: red (1 image: none held out, so validation never sees it)"
+            in result.stderr)
+    assert "41 images decoded once into memory (3 unreadable file(s) skipped)" in result.stderr
+    # readable images per class: blue's 23 files split 18/5 with the 3 unreadable among them
+    counts = json.loads((run / "config.json").read_text())["class_counts"]
+    assert counts["red"] == {"train": 1, "val": 0} and counts["green"] == {"train": 16, "val": 4}
+    assert counts["blue"]["train"] + counts["blue"]["val"] == 20 and counts["blue"]["train"] <= 18
+    table = result.stdout[result.stdout.index("per class"):]
+    assert re.search(r"red\s*│\s*1\s*│\s*0", table) and re.search(r"green\s*│\s*16\s*│\s*4", table)
+    train, val = sum(c["train"] for c in counts.values()), sum(c["val"] for c in counts.values())
+    assert train + val == 41 and f"{train} train / {val} val" in result.stdout
+
+
 SCRIPTED_NET = """
 import torch
 from torch import nn
