@@ -222,6 +222,24 @@ def discover(path: Path, labelled: bool | None = None, classes: Sequence[str] | 
     return images
 
 
+def fingerprint(images: ImageList) -> str:
+    """A digest of which images `images` holds: paths relative to its root, labels and file sizes
+    (not times: a copied folder keeps them). A resumed run checks its data against it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path, label in zip(images.paths, images.labels):
+        path = Path(path)
+        name = path.relative_to(images.root) if path.is_relative_to(images.root) else path
+        try:
+            size = os.stat(path).st_size
+        except OSError:  # a dangling link: skipped at decode, still part of the list
+            size = -1
+        label_name = images.classes[label] if label is not None else ""
+        digest.update(f"{name}\t{label_name}\t{size}\n".encode())
+    return digest.hexdigest()
+
+
 def find_split_folders(root: Path) -> tuple[Path, Path] | None:
     """(train, val) folders when `root` holds `train/` and `val/` (or valid/validation), else None."""
     root = Path(root)

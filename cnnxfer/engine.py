@@ -6,12 +6,15 @@ from (`weights`) and which parameters train (`strategy`). The loop itself is tor
 cosine schedule with warmup, gradient clipping, early stopping, a NaN guard, an OOM hint, and a
 frozen-backbone feature cache for the linear strategy.
 
-Determinism: every epoch reseeds torch/numpy/random from (seed, epoch) and the DataLoader's
-shuffle generator likewise, so a run resumed from its last epoch checkpoint repeats exactly
-what the uninterrupted run would have done (same machine and versions).
+Determinism: every epoch reseeds torch/numpy/random from (seed, epoch) and the training
+loader's order (shuffle, or the balanced sampler's draw) and augmentation likewise through
+`Loader.set_epoch`, so a run resumed from its last epoch checkpoint repeats exactly what the
+uninterrupted run would have done (same machine and versions). `resume_config` gives a resumed
+run its own settings back; a run with no finished epoch starts again from the beginning.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -25,7 +28,7 @@ import torch
 from torch import nn
 
 from . import data, device as dev, loader as loaders, models
-from .config import CacheImages, Optimizer, Strategy, TrainConfig
+from .config import CacheImages, Optimizer, Strategy, TrainConfig, resumed_config
 from .preprocess import Augment, Normalize, Preprocess
 from .errors import TrainingError
 from .signals import check_signals, deferred_signals
@@ -400,6 +403,7 @@ class _Run:
         # a resumed run takes its weights from state.pt: the original --weights need not exist any more
         models.check_model_options(config.model, models.NONE if config.resume else config.weights)
         self.train_images, self.val_images = split_data(config)
+        self.data_fingerprint = data.fingerprint(self.train_images) + data.fingerprint(self.val_images)
         self.classes = self.train_images.classes
         self.notes: list[str] = []
         for warning in self.train_images.warnings:
@@ -688,23 +692,46 @@ class _Run:
         self.pending_best = self.pending_state = None
         self.last_save = time.monotonic()
 
-    def write_config(self, best: dict, final: dict | None = None) -> None:
+    def start_run_dir(self) -> None:
+        """A new run's directory: a previous run's files gone (--overwrite), then config.json, so that
+        an interrupt from here on leaves a run that --resume can start again."""
+        from . import checkpoint
+
+        if self.config.overwrite:
+            checkpoint.clear_run(self.run_dir)
+        self.write_config({})
+
+    def write_config(self, best: dict, final: dict | None = None, status: str = "running") -> None:
         import timm
 
         from . import checkpoint
-        from .config import to_dict
 
         counts = self.class_counts()
         checkpoint.atomic_write_json(self.run_dir / checkpoint.CONFIG_FILE, {
             "model": self.arch, "classes": self.classes, "num_classes": len(self.classes),
             "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.loaded.data_config.items()},
             "weights_source": self.loaded.weights if not self.config.resume else self.saved.get("weights_source"),
-            "hparams": self.hp, "best": best, "best_rule": BEST_RULE, "final": final,
+            "hparams": self.hp, "best": best, "best_rule": BEST_RULE, "final": final, "status": status,
             "train_images": sum(c["train"] for c in counts.values()), "val_images": sum(c["val"] for c in counts.values()),
-            "class_counts": counts, "precision": str(self.dtype).replace("torch.", "") if self.dtype else "float32",
+            "class_counts": counts, "data_fingerprint": self.data_fingerprint,
+            "precision": str(self.dtype).replace("torch.", "") if self.dtype else "float32",
             "device": str(self.device), "versions": {"torch": torch.__version__, "timm": timm.__version__},
-            "train_config": to_dict(self.config),
+            "train_config": self.recorded_config(),
         })
+
+    def recorded_config(self) -> dict:
+        """The TrainConfig as config.json keeps it, to rebuild this run on --resume from any folder:
+        the architecture actually built (also when --weights named a run directory, which leaves
+        --model out) and absolute paths for the data, the weights and a model file."""
+        from .config import to_dict
+
+        values = to_dict(self.config)
+        values.update(model=models.absolute_spec(self.arch), data=str(Path(self.config.data).resolve()))
+        if self.config.weights not in (models.HUB, models.NONE):
+            values["weights"] = str(Path(self.config.weights).resolve())
+        for name in ("resume", "overwrite"):  # how this command was called, not a setting of the run
+            values.pop(name)
+        return values
 
     def class_counts(self) -> dict[str, dict[str, int]]:
         """Readable images per class in the training and validation sets (unreadable files are
@@ -770,28 +797,31 @@ def write_metrics_csv(path: Path, history: list[dict]) -> None:
 def fit(config: TrainConfig, hooks: FitHooks | None = None) -> FitResult:
     """Train a classifier on `config.data` into the run directory `config.out` (finetune and train).
 
-    With `config.resume`, `config.out` must be an interrupted run: its saved TrainConfig is used
-    and training continues after the last finished epoch.
+    With `config.resume` (a config from `resume_config`), `config.out` is an interrupted run: it
+    continues after its last saved epoch, or starts again when no epoch had finished.
     """
     from . import checkpoint
-    from .config import resumed_config
 
     start = time.perf_counter()
-    saved = {}
+    saved, restart = {}, False
     if config.resume:
         saved = _resumable_run(Path(config.out))
-        config = resumed_config(saved["train_config"], config.out)
+        config = resume_config(config.out, **_differences(config, resumed_config(saved, config.out)))
+        restart = checkpoint.resume_point(config.out) == "start"
+        if restart:  # nothing to continue from: the same run from its beginning
+            config = dataclasses.replace(config, resume=False, overwrite=True)
     run = _Run(config, hooks or FitHooks())
     run.saved = saved
-    if config.resume and saved.get("classes") and saved["classes"] != run.classes:
-        from .errors import DataError
-
-        raise DataError(f"--resume {config.out}: {config.data} now holds classes {run.classes}, the run was "
-                        f"trained on {saved['classes']}")
+    if restart:
+        run.note("no epoch of the interrupted run had finished: it starts again from the beginning")
+    if config.resume:
+        _check_same_data(run, saved)
     seed_everything(config.seed)  # the random initialisation of the model and head
     run.build_model(models.NONE if config.resume else config.weights)
     if config.resume:
         run.loaded.data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["data_config"].items()}
+    else:
+        run.start_run_dir()
     with deferred_signals():
         history, best, stopped = _train(run)
         final = finish_run(run, best)
@@ -804,6 +834,45 @@ def fit(config: TrainConfig, hooks: FitHooks | None = None) -> FitResult:
                      skipped_file, run.hp, run.notes, counts)
 
 
+def resume_config(run_dir: Path | str, **given) -> TrainConfig:
+    """The TrainConfig to pass to `fit` to continue the interrupted run in `run_dir`.
+
+    Args:
+        given: options given beside --resume, as TrainConfig fields (device="cpu", num_workers=2):
+            those that say where and how to run apply (config.RUN_FIELDS; `data` where the same
+            images are now; `precision` when it trains in the run's own dtype); any other that
+            differs from the run's own setting raises UsageError naming it.
+    """
+    saved = _resumable_run(Path(run_dir))
+    config = resumed_config(saved, Path(run_dir), given)
+    trained = saved.get("precision")
+    now = dev.resolve_runtime(config.device, config.precision, config.num_workers).precision
+    if trained and now != trained:
+        from .errors import UsageError
+
+        raise UsageError(f"--precision {config.precision.value} trains in {now} on this device; the run trained in "
+                         f"{trained}: leave --precision out to resume in {trained}")
+    return config
+
+
+def _differences(config: TrainConfig, ours: TrainConfig) -> dict:
+    """The fields of `config` that differ from the run's own settings `ours`: what was given."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if getattr(config, f.name) != getattr(ours, f.name)}
+
+
+def _check_same_data(run: _Run, saved: dict) -> None:
+    """A resumed run must read the images it was trained on: same classes, same files."""
+    from .errors import DataError
+
+    where = f"--resume {run.run_dir}: {run.config.data}"
+    if saved.get("classes") and saved["classes"] != run.classes:
+        raise DataError(f"{where} now holds classes {run.classes}, the run was trained on {saved['classes']}")
+    if saved.get("data_fingerprint") and saved["data_fingerprint"] != run.data_fingerprint:
+        raise DataError(f"{where} does not hold the images the run was trained on (files were added, removed or "
+                        f"changed since it started); a resumed run must read the same images")
+
+
 def _train(run: _Run) -> tuple[list, dict, bool]:
     """Loaders, strategy, then the epochs; failures name the last good checkpoint."""
     history: list = []
@@ -812,8 +881,6 @@ def _train(run: _Run) -> tuple[list, dict, bool]:
         state = run.restore_model() if run.config.resume else None
         run.setup_strategy()
         start_epoch, history, best, bad = run.restore(state) if state else (0, history, {}, 0)
-        if not run.config.resume:
-            run.write_config(best)
         try:
             return run.run_epochs(start_epoch, history, best, bad)
         finally:  # also on Ctrl-C, SIGTERM and a non-finite loss: the last finished epoch on disk
@@ -833,13 +900,14 @@ def _last_good(run: _Run, history: list) -> str:
 
 
 def _resumable_run(run_dir: Path) -> dict:
+    """The config.json of an unfinished run (see checkpoint.resume_point), else UsageError."""
     from . import checkpoint
     from .errors import UsageError
 
     if not (run_dir / checkpoint.CONFIG_FILE).is_file():
         raise UsageError(f"--resume {run_dir}: not a cnnxfer run directory (no config.json)")
-    if not (run_dir / checkpoint.STATE_FILE).is_file():
-        raise UsageError(f"--resume {run_dir}: nothing to resume (the run finished, or no epoch completed)")
+    if checkpoint.resume_point(run_dir) is None:
+        raise UsageError(f"--resume {run_dir}: nothing to resume: the run finished (--overwrite starts it again)")
     return checkpoint.load_run_config(run_dir)
 
 
@@ -851,10 +919,10 @@ def finish_run(run: _Run, best: dict) -> dict:
     run.model.load_state_dict(state)
     stats, probs, targets, _ = evaluate(run.model, run.val_loader, run.ctx.loss_fn, run.device, run.dtype, run.channels_last,
                                         run.normalizer)
-    if len(targets) == 0:
-        return {}
-    result = ev.summarize(probs, targets, run.classes, stats.loss)
-    ev.save_reports(run.run_dir, result)
-    final = {"final_val_accuracy": result.accuracy, "final_val_loss": result.loss}
-    run.write_config(best, final)
+    final = {}
+    if len(targets):  # --val-split 0: nothing to report on
+        result = ev.summarize(probs, targets, run.classes, stats.loss)
+        ev.save_reports(run.run_dir, result)
+        final = {"final_val_accuracy": result.accuracy, "final_val_loss": result.loss}
+    run.write_config(best, final or None, status="finished")
     return final

@@ -64,6 +64,15 @@ def is_custom_spec(spec: str) -> bool:
     return ":" in spec
 
 
+def absolute_spec(spec: str | None) -> str | None:
+    """`file.py:factory` with the file's absolute path (what a run records, so that it resumes from
+    any folder); timm names and `package.module:factory` as they are."""
+    if spec is None or not is_custom_spec(spec):
+        return spec
+    target, _, name = spec.rpartition(":")
+    return f"{Path(target).resolve()}:{name}" if target.endswith(".py") else spec
+
+
 def _load_factory(spec: str) -> Callable[..., nn.Module]:
     target, _, name = spec.rpartition(":")
     if not target or not name:

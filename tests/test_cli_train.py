@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -240,6 +241,154 @@ def test_train_beats_the_sklearn_digits_example_svc(digits_example, tmp_path):
 
 
 # ---------------------------------------------------------------- issue 10: runs a user can trust
+
+def _interrupted_run(data: Path, run: Path, after_epoch: int = 1, **config) -> None:
+    """A run stopped by Ctrl-C after `after_epoch` epochs (in this process: the interrupt path is
+    the engine's own, a KeyboardInterrupt at the end of an epoch)."""
+
+    def stop(row):
+        if row["epoch"] == after_epoch:
+            raise KeyboardInterrupt
+
+    config = {"model": "test_resnet", "weights": "none", "epochs": 3, "img_size": 32, "batch_size": 8, "num_workers": 0,
+              **config}
+    with pytest.raises(KeyboardInterrupt):
+        engine.fit(TrainConfig(data=data, out=run, **config), engine.FitHooks(on_epoch=stop))
+    assert (run / "state.pt").is_file()
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert path.exists(), f"{path} never appeared: {proc.poll()}"
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.slow
+def test_a_finetune_from_a_run_directory_resumes_after_ctrl_c(finished_run, tmp_path):
+    """Issue 10.1: `finetune --weights RUN_DIR` leaves --model out; its resume must rebuild the same
+    architecture (it said "--model is required ...", with or without --model / --weights added)."""
+    data = write_colour_folder(tmp_path / "data", dict.fromkeys(COLOURS, 24))
+    args = ["--weights", finished_run, "--strategy", "gradual", "--epochs", 5, "--img-size", 32, "--batch-size", 8,
+            "--workers", 1, "--lr", "0.01"]
+    run = tmp_path / "ft"
+    proc = cnnxfer_process("finetune", data, "--out", run, *args, "--checkpoint-every", 0)
+    _wait_for(run / "metrics.csv", proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert f"every finished epoch was kept - re-run with --resume {run} to continue" in stderr
+    assert 1 <= len(metrics_rows(run)) < 5
+    saved = json.loads((run / "config.json").read_text())["train_config"]
+    assert saved["model"] == "test_resnet" and saved["weights"] == str(finished_run.resolve())
+    # the same model and weights may be named again: they are the run's own
+    proc = cnnxfer_process("finetune", "--resume", run, "--model", "test_resnet", "--weights", finished_run)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    whole = _invoke("finetune", data, "--out", tmp_path / "whole", *args)
+    assert whole.exit_code == 0, whole.stderr
+    assert without_seconds(metrics_rows(run)) == without_seconds(metrics_rows(tmp_path / "whole"))
+    assert _same_weights(run, tmp_path / "whole")
+
+
+SLOW_NET = """
+import time
+from torch import nn
+
+
+class Slow(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        if self.training:
+            time.sleep(0.4)  # a long first epoch, for the interrupt to land in
+        return self.fc(self.conv(x).relu().mean((2, 3)))
+
+
+def build(num_classes=1000):
+    return Slow(num_classes)
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_before_the_first_epoch_ends_then_resume_starts_the_run_again(colours, tmp_path):
+    """Issue 10.2: it said "finished work was kept - re-run with --resume", then --resume said
+    "nothing to resume" and the first command "already exists"."""
+    (tmp_path / "slow.py").write_text(SLOW_NET)
+    args = ["--model", f"{tmp_path / 'slow.py'}:build", "--epochs", 2, "--img-size", 32, "--batch-size", 8,
+            "--workers", 0, "--checkpoint-every", 0]
+    run = tmp_path / "run"
+    _interrupted_run(colours, run)  # an older run in the folder, with a state.pt that is not this run's
+    (run / "mine.txt").write_text("the user's")
+    proc = cnnxfer_process("train", colours, "--out", run, *args, "--overwrite")
+    deadline = time.monotonic() + 120  # --overwrite removes config.json, then state.pt, then writes config.json
+    while ((run / "state.pt").exists() or not (run / "config.json").exists()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)  # the run has started; its first epoch takes seconds
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert f"no epoch had finished - re-run with --resume {run} to start it again" in stderr
+    assert not (run / "metrics.csv").exists() and not (run / "state.pt").exists()
+    assert (run / "mine.txt").read_text() == "the user's"
+    again = _invoke("train", colours, "--out", run, *args)  # the first command names the way on
+    assert again.exit_code == 2 and f"--resume {run} to continue it" in again.stderr
+    resumed = _invoke("train", "--resume", run)
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "no epoch of the interrupted run had finished: it starts again from the beginning" in resumed.stderr
+    whole = _invoke("train", colours, "--out", tmp_path / "whole", *args)
+    assert whole.exit_code == 0, whole.stderr
+    assert without_seconds(metrics_rows(run)) == without_seconds(metrics_rows(tmp_path / "whole"))
+    assert _same_weights(run, tmp_path / "whole")
+    assert json.loads((run / "config.json").read_text())["status"] == "finished"
+    finished = _invoke("train", "--resume", run)
+    assert finished.exit_code == 2 and "nothing to resume: the run finished" in finished.stderr
+
+
+def test_resume_refuses_options_that_change_the_result_and_applies_where_to_run(colours, tmp_path):
+    """Issue 10.3: `train --resume RUN --epochs 8 --lr 0.001` ran on with the saved settings, no word."""
+    run = tmp_path / "run"
+    _interrupted_run(colours, run, epochs=3)
+    before = (run / "state.pt").read_bytes()
+    result = _invoke("train", "--resume", run, "--epochs", 8, "--lr", "0.001", "--no-augment", "--device", "cpu")
+    assert result.exit_code == 2
+    assert "--epochs 8 (the run has 3)" in result.stderr and "--lr 0.001 (the run has the default)" in result.stderr
+    assert "--no-augment (the run has --augment)" in result.stderr and "--device" not in result.stderr
+    assert (run / "state.pt").read_bytes() == before and len(metrics_rows(run)) == 1  # nothing touched
+    trained_in = json.loads((run / "config.json").read_text())["precision"]
+    other = "fp32" if trained_in != "float32" else "bf16"
+    result = _invoke("train", "--resume", run, "--precision", other)
+    assert result.exit_code == 2 and f"the run trained in {trained_in}" in result.stderr
+    # where and how to run: applied. The images moved to another folder are the same images.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copytree(colours, moved / "data")
+    result = _invoke("train", moved / "data", "--resume", run, "--device", "cpu", "--workers", 1, "--checkpoint-every", 0,
+                     "--cache-images", "off", "--epochs", 3, "--model", "test_resnet")
+    assert result.exit_code == 0, result.stderr
+    recorded = json.loads((run / "config.json").read_text())["train_config"]
+    assert (recorded["num_workers"], recorded["checkpoint_every"], recorded["cache_images"]) == (1, 0, "off")
+    assert recorded["data"] == str((moved / "data").resolve()) and recorded["epochs"] == 3
+    whole = engine.fit(TrainConfig(data=colours, out=tmp_path / "whole", model="test_resnet", weights="none", epochs=3,
+                                   img_size=32, batch_size=8, num_workers=0))
+    assert without_seconds(metrics_rows(run)) == without_seconds(metrics_rows(whole.run_dir))
+    assert _same_weights(run, whole.run_dir)
+
+
+def test_resume_refuses_data_that_is_not_the_runs_images(tmp_path):
+    data = write_colour_folder(tmp_path / "data", dict.fromkeys(COLOURS, 8))
+    run = tmp_path / "run"
+    _interrupted_run(data, run)
+    (data / "red" / "000.png").unlink()  # the split, and with it every batch, would differ
+    result = _invoke("train", "--resume", run)
+    assert result.exit_code == 2 and "does not hold the images the run was trained on" in result.stderr
+
 
 def test_an_empty_class_folder_is_left_out_with_a_warning_everywhere(tmp_path):
     """Issue 10.5: an empty class folder became a class in train, sanity-check (ln(5)), evaluate
