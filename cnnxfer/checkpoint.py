@@ -107,6 +107,11 @@ def resume_point(run_dir: Path) -> str | None:
     return "start" if config.get("status") == "running" else None
 
 
+def parts_dir(out: Path) -> Path:
+    """Where extract keeps the finished parts of `out` until it merges them (features.py)."""
+    return Path(out).with_name(Path(out).name + ".parts")
+
+
 def resume_hint(run_dir: Path) -> str:
     """After Ctrl-C or SIGTERM: what was kept in `run_dir` and how to go on, true to what is on disk."""
     point = resume_point(run_dir)

@@ -69,7 +69,11 @@ def handle_errors(fn=None, *, interrupted=None):
 
 
 def _extract_interrupted(kwargs) -> str:
-    return "finished parts were kept - re-run with --resume to continue"
+    from .checkpoint import parts_dir
+
+    if parts_dir(kwargs["out"]).is_dir():
+        return "finished parts were kept - re-run with --resume to continue"
+    return "nothing was saved yet - run the same command again"
 
 
 def _fit_interrupted(kwargs) -> str:
