@@ -15,8 +15,6 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-import torch
-
 from .errors import CnnxferError, OutputExistsError
 
 MODEL_FILE = "model.safetensors"
@@ -71,12 +69,57 @@ def read_json(path: Path) -> dict:
 
 
 def prepare_output(path: Path, overwrite: bool, resume: bool = False) -> None:
-    """Refuse to touch an existing output unless --overwrite (or --resume) says so."""
+    """Refuse to touch an existing output unless --overwrite (or --resume) says so. The message
+    offers --resume only for an unfinished training run, the one thing --resume continues."""
     path = Path(path)
     if path.exists() and not (overwrite or resume):
         if path.is_dir() and not any(path.iterdir()):
             return
-        raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it or --resume to continue")
+        again = f" or --resume {path} to continue it" if resume_point(path) else ""
+        raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it{again}")
+
+
+# The files a training run writes into its directory (--overwrite removes them, and nothing else).
+RUN_FILES = (MODEL_FILE, CONFIG_FILE, STATE_FILE, "metrics.csv", "skipped.csv", "confusion_matrix.csv", "report.csv",
+             "curves.png", "confusion_matrix.png")
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove a previous run's files, so that nothing of it (a state.pt to resume, a best model)
+    is taken for the new run's; other files in the folder are the user's and stay."""
+    for name in RUN_FILES:
+        (Path(run_dir) / name).unlink(missing_ok=True)
+
+
+def resume_point(run_dir: Path) -> str | None:
+    """What `--resume run_dir` does: "epoch" (continue after the last saved epoch), "start" (the
+    run was interrupted before an epoch finished: it starts again), or None (not an unfinished
+    training run). Reads only small files: the CLI asks this after an interrupt."""
+    run_dir = Path(run_dir)
+    try:
+        config = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or "train_config" not in config:
+        return None
+    if (run_dir / STATE_FILE).is_file():
+        return "epoch"
+    return "start" if config.get("status") == "running" else None
+
+
+def parts_dir(out: Path) -> Path:
+    """Where extract keeps the finished parts of `out` until it merges them (features.py)."""
+    return Path(out).with_name(Path(out).name + ".parts")
+
+
+def resume_hint(run_dir: Path) -> str:
+    """After Ctrl-C or SIGTERM: what was kept in `run_dir` and how to go on, true to what is on disk."""
+    point = resume_point(run_dir)
+    if point == "epoch":
+        return f"every finished epoch was kept - re-run with --resume {run_dir} to continue"
+    if point == "start":
+        return f"no epoch had finished - re-run with --resume {run_dir} to start it again"
+    return "nothing of the run was saved yet - run the same command again"
 
 
 def save_state_dict(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
@@ -100,11 +143,15 @@ def load_run_config(run_dir: Path) -> dict:
 
 def save_training_state(path: Path, state: dict) -> None:
     """The resume state (tensors and plain containers only, loadable with weights_only=True)."""
+    import torch  # here, not at the top: resume_hint runs after an interrupt, maybe mid-import of torch
+
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
 def load_training_state(path: Path) -> dict:
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

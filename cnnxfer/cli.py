@@ -37,9 +37,16 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
-def handle_errors(fn):
-    """Run a command; map library errors, Ctrl-C and SIGTERM to exit codes."""
+def handle_errors(fn=None, *, interrupted=None):
+    """Run a command; map library errors, Ctrl-C and SIGTERM to exit codes.
+
+    `interrupted(kwargs)` says after Ctrl-C / SIGTERM what was kept and how to go on, from the
+    command's own options; a command without it (nothing to continue) says only that it stopped.
+    """
     from . import report
+
+    if fn is None:
+        return functools.partial(handle_errors, interrupted=interrupted)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -50,15 +57,29 @@ def handle_errors(fn):
             report.error(str(exc))
             raise typer.Exit(exc.exit_code)
         except KeyboardInterrupt:
-            report.error("interrupted (Ctrl-C); finished work was kept - re-run with --resume to continue")
+            report.error("interrupted (Ctrl-C)" + (f"; {interrupted(kwargs)}" if interrupted else ""))
             raise typer.Exit(130)
         except Terminated:
-            report.error("terminated (SIGTERM); finished work was kept - re-run with --resume to continue")
+            report.error("terminated (SIGTERM)" + (f"; {interrupted(kwargs)}" if interrupted else ""))
             raise typer.Exit(143)
         finally:
             signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _extract_interrupted(kwargs) -> str:
+    from .checkpoint import parts_dir
+
+    if parts_dir(kwargs["out"]).is_dir():
+        return "finished parts were kept - re-run with --resume to continue"
+    return "nothing was saved yet - run the same command again"
+
+
+def _fit_interrupted(kwargs) -> str:
+    from .checkpoint import resume_hint  # reads the run directory: the message says what is there
+
+    return resume_hint(kwargs.get("resume") or kwargs["out"])
 
 
 Device = Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
@@ -84,7 +105,7 @@ def info(device: Device = "auto", precision: PrecisionOpt = cfg.Precision.auto) 
 
 
 @app.command()
-@handle_errors
+@handle_errors(interrupted=_extract_interrupted)
 def extract(
     data: Annotated[Path, typer.Argument(exists=True, help="Image folder (class subfolders or flat) or a CSV manifest (path,label).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output Parquet file.")] = Path("features.parquet"),
@@ -136,19 +157,35 @@ Augment = Annotated[bool, typer.Option("--augment/--no-augment", help="Random re
 CacheImagesOpt = Annotated[cfg.CacheImages, typer.Option("--cache-images", help="Decode the images once and keep them in memory: auto = when they fit (1/8 of RAM, at most 4 GiB).")]
 Hflip = Annotated[float, typer.Option("--hflip", help="Horizontal flip probability (0 for digits, text...).")]
 ValSplit = Annotated[float, typer.Option("--val-split", help="Stratified validation fraction when DATA has no train/ and val/.")]
-Patience = Annotated[Optional[int], typer.Option("--patience", help="Stop after this many epochs without a lower validation loss.")]
+Patience = Annotated[Optional[int], typer.Option("--patience", min=1, help="Stop after this many epochs without a new best epoch. The best epoch, the one kept in the run directory, is the one with the lowest validation loss.")]
 Seed = Annotated[int, typer.Option("--seed")]
-Resume = Annotated[Optional[Path], typer.Option("--resume", exists=True, file_okay=False, help="Continue an interrupted run directory from its last finished epoch.")]
+Resume = Annotated[Optional[Path], typer.Option("--resume", exists=True, file_okay=False, help="Continue an interrupted run directory from its last saved epoch with the run's own settings. Only options that say where and how to run may be given beside it: --device, --workers, --checkpoint-every, --cache-images, --strict, DATA (the same images moved), --precision (the same dtype).")]
 CheckpointEvery = Annotated[float, typer.Option("--checkpoint-every", min=0, help="Seconds between checkpoint writes (0: every epoch). Ctrl-C and SIGTERM always save the last finished epoch.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")]
 
 
-def _run_fit(config: cfg.TrainConfig, data: Optional[Path], resume: Optional[Path]) -> None:
+_PARAM_FIELDS = {"workers": "num_workers", "cache": "cache_features"}  # options whose TrainConfig field is named otherwise
+
+
+def _given(ctx: typer.Context) -> set[str]:
+    """The TrainConfig fields of the options typed on the command line (not left at their defaults)."""
+    def typed(name: str) -> bool:  # by the source's name: typer ships its own copy of click's enum
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+    return {_PARAM_FIELDS.get(name, name) for name in ctx.params if typed(name)}
+
+
+def _run_fit(ctx: typer.Context, values: dict, resume: Optional[Path]) -> None:
     from . import engine, report
     from .errors import UsageError
 
-    if resume is None and data is None:
+    if resume is None and values["data"] is None:
         raise UsageError("give DATA (a folder of labelled images) or --resume RUN_DIR")
+    if resume is None:
+        config = cfg.TrainConfig(**values)
+    else:  # the run's own settings; what was typed beside --resume is applied or refused, never ignored
+        config = engine.resume_config(resume, **{k: v for k, v in values.items() if k in _given(ctx)})
     with report.fit_progress(config.epochs) as (on_batch, on_epoch, on_message):
         result = engine.fit(config, engine.FitHooks(on_batch, on_epoch, on_message))
     report.save_run_plots(result.run_dir)
@@ -156,8 +193,9 @@ def _run_fit(config: cfg.TrainConfig, data: Optional[Path], resume: Optional[Pat
 
 
 @app.command()
-@handle_errors
+@handle_errors(interrupted=_fit_interrupted)
 def finetune(
+    ctx: typer.Context,
     data: DataArg = None,
     model: ModelOpt = None,
     weights: Weights = "hub",
@@ -196,20 +234,21 @@ def finetune(
 
     Example: cnnxfer finetune photos/ --model resnet50 --strategy gradual --out runs/photos
     """
-    config = cfg.TrainConfig(
-        data=data or Path("."), out=resume or out, model=model, weights=weights, strategy=strategy, epochs=epochs,
+    values = dict(
+        data=data, out=out, model=model, weights=weights, strategy=strategy, epochs=epochs,
         batch_size=batch_size, lr=lr, backbone_lr_mult=backbone_lr_mult, optimizer=optimizer, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, dropout=dropout, grad_clip=grad_clip, balance=balance,
         augment=augment, hflip=hflip, cache_features=cache, cache_images=cache_images, head_epochs=head_epochs, val_split=val_split, patience=patience,
-        img_size=img_size, seed=seed, num_workers=workers, device=device, precision=precision, resume=resume is not None,
+        img_size=img_size, seed=seed, num_workers=workers, device=device, precision=precision,
         overwrite=overwrite, strict=strict, max_image_pixels=max_image_pixels, checkpoint_every=checkpoint_every,
     )
-    _run_fit(config, data, resume)
+    _run_fit(ctx, values, resume)
 
 
 @app.command()
-@handle_errors
+@handle_errors(interrupted=_fit_interrupted)
 def train(
+    ctx: typer.Context,
     data: DataArg = None,
     model: ModelOpt = None,
     out: RunOut = Path("runs/train"),
@@ -243,15 +282,15 @@ def train(
 
     Example: cnnxfer train digits/ --model resnet10t --epochs 30 --out runs/digits
     """
-    config = cfg.TrainConfig(
-        data=data or Path("."), out=resume or out, model=model, weights="none", strategy=cfg.Strategy.full, epochs=epochs,
+    values = dict(
+        data=data, out=out, model=model, weights="none", strategy=cfg.Strategy.full, epochs=epochs,
         batch_size=batch_size, lr=lr, backbone_lr_mult=1.0, optimizer=optimizer, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, dropout=dropout, grad_clip=grad_clip, balance=balance,
         augment=augment, hflip=hflip, cache_images=cache_images, val_split=val_split, patience=patience, img_size=img_size, seed=seed,
-        num_workers=workers, device=device, precision=precision, resume=resume is not None, overwrite=overwrite, strict=strict,
+        num_workers=workers, device=device, precision=precision, overwrite=overwrite, strict=strict,
         max_image_pixels=max_image_pixels, checkpoint_every=checkpoint_every,
     )
-    _run_fit(config, data, resume)
+    _run_fit(ctx, values, resume)
 
 
 RunWeights = Annotated[str, typer.Option("--weights", "-w", help="A cnnxfer run directory (from finetune or train).")]

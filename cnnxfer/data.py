@@ -135,26 +135,33 @@ def scan_class_folders(root: Path, classes: Sequence[str] | None = None) -> Imag
     """ImageFolder layout: one subfolder per class, images anywhere below it.
 
     `classes` fixes the class list (e.g. the training classes when reading a validation folder).
+    A class folder without images is not a class: it is left out with a warning (a model trained
+    with it would learn a class it never saw, offer it in predictions, and count it in averages).
+    With a fixed `classes` list an empty folder of a known class only gets the warning.
     """
     root = Path(root)
-    names = [d.name for d in _class_dirs(root)]
+    found, ignored, notes = {}, 0, []
+    for folder in _class_dirs(root):
+        files, n_ignored = _walk_images(folder)
+        ignored += n_ignored
+        if files:
+            found[folder.name] = files
+        else:
+            left_out = " (left out of the classes)" if classes is None else ""
+            notes.append(f"class folder '{folder}' holds no images{left_out}")
     if classes is None:
-        classes = names
+        classes = list(found)
+        if not classes and not notes:
+            raise DataError(f"{root}: no class folders found (expected one subfolder per class)")
     else:
-        unknown = sorted(set(names) - set(classes))
+        unknown = sorted(set(found) - set(classes))
         if unknown:
             raise DataError(f"{root}: class folder(s) {', '.join(unknown)} are not among the training classes")
     index = {name: i for i, name in enumerate(classes)}
-    paths, labels, ignored, notes = [], [], 0, []
-    for name in names:
-        files, n_ignored = _walk_images(root / name)
-        ignored += n_ignored
-        if not files:
-            notes.append(f"class folder '{root / name}' holds no images")
+    paths, labels = [], []
+    for name, files in found.items():
         paths += files
         labels += [index[name]] * len(files)
-    if not classes:
-        raise DataError(f"{root}: no class folders found (expected one subfolder per class)")
     return ImageList(paths, labels, list(classes), root, ignored, notes)
 
 
@@ -215,6 +222,24 @@ def discover(path: Path, labelled: bool | None = None, classes: Sequence[str] | 
     if not images.paths:
         raise DataError(f"{path}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     return images
+
+
+def fingerprint(images: ImageList) -> str:
+    """A digest of which images `images` holds: paths relative to its root, labels and file sizes
+    (not times: a copied folder keeps them). A resumed run checks its data against it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path, label in zip(images.paths, images.labels):
+        path = Path(path)
+        name = path.relative_to(images.root) if path.is_relative_to(images.root) else path
+        try:
+            size = os.stat(path).st_size
+        except OSError:  # a dangling link: skipped at decode, still part of the list
+            size = -1
+        label_name = images.classes[label] if label is not None else ""
+        digest.update(f"{name}\t{label_name}\t{size}\n".encode())
+    return digest.hexdigest()
 
 
 def find_split_folders(root: Path) -> tuple[Path, Path] | None:

@@ -25,6 +25,7 @@ class Evaluation:
     skipped: int = 0
     skipped_file: Path | None = None
     data: Path | None = None  # the folder evaluated (DATA's val/ when DATA holds train/ and val/)
+    warnings: list[str] = field(default_factory=list)  # e.g. empty class folders
 
     def to_dict(self) -> dict:
         return {
@@ -148,9 +149,7 @@ def run_classes(weights: str) -> list[str]:
 def write_predictions(pred: Predictions, out: Path, top_k: int = 5) -> Path:
     """One row per readable image: path, predicted class and probability, then the top-k; CSV or
     Parquet by the extension of `out`."""
-    suffix = Path(out).suffix.lower()
-    if suffix not in (".csv", ".parquet"):
-        raise UsageError(f"--out {out}: use a .csv or .parquet file name")
+    suffix = _check_out_suffix(out)
     k = max(1, min(top_k, len(pred.classes)))
     top_p, top_i = pred.probs.topk(k, dim=1)
     rows = {"path": [str(pred.images.paths[i]) for i in pred.indices.tolist()]}
@@ -167,6 +166,13 @@ def write_predictions(pred: Predictions, out: Path, top_k: int = 5) -> Path:
     return Path(out)
 
 
+def _check_out_suffix(out: Path) -> str:
+    suffix = Path(out).suffix.lower()
+    if suffix not in (".csv", ".parquet"):
+        raise UsageError(f"--out {out}: use a .csv or .parquet file name")
+    return suffix
+
+
 def skipped_file_for(out: Path) -> Path:
     from .features import skipped_path
 
@@ -177,6 +183,8 @@ def predict_folder(images_path: Path, weights: str, out: Path, *, top_k: int = 5
                    strict: bool = False, **kwargs) -> Predictions:
     """`cnnxfer predict`: top-k classes per image to CSV/Parquet, unreadable files listed beside it."""
     checkpoint.prepare_output(out, overwrite)
+    _check_out_suffix(out)  # options first: a bad one is named before any image is read
+    run_classes(weights)
     images = data.discover(images_path, labelled=None, classes=None)
     pred = predict(images, weights, **kwargs)
     write_predictions(pred, out, top_k)
@@ -202,7 +210,7 @@ def evaluate_folder(data_path: Path, weights: str, *, json_path: Path | None = N
         raise DataError(f"{data_path}: no image could be read")
     loss = float(torch.nn.functional.nll_loss(pred.probs.clamp_min(1e-12).log(), targets))
     result = summarize(pred.probs, targets, classes, loss)
-    result.skipped, result.data = len(pred.skipped), Path(data_path)
+    result.skipped, result.data, result.warnings = len(pred.skipped), Path(data_path), images.warnings
     if json_path:
         checkpoint.atomic_write_json(Path(json_path), result.to_dict())
         if pred.skipped:

@@ -152,7 +152,7 @@ def _open_manifest(config: ExtractConfig, parts_dir: Path, fingerprint: dict) ->
 def extract_features(config: ExtractConfig, progress: Progress | None = None) -> ExtractSummary:
     """Run level 1: embeddings of every image in `config.data` to the Parquet file `config.out`."""
     out = Path(config.out)
-    parts_dir = out.with_name(out.name + ".parts")
+    parts_dir = checkpoint.parts_dir(out)
     if out.exists() and not config.overwrite:
         if config.resume and not parts_dir.exists():
             raise OutputExistsError(f"{out} is already complete; pass --overwrite to extract again")
@@ -160,6 +160,7 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None) ->
             raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
     start = time.perf_counter()
     runtime = dev.resolve_runtime(config.device, config.precision, config.num_workers)
+    models.check_model_options(config.model, config.weights)  # before the data scan: a bad option is named first
     images = data.discover(config.data)
     loaded = models.load_model(config.model, config.weights, None, img_size=config.img_size)
     model = loaded.model.eval().to(runtime.device)

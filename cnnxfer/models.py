@@ -64,6 +64,15 @@ def is_custom_spec(spec: str) -> bool:
     return ":" in spec
 
 
+def absolute_spec(spec: str | None) -> str | None:
+    """`file.py:factory` with the file's absolute path (what a run records, so that it resumes from
+    any folder); timm names and `package.module:factory` as they are."""
+    if spec is None or not is_custom_spec(spec):
+        return spec
+    target, _, name = spec.rpartition(":")
+    return f"{Path(target).resolve()}:{name}" if target.endswith(".py") else spec
+
+
 def _load_factory(spec: str) -> Callable[..., nn.Module]:
     target, _, name = spec.rpartition(":")
     if not target or not name:
@@ -305,6 +314,35 @@ def create_pretrained(name: str, num_classes: int | None, drop_rate: float = 0.0
 
 # ---------------------------------------------------------------- one entry point
 
+def _model_required(weights: str) -> str:
+    # `train` has no --weights (it always starts from none): only name it where it can be given
+    if weights == NONE:
+        return "--model is required: a timm architecture (resnet50) or path/to/file.py:factory"
+    return "--model is required unless --weights is a cnnxfer run directory"
+
+
+def check_model_options(spec: str | None, weights: str | None) -> None:
+    """Fail fast on --model and --weights, before any image is read: a missing or unknown model,
+    a weights path that does not exist or a folder that is not a run directory."""
+    weights = weights or HUB
+    if weights not in (HUB, NONE):
+        path = Path(weights)
+        if checkpoint.is_run_dir(path):
+            return  # it names its own architecture (load_model checks a --model beside it)
+        if not path.exists():
+            raise WeightsError(f"weights file {path} does not exist")
+        if path.is_dir():
+            raise WeightsError(f"{path} is a folder but not a cnnxfer run directory (needs config.json and model.safetensors)")
+    if spec is None:
+        raise UsageError(_model_required(weights))
+    if is_custom_spec(spec):
+        target = spec.rpartition(":")[0]
+        if target.endswith(".py") and not Path(target).is_file():
+            raise ModelError(f"custom model file {target} does not exist")
+    else:
+        _check_timm_name(spec)
+
+
 def load_model(
     spec: str | None,
     weights: str | None,
@@ -318,7 +356,7 @@ def load_model(
     if weights not in (HUB, NONE) and checkpoint.is_run_dir(weights):
         return _load_run_dir(Path(weights), spec, num_classes, drop_rate, img_size)
     if spec is None:
-        raise UsageError("--model is required unless --weights is a cnnxfer run directory")
+        raise UsageError(_model_required(weights))
     notes: list[str] = []
     if weights == HUB and not is_custom_spec(spec):
         model, source = create_pretrained(spec, num_classes, drop_rate)

@@ -140,15 +140,36 @@ def fit_summary(result, notes_shown: bool = False) -> None:
     rows = [
         ("run directory", result.run_dir),
         ("classes", f"{len(result.classes)}: {', '.join(result.classes[:10])}{' ...' if len(result.classes) > 10 else ''}"),
-        ("images", f"{result.train_images:,} train / {result.val_images:,} val"),
+        ("images", f"{result.train_images:,} train / {result.val_images:,} val (readable)"),
         ("skipped", f"{result.skipped:,}" + (f" (listed in {result.skipped_file})" if result.skipped_file else "")),
-        ("best epoch", f"{best.get('epoch')} of {len(result.history)}" + (" (stopped early)" if result.stopped_early else "")),
+        ("best epoch", f"{best.get('epoch')} of {len(result.history)}, by {result.best_rule}"
+                       + (" (stopped early: --patience epochs without a new best)" if result.stopped_early else "")),
         ("val accuracy", _metric(best.get("val_accuracy"))),
         ("val loss", _metric(best.get("val_loss"))),
         ("optimizer", f"{result.hparams['optimizer']} lr {result.hparams['lr']:.3g} wd {result.hparams['weight_decay']:.3g}"),
         ("time", f"{result.seconds:.1f} s on {result.device} / {result.precision}"),
     ]
     show(table("fit", rows))
+    if result.class_counts:
+        show(class_counts_table(result.class_counts))
+
+
+MAX_CLASS_ROWS = 30
+
+
+def class_counts_table(counts: dict) -> Table:
+    """Readable training and validation images per class; with many classes, the smallest (the
+    ones a user must look at), the rest counted in config.json."""
+    names = list(counts)
+    if len(names) > MAX_CLASS_ROWS:
+        names = sorted(names, key=lambda n: (counts[n]["val"], counts[n]["train"], n))[:MAX_CLASS_ROWS]
+    title = "per class" if len(names) == len(counts) else f"per class: the {len(names)} smallest of {len(counts)}"
+    t = Table(title=title, title_justify="left")
+    for col in ("class", "train", "val"):
+        t.add_column(col, justify="left" if col == "class" else "right")
+    for name in names:
+        t.add_row(name, f"{counts[name]['train']:,}", f"{counts[name]['val']:,}")
+    return t
 
 
 def _metric(value) -> str:
@@ -202,6 +223,8 @@ def _save_fig(fig, path, atomic_path):
 
 
 def evaluation_summary(result, title: str = "evaluate") -> None:
+    for w in getattr(result, "warnings", []):
+        warn(w)
     rows = [("data", str(result.data))] if getattr(result, "data", None) else []
     rows += [("accuracy", f"{result.accuracy:.4f}"), ("images", f"{result.images:,}"),
             ("skipped", f"{result.skipped:,}" + (f" (listed in {result.skipped_file})" if result.skipped_file else ""))]
@@ -215,6 +238,8 @@ def evaluation_summary(result, title: str = "evaluate") -> None:
 
 
 def predictions_summary(pred, out, skipped_file) -> None:
+    for w in pred.images.warnings:
+        warn(w)
     counts = {}
     for i in pred.probs.argmax(1).tolist():
         counts[pred.classes[i]] = counts.get(pred.classes[i], 0) + 1
@@ -237,6 +262,8 @@ _STYLE = {"PASS": "green", "WARN": "yellow", "FAIL": "bold red", "SKIP": "dim"}
 
 def sanity_report(result) -> None:
     """One row per check: status, the measured figure, and what to look at on WARN/FAIL."""
+    for w in result.warnings:
+        warn(w)
     if result.lr_plot:
         lr = next((c for c in result.checks if c.name == "lr_find"), None)
         if lr and lr.details.get("lrs"):

@@ -17,7 +17,7 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -510,6 +510,7 @@ class SanityReport:
     classes: list[str]
     skipped_file: str | None = None
     lr_plot: str | None = None
+    warnings: list[str] = field(default_factory=list)  # about the data as scanned (empty class folders...)
 
     @property
     def failed(self) -> bool:
@@ -519,7 +520,8 @@ class SanityReport:
         counts = {s: sum(c.status == s for c in self.checks) for s in ("PASS", "WARN", "FAIL", "SKIP")}
         return {"passed": not self.failed, "counts": counts, "model": self.model, "weights": self.weights,
                 "device": self.device, "precision": self.precision, "data": self.data, "classes": self.classes,
-                "skipped_file": self.skipped_file, "lr_plot": self.lr_plot, "checks": [c.to_dict() for c in self.checks]}
+                "skipped_file": self.skipped_file, "lr_plot": self.lr_plot, "warnings": self.warnings,
+                "checks": [c.to_dict() for c in self.checks]}
 
 
 def run_checks(config, progress=None) -> SanityReport:
@@ -538,6 +540,7 @@ def run_checks(config, progress=None) -> SanityReport:
     runtime = dev.resolve_runtime(config.device, config.precision, config.num_workers)
     device, dtype = runtime.device, runtime.dtype
     train_cfg = _as_train_config(config)
+    models.check_model_options(config.model, config.weights)  # before the data scan: a bad option is named first
     train_images, val_images = engine.split_data(train_cfg)
     classes = train_images.classes
     img_size = config.img_size or (engine.auto_img_size(train_images) if config.weights == models.NONE else None)
@@ -546,7 +549,7 @@ def run_checks(config, progress=None) -> SanityReport:
     model = loaded.model.to(device)
     out_dir = Path(config.out_dir or (Path(config.json_path).parent if config.json_path else Path(".")))
     report = SanityReport([], loaded.arch, loaded.weights, str(device), str(dtype).replace("torch.", "") if dtype else "float32",
-                          str(config.data), classes)
+                          str(config.data), classes, warnings=list(train_images.warnings))
     results, batch = {}, None
     if "data" in selected:
         results["data"], skipped = check_data(train_images, val_images, config, loaded.data_config, runtime.decode_threads)
@@ -674,14 +677,12 @@ def check_data(train, val, config, data_config: dict, threads: int = 0) -> tuple
     readable = {c: 0 for c in train.classes}
     for (path, reason, *_), label in zip(probes[:n_train], train.labels):
         readable[train.classes[label]] += reason is None
-    problems, fails = [], [c for c, n in readable.items() if counts[c] and n == 0]
-    empty = [c for c, n in counts.items() if n == 0]
+    # the scan's warnings: empty class folders (left out of the classes), classes too small to validate
+    problems, fails = list(train.warnings), [c for c, n in readable.items() if counts[c] and n == 0]
     nonzero = [n for n in counts.values() if n]
     ratio = max(nonzero) / max(1, min(nonzero)) if nonzero else 0.0
     if ratio >= 10:
-        problems.append(f"class imbalance {ratio:.0f}:1 (consider --balance loss or --balance sampler)")
-    if empty:
-        problems.append(f"empty class folder(s): {', '.join(empty)}")
+        problems.append(f"class imbalance {ratio:.0f}:1 (train with --balance loss or --balance sampler)")
     if skipped:
         problems.append(f"{len(skipped)} unreadable file(s)")
     dupes = _cross_duplicates(probes[:n_train], probes[n_train:])

@@ -205,7 +205,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(colours, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         fit(colours, tmp_path / "cut", engine.FitHooks(on_epoch=stop_after_two), checkpoint_every=3600, **common)
     assert (tmp_path / "cut" / "state.pt").is_file() and len(read_metrics(tmp_path / "cut")) == 2
-    resumed = engine.fit(TrainConfig(data=Path("ignored"), out=tmp_path / "cut", resume=True))
+    resumed = engine.fit(engine.resume_config(tmp_path / "cut"))
     assert len(resumed.history) == 3
     assert without_seconds(read_metrics(tmp_path / "cut")) == without_seconds(read_metrics(tmp_path / "whole"))
     a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
@@ -226,11 +226,31 @@ def test_resumed_finetune_equals_uninterrupted(colours, test_resnet_3, tmp_path,
 
     with pytest.raises(KeyboardInterrupt):
         fit(colours, tmp_path / "cut", engine.FitHooks(on_epoch=stop_after_one), **common)
-    engine.fit(TrainConfig(data=colours, out=tmp_path / "cut", resume=True))
+    engine.fit(engine.resume_config(tmp_path / "cut"))
     assert without_seconds(read_metrics(tmp_path / "cut")) == without_seconds(read_metrics(tmp_path / "whole"))
     a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
+
+
+def test_balanced_sampling_resumes_exactly(tmp_path):
+    """--balance sampler draws each epoch's batches from (seed, epoch): a resumed run draws what the
+    uninterrupted one drew (the sampler's generator was seeded once per run, so a resume re-drew
+    epoch 1's batches in epoch 2)."""
+    data = write_colour_folder(tmp_path / "data", {"blue": 16, "green": 5, "red": 5})
+    common = dict(model="test_resnet", weights="none", epochs=3, balance=Balance.sampler, augment=False)
+    fit(data, tmp_path / "whole", **common)
+
+    def stop_after_one(row):
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(data, tmp_path / "cut", engine.FitHooks(on_epoch=stop_after_one), **common)
+    engine.fit(engine.resume_config(tmp_path / "cut"))
+    assert without_seconds(read_metrics(tmp_path / "cut")) == without_seconds(read_metrics(tmp_path / "whole"))
+    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("every", [0, 3600])
@@ -257,10 +277,10 @@ def test_checkpoints_are_written_every_epoch_or_kept_in_memory_until_due(colours
 def test_resume_refuses_a_finished_run_and_a_missing_one(colours, tmp_path):
     fit(colours, tmp_path / "run", model="test_resnet", weights="none", epochs=1)
     with pytest.raises(UsageError, match="nothing to resume"):
-        engine.fit(TrainConfig(data=colours, out=tmp_path / "run", resume=True))
+        engine.resume_config(tmp_path / "run")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="not a cnnxfer run directory"):
-        engine.fit(TrainConfig(data=colours, out=tmp_path / "empty", resume=True))
+        engine.resume_config(tmp_path / "empty")
 
 
 def test_resume_refuses_a_data_folder_whose_classes_changed(tmp_path):
@@ -273,7 +293,7 @@ def test_resume_refuses_a_data_folder_whose_classes_changed(tmp_path):
         fit(data, tmp_path / "run", engine.FitHooks(on_epoch=stop), model="test_resnet", weights="none", epochs=2)
     (data / "red").rename(data / "purple")
     with pytest.raises(DataError, match="the run was trained on"):
-        engine.fit(TrainConfig(data=data, out=tmp_path / "run", resume=True))
+        engine.fit(engine.resume_config(tmp_path / "run"))
 
 
 def test_existing_run_dir_is_untouched_without_overwrite(colours, tmp_path):
@@ -334,7 +354,8 @@ def test_class_imbalance_options_run(balance, tmp_path):
 
 def test_balanced_loss_weights_and_sampler(tmp_path):
     data = write_colour_folder(tmp_path / "data", {"blue": 20, "green": 5, "red": 5})
-    run = engine._Run(TrainConfig(data=data, out=tmp_path / "run", balance=Balance.loss, val_split=0.2), engine.FitHooks())
+    run = engine._Run(TrainConfig(data=data, out=tmp_path / "run", model="test_resnet", balance=Balance.loss, val_split=0.2),
+                      engine.FitHooks())
     weight = run.loss_fn().weight  # n / (classes * count): blue 16 -> 24/48, green/red 4 -> 2
     torch.testing.assert_close(weight, torch.tensor([0.5, 2.0, 2.0]))
     from cnnxfer.loader import Loader
@@ -391,7 +412,7 @@ def test_images_held_in_memory_train_exactly_like_images_read_every_epoch(colour
 
 def test_cache_images_auto_streams_what_does_not_fit_and_what_is_read_once(colours, tmp_path, monkeypatch):
     result = fit(colours, tmp_path / "fits", model="test_resnet", weights="none", epochs=2)
-    assert any("decoding 36 images once into memory" in n for n in result.notes)
+    assert "36 images decoded once into memory; --cache-images off reads them from disk every epoch" in result.notes
     result = fit(colours, tmp_path / "one_epoch", model="test_resnet", weights="none", epochs=1)
     assert not any("into memory" in n for n in result.notes)
     monkeypatch.setattr("cnnxfer.loader.CACHE_MAX_BYTES", 1000)  # 36 images of 32x32x3 bytes do not fit
