@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import config as cfg
-from .data import DEFAULT_MAX_IMAGE_PIXELS
+from .config import DEFAULT_MAX_IMAGE_PIXELS
 from .errors import CnnxferError
 
 app = typer.Typer(
@@ -39,10 +39,11 @@ def _on_sigterm(signum, frame):
 
 def handle_errors(fn):
     """Run a command; map library errors, Ctrl-C and SIGTERM to exit codes."""
-    from . import report
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from . import report  # here, not at import: --help and usage errors never load rich's console
+
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return fn(*args, **kwargs)

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from .data import DEFAULT_MAX_IMAGE_PIXELS
+# Pillow's own default (~ a 9459 x 9459 image). Defined here rather than in data.py so that the
+# CLI can show it in --help without importing numpy and Pillow.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
 class Precision(str, Enum):

@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .config import DEFAULT_MAX_IMAGE_PIXELS  # noqa: F401  (re-exported: data.DEFAULT_MAX_IMAGE_PIXELS)
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,6 @@ PIL_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM", "HEIF"
 IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db"})
 IGNORED_DIRS = frozenset({"__macosx", "@eadir", "$recycle.bin"})
 VAL_DIR_NAMES = ("val", "valid", "validation")
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default: ~ a 9459 x 9459 image
 
 
 @dataclass

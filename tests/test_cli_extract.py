@@ -53,6 +53,43 @@ def test_every_command_has_help_with_an_example(cli_runner):
         assert "Example: cnnxfer " + name in " ".join(result.stdout.split()), name
 
 
+HEAVY = ("torch", "numpy", "PIL", "pandas", "pyarrow", "matplotlib", "timm")
+_PROBE = """
+import sys
+from cnnxfer.cli import app
+try:
+    app(sys.argv[1:], prog_name="cnnxfer")
+except SystemExit as exc:
+    code = exc.code
+print(code, *[m for m in {heavy!r} if m in sys.modules], file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args, code", [(["--help"], 0), (["extract", "--help"], 0), (["train", "--help"], 0),
+                                        (["sanity-check", "--help"], 0), (["extract"], 2), (["train", "--epochs", "x"], 2)])
+def test_help_and_usage_errors_do_not_import_torch(args, code):
+    """Help, usage and option errors answer in a fraction of a second: torch, numpy, Pillow and
+    pandas are imported by the commands that run, not by the CLI module."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", _PROBE.format(heavy=HEAVY), *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stderr.strip().splitlines()[-1].split() == [str(code)], proc.stderr
+
+
+def test_the_python_api_loads_on_first_use():
+    code = ("import sys, cnnxfer\n"
+            "assert 'torch' not in sys.modules\n"
+            "from cnnxfer import fit, TrainConfig, extract_features, CnnxferError\n"
+            "assert 'torch' in sys.modules and callable(fit)\n"
+            "assert all(getattr(cnnxfer, name) is not None for name in cnnxfer.__all__)\n"
+            "assert set(cnnxfer.__all__) <= set(dir(cnnxfer))\n"
+            "try:\n    cnnxfer.no_such_name\nexcept AttributeError as exc:\n    print(exc)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "no attribute 'no_such_name'" in proc.stdout
+
+
 def test_no_arguments_shows_help(cli_runner):
     result = cli_runner.invoke(app, [])
     assert "extract" in result.output and result.exit_code in (0, 2)
