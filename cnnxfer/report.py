@@ -159,45 +159,60 @@ def save_run_plots(run_dir) -> list:
     """curves.png (loss and accuracy per epoch) and confusion_matrix.png from a run directory's CSVs."""
     from pathlib import Path
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import pandas as pd
-
-    from .checkpoint import atomic_path
 
     run_dir, written = Path(run_dir), []
     if (run_dir / "metrics.csv").exists():
-        m = pd.read_csv(run_dir / "metrics.csv")
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, metric in zip(axes, ("loss", "accuracy")):
-            ax.plot(m["epoch"], m[f"train_{metric}"], "o-", label="train")
-            ax.plot(m["epoch"], m[f"val_{metric}"], "o-", label="val")
-            ax.set_xlabel("epoch"), ax.set_ylabel(metric), ax.grid(alpha=0.3), ax.legend()
-        written.append(_save_fig(fig, run_dir / "curves.png", atomic_path))
+        written.append(_save_fig(curves_figure(pd.read_csv(run_dir / "metrics.csv")), run_dir / "curves.png"))
     if (run_dir / "confusion_matrix.csv").exists():
         cm = pd.read_csv(run_dir / "confusion_matrix.csv", index_col=0)
-        n = len(cm)
-        fig, ax = plt.subplots(figsize=(max(4, 0.5 * n + 2), max(3.5, 0.5 * n + 1.5)))
-        ax.imshow(cm.values, cmap="Blues")
-        ax.set_xticks(range(n), cm.columns, rotation=45, ha="right"), ax.set_yticks(range(n), cm.index)
-        ax.set_xlabel("predicted"), ax.set_ylabel("true")
-        if n <= 30:
-            for i in range(n):
-                for j in range(n):
-                    ax.text(j, i, int(cm.values[i, j]), ha="center", va="center", fontsize=8)
-        written.append(_save_fig(fig, run_dir / "confusion_matrix.png", atomic_path))
+        written.append(_save_fig(confusion_figure(cm), run_dir / "confusion_matrix.png"))
     return written
 
 
-def _save_fig(fig, path, atomic_path):
-    import matplotlib.pyplot as plt
+def _figure(figsize):
+    """A figure that renders straight to files. Built from matplotlib.figure, not pyplot: pyplot would
+    need a backend switch (matplotlib.use), which changes the backend of whoever imported cnnxfer,
+    a notebook's inline plots included, and keeps figures in a global registry."""
+    from matplotlib.figure import Figure
 
-    fig.tight_layout()
+    return Figure(figsize=figsize, layout="tight")
+
+
+def curves_figure(metrics):
+    """Loss and accuracy per epoch, train and val. The loss axis is logarithmic: a first-epoch
+    validation loss of 30 (BatchNorm statistics not settled yet) above a curve near 0.5 would
+    otherwise flatten the rest of the curve against the bottom of a linear axis."""
+    fig = _figure((10, 4))
+    for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy")):
+        for split in ("train", "val"):
+            ax.plot(metrics["epoch"], metrics[f"{split}_{metric}"], "o-", label=split)
+        if metric == "loss":
+            ax.set_yscale("log")
+        ax.set_xlabel("epoch"), ax.set_ylabel(metric + (" (log scale)" if metric == "loss" else "")), ax.grid(alpha=0.3)
+        ax.legend()
+    return fig
+
+
+def confusion_figure(cm):
+    n = len(cm)
+    fig = _figure((max(4, 0.5 * n + 2), max(3.5, 0.5 * n + 1.5)))
+    ax = fig.subplots()
+    ax.imshow(cm.values, cmap="Blues")
+    ax.set_xticks(range(n), cm.columns, rotation=45, ha="right"), ax.set_yticks(range(n), cm.index)
+    ax.set_xlabel("predicted"), ax.set_ylabel("true")
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(cm.values[i, j]), ha="center", va="center", fontsize=8)
+    return fig
+
+
+def _save_fig(fig, path):
+    from .checkpoint import atomic_path
+
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -254,22 +269,14 @@ def sanity_report(result) -> None:
 
 
 def save_lr_plot(details: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .checkpoint import atomic_path
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = _figure((6, 4))
+    ax = fig.subplots()
     ax.plot(details["lrs"], details["losses"])
     ax.set_xscale("log"), ax.set_xlabel("learning rate"), ax.set_ylabel("loss (smoothed)"), ax.grid(alpha=0.3)
     if details.get("suggested_lr"):
         ax.axvline(details["suggested_lr"], color="green", linestyle="--", label=f"suggested {details['suggested_lr']:.2g}")
     if details.get("configured_lr"):
         ax.axvline(details["configured_lr"], color="red", linestyle=":", label=f"configured {details['configured_lr']:.2g}")
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    if ax.get_legend_handles_labels()[1]:  # an empty legend() warns on stderr
+        ax.legend()
+    _save_fig(fig, path)
