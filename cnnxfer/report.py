@@ -29,32 +29,67 @@ def info_line(message: str) -> None:
     console.print(message, highlight=False, soft_wrap=True)
 
 
+# Without a terminal (a file, CI, nohup, a cluster job) progress is written as plain lines: one at
+# each tenth of the work when PROGRESS_MIN_GAP seconds have passed since the last, and at least every
+# PROGRESS_MAX_GAP seconds; a run of a few seconds writes none (its summary follows at once).
+PROGRESS_MIN_GAP = 5.0
+PROGRESS_MAX_GAP = 60.0
+
+
+def progress_due(state: dict, done: int, total: int, now: float) -> bool:
+    """Whether a progress line is due at time `now` (seconds); `state` starts as {} at time 0."""
+    last, tenth = state.setdefault("last", 0.0), state.setdefault("tenth", 0)
+    reached = int(10 * done / total) if total else 0
+    if now - last >= PROGRESS_MAX_GAP or (reached > tenth and now - last >= PROGRESS_MIN_GAP):
+        state.update(last=now, tenth=reached)
+        return True
+    return False
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else (
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
+
+
 @contextlib.contextmanager
 def image_progress(description: str) -> Iterator:
-    """A progress bar with images/s; yields a callback (done, total)."""
+    """A progress bar with images/s on a terminal, throttled plain lines otherwise; yields a
+    callback (done, total)."""
+    import time
+
+    terminal = err_console.is_terminal
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=err_console, transient=False, disable=not err_console.is_terminal,
+        console=err_console, transient=False, disable=not terminal,
     )
-    task = None
-    start = [None]
+    task, start, due = None, None, {}
 
     def update(done: int, total: int) -> None:
-        import time
-
-        nonlocal task
+        nonlocal task, start
         now = time.perf_counter()
-        if task is None:
-            task = progress.add_task(description, total=total, completed=done, rate="")
-            start[0] = (now, done)
+        if start is None:
+            start = (now, done)
+            if terminal:
+                task = progress.add_task(description, total=total, completed=done, rate="")
             return
-        t0, d0 = start[0]
+        t0, d0 = start
         rate = (done - d0) / (now - t0) if now > t0 else 0.0
-        progress.update(task, completed=done, total=total, rate=f"{rate:,.1f} img/s")
+        if terminal:
+            progress.update(task, completed=done, total=total, rate=f"{rate:,.1f} img/s")
+        elif progress_due(due, done, total, now - t0):
+            left = f", about {_duration((total - done) / rate)} left" if rate > 0 and done < total else ""
+            _plain(f"{description}: {done:,}/{total:,} images ({done / max(total, 1):.0%}), {rate:,.1f} img/s, "
+                   f"{_duration(now - t0)} elapsed{left}")
 
     with progress:
         yield update
+
+
+def _plain(line: str) -> None:
+    """One log line on stderr, never wrapped, without markup."""
+    err_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def table(title: str, rows: list[tuple], headers: tuple = ("", "")) -> Table:
@@ -98,31 +133,51 @@ def extract_summary(s) -> None:
     show(table("extract", rows))
 
 
+def epoch_line(row: dict, epochs: int) -> str:
+    """One finished epoch in under 80 columns, so that it neither wraps in an 80-column terminal
+    nor leaves its time on a line of its own in a log file; greppable: `grep ^epoch`."""
+    width = len(str(epochs))
+    val = row["val_loss"]
+    val_text = f"val {val:.4f} {row['val_accuracy']:6.1%}" if val == val else "val -"  # NaN: no validation set
+    return (f"epoch {row['epoch']:>{width}}/{epochs}  train {row['train_loss']:.4f} {row['train_accuracy']:6.1%}  "
+            f"{val_text}  lr {row['lr']:.1e}  {row['seconds']:.1f}s")
+
+
 @contextlib.contextmanager
 def fit_progress(epochs: int) -> Iterator[tuple]:
-    """Yields (on_batch, on_epoch, on_message) callbacks: a bar per epoch and one line per finished epoch."""
+    """Yields (on_batch, on_epoch, on_message) callbacks: one line per finished epoch (and a line when
+    the trainable part changes), with a bar for the epoch in progress on a terminal, or a plain
+    line at most every PROGRESS_MAX_GAP seconds without one."""
+    import time
+
+    terminal = err_console.is_terminal
     progress = Progress(
         TextColumn("[bold]epoch {task.fields[epoch]}/" + str(epochs)), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
-        console=err_console, transient=True, disable=not err_console.is_terminal,
+        console=err_console, transient=True, disable=not terminal,
     )
-    state = {"task": None, "epoch": 1}
+    state = {"task": None, "epoch": 1, "phase": "all", "start": None, "due": {}}
 
     def on_batch(step: int, steps: int, loss: float) -> None:
-        if state["task"] is None:
-            state["task"] = progress.add_task("train", total=steps, epoch=state["epoch"], loss="")
-        progress.update(state["task"], completed=step, total=steps, loss=f"{loss:.4f}")
+        if terminal:
+            if state["task"] is None:
+                state["task"] = progress.add_task("train", total=steps, epoch=state["epoch"], loss="")
+            progress.update(state["task"], completed=step, total=steps, loss=f"{loss:.4f}")
+            return
+        now = time.perf_counter()
+        state["start"] = state["start"] or now
+        if now - state["start"] >= PROGRESS_MAX_GAP and progress_due(state["due"], 0, 0, now - state["start"]):
+            _plain(f"epoch {state['epoch']}/{epochs}  batch {step}/{steps}  loss {loss:.4f}")
 
     def on_epoch(row: dict) -> None:
         if state["task"] is not None:
             progress.remove_task(state["task"])
-            state["task"] = None
-        state["epoch"] = row["epoch"] + 1
-        progress.console.print(
-            f"epoch {row['epoch']:>3} [{row['phase']}]  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f}"
-            f"  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f}  lr {row['lr']:.2e}  {row['seconds']:.1f}s",
-            highlight=False,
-        )
+        state.update(task=None, epoch=row["epoch"] + 1, start=None, due={})
+        if row["phase"] != state["phase"]:  # gradual unfreezing: say what trains from this epoch on
+            state["phase"] = row["phase"]
+            progress.console.print(f"training {row['phase']} from epoch {row['epoch']}", markup=False, highlight=False,
+                                   soft_wrap=True)
+        progress.console.print(epoch_line(row, epochs), markup=False, highlight=False, soft_wrap=True)
 
     def on_message(message: str) -> None:
         progress.console.print(f"[cyan]note:[/] {message}", highlight=False, soft_wrap=True)
@@ -242,7 +297,11 @@ def predictions_summary(pred, out, skipped_file) -> None:
 
 @contextlib.contextmanager
 def status(description: str) -> Iterator:
-    """A spinner naming the step in progress; yields a callback(step name)."""
+    """A spinner naming the step in progress on a terminal, a line per step otherwise; yields a
+    callback(step name)."""
+    if not err_console.is_terminal:
+        yield lambda step: _plain(f"{description}: {step}")
+        return
     with err_console.status(description) as spinner:
         yield lambda step: spinner.update(f"{description}: {step}")
 

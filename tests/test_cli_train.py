@@ -166,6 +166,45 @@ def test_unreadable_images_are_skipped_and_strict_fails(tmp_path):
     assert not (tmp_path / "strict" / "metrics.csv").exists()  # stopped after the first pass, not at the end
 
 
+# ---------------------------------------------------------------- logs without a terminal
+
+EPOCH_LINE = r"epoch +\d+/\d+  train \d+\.\d{4} +\d+\.\d%  val (\d+\.\d{4} +\d+\.\d%|-)  lr \d\.\de[+-]\d\d  \d+\.\ds"
+
+
+def test_a_log_file_gets_one_clean_line_per_epoch(colours, tmp_path):
+    """Piped to a file (CI, nohup, a cluster job): each epoch is one line under 80 columns, its time
+    included, and nothing of the terminal's progress bar (carriage returns, escape codes)."""
+    import re
+
+    proc = cnnxfer_process("train", colours, "--model", "test_resnet", "--epochs", "3", "--out", tmp_path / "run", *FAST)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    lines = stderr.splitlines()
+    epochs = [line for line in lines if line.startswith("epoch")]
+    assert len(epochs) == 3 and all(re.fullmatch(EPOCH_LINE, line) for line in epochs), epochs
+    assert all(len(line) < 80 for line in epochs)
+    assert not [line for line in lines if re.fullmatch(r"\s*\d+(\.\d+)?s\s*", line)]
+    assert "\r" not in stderr + stdout and "\x1b" not in stderr + stdout
+
+
+def test_an_oversized_image_is_skipped_without_a_raw_pillow_warning(tmp_path):
+    """A 92 MP photo (over Pillow's 89.5 MP default, under twice it, where Image.open only warns) is
+    listed as skipped by train and by sanity-check, with no DecompressionBombWarning on stderr."""
+    data = write_colour_folder(tmp_path / "data", {"blue": 8, "red": 8})
+    Image.new("L", (9600, 9600), 128).save(data / "red" / "huge.png")  # 110 kB: PNG compresses it
+    proc = cnnxfer_process("train", data, "--model", "test_resnet", "--epochs", "1", "--out", tmp_path / "run", *FAST)
+    _, train_err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, train_err
+    assert "huge.png,too many pixels" in (tmp_path / "run" / "skipped.csv").read_text()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    sanity = subprocess.run([sys.executable, "-m", "cnnxfer", "sanity-check", str(data), "--model", "test_resnet",
+                             "--only", "data", "--img-size", "32"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert "huge.png" in (tmp_path / "sanity.skipped.csv").read_text()
+    for stderr in (train_err, sanity.stderr):
+        assert "Warning" not in stderr and "warnings.warn" not in stderr, stderr
+
+
 # ---------------------------------------------------------------- signals and --resume
 
 @pytest.mark.slow

@@ -66,3 +66,28 @@ def test_plots_are_written_without_touching_the_callers_matplotlib_backend(tmp_p
     assert proc.stderr == ""  # no warnings (an empty legend warns)
     for name in ("run/curves.png", "run/confusion_matrix.png", "lr.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- log lines
+
+
+def test_an_epoch_line_fits_80_columns_with_large_figures():
+    row = {"epoch": 100, "phase": "head+2 group(s)", "train_loss": 12.3456, "train_accuracy": 1.0, "val_loss": 31.0,
+           "val_accuracy": 1.0, "lr": 0.1234, "seconds": 98765.4}
+    line = report.epoch_line(row, 100)
+    assert line == "epoch 100/100  train 12.3456 100.0%  val 31.0000 100.0%  lr 1.2e-01  98765.4s" and len(line) < 80
+    no_val = report.epoch_line(dict(row, epoch=7, val_loss=float("nan"), val_accuracy=float("nan")), 100)
+    assert no_val.startswith("epoch   7/100") and "val -" in no_val
+
+
+def test_progress_lines_without_a_terminal_come_at_a_sensible_rate():
+    """A tenth of the work, if 5 s passed since the last line; at least one a minute."""
+    state, lines = {}, []
+    for second in range(0, 600):
+        done = min(1000, second * 4)  # 250 s for 1000 images
+        if report.progress_due(state, done, 1000, float(second)):
+            lines.append((second, done))
+    assert [d for _, d in lines] == [100 * k for k in range(1, 11)] + [1000] * 5  # then one a minute
+    assert all(b - a >= report.PROGRESS_MIN_GAP for (a, _), (b, _) in zip(lines, lines[1:]))
+    fast = {}
+    assert not any(report.progress_due(fast, d, 1000, d / 1000) for d in range(0, 1001, 10))  # 1 s in all: no line
