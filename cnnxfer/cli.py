@@ -329,7 +329,8 @@ def sanity_check(
     optimizer: OptimizerOpt = None,
     img_size: ImgSize = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=2, help="Images in the overfit subset.")] = _default(_S, "batch_size"),
-    overfit_steps: Annotated[int, typer.Option("--overfit-steps", min=1, help="Step budget for the overfit check.")] = _default(_S, "overfit_steps"),
+    overfit_steps: Annotated[int, typer.Option("--overfit-steps", min=1, help="Steps the overfit check always takes (unless memorised sooner); it goes on while the loss still falls clearly, up to 10x this.")] = _default(_S, "overfit_steps"),
+    overfit_seconds: Annotated[float, typer.Option("--overfit-seconds", min=0, help="No overfit steps beyond --overfit-steps after this many seconds.")] = _default(_S, "overfit_seconds"),
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON.")] = None,
     seed: Seed = 0,
     workers: Workers = None,
@@ -339,14 +340,20 @@ def sanity_check(
 ) -> None:
     """Check data, model and training setup before a long run: PASS / WARN / FAIL per check.
 
-    Exit code 1 when any check fails. Example: cnnxfer sanity-check photos/ --model resnet50 --lr-find
+    The overfit check trains on one batch until it is memorised: PASS at 100% train accuracy and a
+    loss <= 0.05; FAIL when the loss stays near chance (ln(C), where a model that ignores its input
+    ends), never falls, diverges or turns non-finite, or nothing is trainable; WARN with the figures
+    when it is learning but not memorised within the budget (it says what to raise). A check that
+    raises is reported as ERROR with the exception. Exit code 1 when any check fails or errors.
+
+    Example: cnnxfer sanity-check photos/ --model resnet50 --lr-find
     """
     from . import report, sanity
 
     config = cfg.SanityConfig(
         data=data, model=model, weights=weights, only=tuple(c.strip() for c in (only or "").split(",") if c.strip()),
         lr_find=lr_find, lr=lr, optimizer=optimizer, img_size=img_size, batch_size=batch_size, overfit_steps=overfit_steps,
-        json_path=json_path, seed=seed, num_workers=workers, device=device, precision=precision,
+        overfit_seconds=overfit_seconds, json_path=json_path, seed=seed, num_workers=workers, device=device, precision=precision,
         max_image_pixels=max_image_pixels,
     )
     with report.status("sanity-check") as progress:

@@ -193,7 +193,8 @@ class SanityConfig:
     optimizer: Optimizer | None = None
     img_size: int | None = None
     batch_size: int = 16  # the overfit subset: one batch drawn across classes
-    overfit_steps: int = 300
+    overfit_steps: int = 300  # always run (unless memorised sooner); more while the loss falls clearly (overfit.py)
+    overfit_seconds: float = 120.0  # no more steps past this, beyond overfit_steps
     overfit_loss: float = 0.05
     gradcheck_size: int = 32  # input side for the float64 finite-difference check
     val_split: float = 0.2

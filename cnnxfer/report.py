@@ -306,7 +306,7 @@ def status(description: str) -> Iterator:
         yield lambda step: spinner.update(f"{description}: {step}")
 
 
-_STYLE = {"PASS": "green", "WARN": "yellow", "FAIL": "bold red", "SKIP": "dim"}
+_STYLE = {"PASS": "green", "WARN": "yellow", "FAIL": "bold red", "SKIP": "dim", "ERROR": "bold magenta"}
 
 
 def sanity_report(result) -> None:
@@ -319,10 +319,11 @@ def sanity_report(result) -> None:
     for col in ("check", "status", "result", "look at"):
         t.add_column(col, overflow="fold")
     for c in result.checks:
-        t.add_row(c.name, f"[{_STYLE.get(c.status, '')}]{c.status}[/]", c.summary, c.hint if c.status in ("WARN", "FAIL") else "")
+        t.add_row(c.name, f"[{_STYLE.get(c.status, '')}]{c.status}[/]", c.summary, c.hint if c.status in ("WARN", "FAIL", "ERROR") else "")
     show(t)
     counts = result.to_dict()["counts"]
     info_line(f"{counts['PASS']} passed, {counts['WARN']} warned, {counts['FAIL']} failed"
+              + (f", {counts['ERROR']} raised an error" if counts.get("ERROR") else "")
               + (f"; unreadable files listed in {result.skipped_file}" if result.skipped_file else "")
               + (f"; lr plot in {result.lr_plot}" if result.lr_plot else ""))
 
