@@ -123,8 +123,9 @@ def extract(
 _T = cfg.TrainConfig.__dataclass_fields__
 DataArg = Annotated[Optional[Path], typer.Argument(exists=True, help="Labelled images: class subfolders (optionally train/ and val/) or a CSV manifest. Not needed with --resume.")]
 RunOut = Annotated[Path, typer.Option("--out", "-o", help="Run directory to create.")]
-Epochs = Annotated[int, typer.Option("--epochs", "-e", min=1)]
-BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1)]
+Epochs = Annotated[Optional[int], typer.Option("--epochs", "-e", min=1, help=f"Passes over the training images (default: {cfg.FINETUNE_EPOCHS} for finetune, {cfg.TRAIN_EPOCHS} for train, more on small datasets so that a run takes at least {cfg.MIN_STEPS} optimizer steps; the run says what it chose).")]
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help=f"Images per optimizer step (default: {cfg.BATCH_SIZE}, or about an eighth of the training images when they are fewer than {8 * cfg.BATCH_SIZE}).")]
+InferBatch = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
 Lr = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: 0.1*batch/256*4 for SGD from scratch, 1e-3 AdamW fine-tuning, 3e-3 linear).")]
 OptimizerOpt = Annotated[Optional[cfg.Optimizer], typer.Option("--optimizer", help="Default: sgd (momentum, nesterov) for train, adamw for finetune.")]
 WeightDecay = Annotated[Optional[float], typer.Option("--weight-decay", help="Default: 5e-4 for SGD, 0.05 for AdamW.")]
@@ -150,8 +151,8 @@ def _run_fit(config: cfg.TrainConfig, data: Optional[Path], resume: Optional[Pat
 
     if resume is None and data is None:
         raise UsageError("give DATA (a folder of labelled images) or --resume RUN_DIR")
-    with report.fit_progress(config.epochs) as (on_batch, on_epoch, on_message):
-        result = engine.fit(config, engine.FitHooks(on_batch, on_epoch, on_message))
+    with report.fit_progress() as hooks:
+        result = engine.fit(config, engine.FitHooks(*hooks))
     report.save_run_plots(result.run_dir)
     report.fit_summary(result, notes_shown=True)
 
@@ -164,8 +165,8 @@ def finetune(
     weights: Weights = "hub",
     out: RunOut = Path("runs/finetune"),
     strategy: Annotated[cfg.Strategy, typer.Option("--strategy", help="linear: frozen backbone (features cached); gradual: head first, then unfreeze stage by stage; full: everything.")] = cfg.Strategy.gradual,
-    epochs: Epochs = _default(_T, "epochs"),
-    batch_size: BatchSize = _default(_T, "batch_size"),
+    epochs: Epochs = None,
+    batch_size: BatchSize = None,
     lr: Lr = None,
     backbone_lr_mult: Annotated[float, typer.Option("--backbone-lr-mult", help="Backbone learning rate as a fraction of --lr.")] = _default(_T, "backbone_lr_mult"),
     optimizer: OptimizerOpt = None,
@@ -214,8 +215,8 @@ def train(
     data: DataArg = None,
     model: ModelOpt = None,
     out: RunOut = Path("runs/train"),
-    epochs: Epochs = 30,
-    batch_size: BatchSize = _default(_T, "batch_size"),
+    epochs: Epochs = None,
+    batch_size: BatchSize = None,
     lr: Lr = None,
     optimizer: OptimizerOpt = None,
     weight_decay: WeightDecay = None,
@@ -266,7 +267,7 @@ def predict(
     out: Annotated[Path, typer.Option("--out", "-o", help="Predictions file: .csv or .parquet.")] = Path("predictions.csv"),
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1)] = 5,
     tta: Annotated[cfg.Tta, typer.Option("--tta", help="flip: average with the mirrored image.")] = cfg.Tta.none,
-    batch_size: BatchSize = 64,
+    batch_size: InferBatch = 64,
     workers: Workers = None,
     max_image_pixels: MaxPixels = DEFAULT_MAX_IMAGE_PIXELS,
     device: Device = "auto",
@@ -294,7 +295,7 @@ def evaluate(
     weights: RunWeights,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write accuracy (top-level key), per-class report and confusion matrix as JSON.")] = None,
     tta: Annotated[cfg.Tta, typer.Option("--tta")] = cfg.Tta.none,
-    batch_size: BatchSize = 64,
+    batch_size: InferBatch = 64,
     workers: Workers = None,
     max_image_pixels: MaxPixels = DEFAULT_MAX_IMAGE_PIXELS,
     device: Device = "auto",

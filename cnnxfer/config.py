@@ -128,8 +128,8 @@ class TrainConfig:
     model: str | None = None
     weights: str | None = "hub"
     strategy: Strategy = Strategy.full
-    epochs: int = 10
-    batch_size: int = 64
+    epochs: int | None = None  # None: from the dataset size (engine.resolve_schedule); the run records the choice
+    batch_size: int | None = None  # None: likewise (64, fewer on small datasets)
     lr: float | None = None  # None: per optimizer and strategy (engine.resolve_hparams)
     backbone_lr_mult: float = 0.1  # fine-tuning: the pretrained backbone learns 10x slower than the head
     optimizer: Optimizer | None = None  # None: SGD when training from scratch, AdamW when fine-tuning
@@ -162,6 +162,15 @@ class TrainConfig:
 
     def __post_init__(self):
         _coerce(self)
+
+
+# With --epochs and --batch-size left out (engine.resolve_schedule): the batch size on datasets of
+# 8 or more such batches, the epochs of a fine-tuning / from-scratch run when the dataset is large,
+# and the fewest optimizer steps a run gets on a small one.
+BATCH_SIZE = 64
+FINETUNE_EPOCHS = 10
+TRAIN_EPOCHS = 30
+MIN_STEPS = 300
 
 
 def resumed_config(saved: dict, out: Path) -> TrainConfig:

@@ -144,24 +144,30 @@ def epoch_line(row: dict, epochs: int) -> str:
 
 
 @contextlib.contextmanager
-def fit_progress(epochs: int) -> Iterator[tuple]:
-    """Yields (on_batch, on_epoch, on_message) callbacks: one line per finished epoch (and a line when
-    the trainable part changes), with a bar for the epoch in progress on a terminal, or a plain
-    line at most every PROGRESS_MAX_GAP seconds without one."""
+def fit_progress() -> Iterator[tuple]:
+    """Yields (on_batch, on_epoch, on_message, on_start) callbacks, in engine.FitHooks' order: one
+    line per finished epoch (and a line when the trainable part changes), with a bar for the epoch
+    in progress on a terminal, or a plain line at most every PROGRESS_MAX_GAP seconds without one.
+    The number of epochs comes with on_start (the run may choose it)."""
     import time
 
     terminal = err_console.is_terminal
     progress = Progress(
-        TextColumn("[bold]epoch {task.fields[epoch]}/" + str(epochs)), BarColumn(), MofNCompleteColumn(),
+        TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
         console=err_console, transient=True, disable=not terminal,
     )
     state = {"task": None, "epoch": 1, "phase": "all", "start": None, "due": {}}
+    epochs = 0
+
+    def on_start(config) -> None:
+        nonlocal epochs
+        epochs = config.epochs
 
     def on_batch(step: int, steps: int, loss: float) -> None:
         if terminal:
             if state["task"] is None:
-                state["task"] = progress.add_task("train", total=steps, epoch=state["epoch"], loss="")
+                state["task"] = progress.add_task("train", total=steps, epoch=state["epoch"], epochs=epochs, loss="")
             progress.update(state["task"], completed=step, total=steps, loss=f"{loss:.4f}")
             return
         now = time.perf_counter()
@@ -183,7 +189,7 @@ def fit_progress(epochs: int) -> Iterator[tuple]:
         progress.console.print(f"[cyan]note:[/] {message}", highlight=False, soft_wrap=True)
 
     with progress:
-        yield on_batch, on_epoch, on_message
+        yield on_batch, on_epoch, on_message, on_start
 
 
 def fit_summary(result, notes_shown: bool = False) -> None:
