@@ -17,7 +17,26 @@ from . import config as cfg
 from .config import DEFAULT_MAX_IMAGE_PIXELS
 from .errors import CnnxferError
 
-app = typer.Typer(
+class _Command(typer.core.TyperCommand):
+    """Usage lines in the usual notation, the same in every command: `extract [OPTIONS] DATA`, and
+    `train [OPTIONS] [DATA]` where DATA may be left out (typer writes {data} and [data])."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = param.metavar or param.name.upper()
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+class _Typer(typer.Typer):
+    def command(self, *args, **kwargs):
+        kwargs.setdefault("cls", _Command)
+        return super().command(*args, **kwargs)
+
+
+app = _Typer(
     help="Transfer learning with convolutional networks: extract, finetune, train, sanity-check.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
@@ -87,7 +106,7 @@ def info(device: Device = "auto", precision: PrecisionOpt = cfg.Precision.auto) 
 @app.command()
 @handle_errors
 def extract(
-    data: Annotated[Path, typer.Argument(exists=True, help="Image folder (class subfolders or flat) or a CSV manifest (path,label).")],
+    data: Annotated[Path, typer.Argument(exists=True, metavar="DATA", help="Image folder (class subfolders or flat), one image, or a CSV manifest (path,label).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output Parquet file.")] = Path("features.parquet"),
     model: ModelOpt = None,
     weights: Weights = "hub",
@@ -95,7 +114,7 @@ def extract(
     pool: Annotated[Optional[cfg.Pool], typer.Option("--pool", help="Global pooling (default: the model's own; avg for --layers).")] = None,
     tta: Annotated[cfg.Tta, typer.Option("--tta", help="flip: average with the mirrored image.")] = cfg.Tta.none,
     img_size: ImgSize = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = _default(_E, "batch_size"),
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = _default(_E, "batch_size"),
     workers: Workers = None,
     max_image_pixels: MaxPixels = DEFAULT_MAX_IMAGE_PIXELS,
     device: Device = "auto",
@@ -121,7 +140,7 @@ def extract(
 
 
 _T = cfg.TrainConfig.__dataclass_fields__
-DataArg = Annotated[Optional[Path], typer.Argument(exists=True, help="Labelled images: class subfolders (optionally train/ and val/) or a CSV manifest. Not needed with --resume.")]
+DataArg = Annotated[Optional[Path], typer.Argument(exists=True, metavar="DATA", help="Labelled images: class subfolders (optionally train/ and val/) or a CSV manifest. Not needed with --resume.")]
 RunOut = Annotated[Path, typer.Option("--out", "-o", help="Run directory to create.")]
 Epochs = Annotated[Optional[int], typer.Option("--epochs", "-e", min=1, help=f"Passes over the training images (default: {cfg.FINETUNE_EPOCHS} for finetune, {cfg.TRAIN_EPOCHS} for train, more on small datasets so that a run takes at least {cfg.MIN_STEPS} optimizer steps; the run says what it chose).")]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help=f"Images per optimizer step (default: {cfg.BATCH_SIZE}, or about an eighth of the training images when they are fewer than {8 * cfg.BATCH_SIZE}).")]
@@ -130,7 +149,7 @@ Lr = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (d
 OptimizerOpt = Annotated[Optional[cfg.Optimizer], typer.Option("--optimizer", help="Default: sgd (momentum, nesterov) for train, adamw for finetune.")]
 WeightDecay = Annotated[Optional[float], typer.Option("--weight-decay", help="Default: 5e-4 for SGD, 0.05 for AdamW.")]
 Warmup = Annotated[float, typer.Option("--warmup-epochs", help="Linear warmup before the cosine decay.")]
-Smoothing = Annotated[float, typer.Option("--label-smoothing")]
+Smoothing = Annotated[float, typer.Option("--label-smoothing", help="Cross-entropy label smoothing.")]
 Dropout = Annotated[float, typer.Option("--dropout", help="Dropout before the classifier.")]
 Clip = Annotated[Optional[float], typer.Option("--grad-clip", help="Clip the gradient norm to this value.")]
 BalanceOpt = Annotated[cfg.Balance, typer.Option("--balance", help="Class imbalance: loss (weighted loss) or sampler (balanced sampling).")]
@@ -139,7 +158,7 @@ CacheImagesOpt = Annotated[cfg.CacheImages, typer.Option("--cache-images", help=
 Hflip = Annotated[float, typer.Option("--hflip", help="Horizontal flip probability (0 for digits, text...).")]
 ValSplit = Annotated[float, typer.Option("--val-split", help="Stratified validation fraction when DATA has no train/ and val/.")]
 Patience = Annotated[Optional[int], typer.Option("--patience", help="Stop after this many epochs without a lower validation loss.")]
-Seed = Annotated[int, typer.Option("--seed")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of every random choice (split, initialisation, order, augmentation).")]
 Resume = Annotated[Optional[Path], typer.Option("--resume", exists=True, file_okay=False, help="Continue an interrupted run directory from its last finished epoch.")]
 CheckpointEvery = Annotated[float, typer.Option("--checkpoint-every", min=0, help="Seconds between checkpoint writes (0: every epoch). Ctrl-C and SIGTERM always save the last finished epoch.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")]
@@ -213,7 +232,7 @@ def finetune(
 @handle_errors
 def train(
     data: DataArg = None,
-    model: ModelOpt = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Required, except with --resume: a timm architecture (resnet10t) or your own path/to/file.py:factory.")] = None,
     out: RunOut = Path("runs/train"),
     epochs: Epochs = None,
     batch_size: BatchSize = None,
@@ -262,17 +281,17 @@ RunWeights = Annotated[str, typer.Option("--weights", "-w", help="A cnnxfer run 
 @app.command()
 @handle_errors
 def predict(
-    images: Annotated[Path, typer.Argument(exists=True, help="A folder of images (flat or class subfolders) or a CSV manifest.")],
+    images: Annotated[Path, typer.Argument(exists=True, metavar="IMAGES", help="One image, a folder of images (flat or class subfolders) or a CSV manifest.")],
     weights: RunWeights,
     out: Annotated[Path, typer.Option("--out", "-o", help="Predictions file: .csv or .parquet.")] = Path("predictions.csv"),
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1)] = 5,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Classes listed per image, most probable first.")] = 5,
     tta: Annotated[cfg.Tta, typer.Option("--tta", help="flip: average with the mirrored image.")] = cfg.Tta.none,
     batch_size: InferBatch = 64,
     workers: Workers = None,
     max_image_pixels: MaxPixels = DEFAULT_MAX_IMAGE_PIXELS,
     device: Device = "auto",
     precision: PrecisionOpt = cfg.Precision.auto,
-    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing predictions file.")] = False,
     strict: Strict = False,
 ) -> None:
     """Predict the top-k classes of every image with a trained run.
@@ -291,10 +310,10 @@ def predict(
 @app.command()
 @handle_errors
 def evaluate(
-    data: Annotated[Path, typer.Argument(exists=True, help="Labelled images (class subfolders named like the run's classes) or a CSV manifest.")],
+    data: Annotated[Path, typer.Argument(exists=True, metavar="DATA", help="Labelled images (class subfolders named like the run's classes) or a CSV manifest.")],
     weights: RunWeights,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write accuracy (top-level key), per-class report and confusion matrix as JSON.")] = None,
-    tta: Annotated[cfg.Tta, typer.Option("--tta")] = cfg.Tta.none,
+    tta: Annotated[cfg.Tta, typer.Option("--tta", help="flip: average with the mirrored image.")] = cfg.Tta.none,
     batch_size: InferBatch = 64,
     workers: Workers = None,
     max_image_pixels: MaxPixels = DEFAULT_MAX_IMAGE_PIXELS,
@@ -321,7 +340,7 @@ _S = cfg.SanityConfig.__dataclass_fields__
 @app.command("sanity-check")
 @handle_errors
 def sanity_check(
-    data: Annotated[Path, typer.Argument(exists=True, help="Labelled images: class subfolders (optionally train/ and val/) or a CSV manifest.")],
+    data: Annotated[Path, typer.Argument(exists=True, metavar="DATA", help="Labelled images: class subfolders (optionally train/ and val/) or a CSV manifest.")],
     model: ModelOpt = None,
     weights: Annotated[Optional[str], typer.Option("--weights", "-w", help="none (random init, default), hub, a weights file or a run directory.")] = "none",
     only: Annotated[Optional[str], typer.Option("--only", help=f"Comma-separated subset of: {', '.join(cfg.SANITY_CHECKS)}.")] = None,

@@ -200,14 +200,22 @@ def discover(path: Path, labelled: bool | None = None, classes: Sequence[str] | 
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
+    if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+        if labelled:
+            raise DataError(f"{path} is one image, without a label: give a folder with one subfolder per class, or a "
+                            "CSV manifest with path,label")
+        return ImageList([path], [None], [], path.parent)
     if path.is_file():
         if path.suffix.lower() != ".csv":
-            raise DataError(f"{path}: expected a folder of images or a .csv manifest")
+            raise DataError(f"{path}: expected an image, a folder of images or a .csv manifest")
         images = read_manifest(path, classes)
         if labelled and not images.labelled:
             raise DataError(f"{path}: manifest has no 'label' for every row")
     elif labelled is False or (labelled is None and _has_top_level_images(path)):
         images = scan_flat_folder(path)
+    elif labelled is None and not _class_dirs(path):
+        # extract and predict take a flat folder too: "no class folders" would say only half of it
+        raise DataError(f"{path}: no images found (looked for images in it, or in one subfolder per class)")
     else:
         images = scan_class_folders(path, classes)
     if not images.paths:

@@ -447,9 +447,8 @@ class _Run:
 
     # -- model and modules
     def build_model(self, weights: str | None) -> None:
-        loaded = models.load_model(self.config.model, weights, len(self.classes), drop_rate=self.config.dropout, img_size=self.img_size)
-        if loaded.classes and loaded.classes != self.classes and weights == self.config.weights:
-            self.note(f"new head for {len(self.classes)} classes (the weights' run had {len(loaded.classes)})")
+        loaded = models.load_model(self.config.model, weights, len(self.classes), drop_rate=self.config.dropout,
+                                   img_size=self.img_size, classes=self.classes)
         self.loaded, self.arch = loaded, loaded.arch
         for note in loaded.notes:
             self.note(note)

@@ -281,6 +281,9 @@ def evaluation_summary(result, title: str = "evaluate") -> None:
     rows = [("data", str(result.data))] if getattr(result, "data", None) else []
     rows += [("accuracy", f"{result.accuracy:.4f}"), ("images", f"{result.images:,}"),
             ("skipped", f"{result.skipped:,}" + (f" (listed in {result.skipped_file})" if result.skipped_file else ""))]
+    if getattr(result, "trained_on", 0):
+        warn(f"{result.trained_on:,} of the {result.images:,} images evaluated trained this run: the accuracy is "
+             f"optimistic; evaluate on images it never saw for a fair estimate")
     show(table(title, rows))
     per_class = Table(title="per class", title_justify="left")
     for col in ("class", "precision", "recall", "f1", "support"):

@@ -516,7 +516,7 @@ def run_checks(config, progress=None) -> SanityReport:
     classes = train_images.classes
     img_size = config.img_size or (engine.auto_img_size(train_images) if config.weights == models.NONE else None)
     torch.manual_seed(config.seed)
-    loaded = models.load_model(config.model, config.weights, len(classes), img_size=img_size)
+    loaded = models.load_model(config.model, config.weights, len(classes), img_size=img_size, classes=classes)
     model = loaded.model.to(device)
     out_dir = Path(config.out_dir or (Path(config.json_path).parent if config.json_path else Path(".")))
     report = SanityReport([], loaded.arch, loaded.weights, str(device), str(dtype).replace("torch.", "") if dtype else "float32",

@@ -90,6 +90,18 @@ def test_the_python_api_loads_on_first_use():
     assert "no attribute 'no_such_name'" in proc.stdout
 
 
+def test_every_option_has_help_and_arguments_read_alike(cli_runner):
+    """Every option says what it does, and the usage line writes arguments one way: DATA when
+    required, [DATA] when it may be left out."""
+    for name, command in _commands().items():
+        assert [p.opts[0] for p in command.params if not p.help] == [], name
+        usage = " ".join(cli_runner.invoke(app, [name, "--help"]).stdout.split()[:6])
+        assert "{" not in usage and ("[DATA]" in usage) == (name in ("train", "finetune")), usage
+    assert "IMAGES" in cli_runner.invoke(app, ["predict", "--help"]).stdout
+    train_model = next(p for p in _commands()["train"].params if p.name == "model")
+    assert train_model.help.startswith("Required, except with --resume")
+
+
 def test_no_arguments_shows_help(cli_runner):
     result = cli_runner.invoke(app, [])
     assert "extract" in result.output and result.exit_code in (0, 2)
@@ -299,3 +311,33 @@ def test_signal_exit_code_then_resume(tmp_path, make_images, resnet10t_weights, 
                                  env=_offline_env(tmp_path, True), timeout=120, check=False)
         assert resumed.returncode == 0, resumed.stderr
         assert len(read_features(out)[0]) == 32 and not parts.exists()
+
+
+# ---------------------------------------------------------------- messages a new user tripped on
+
+def test_an_empty_folder_says_no_images_not_no_class_folders(cli_runner, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = cli_runner.invoke(app, ["extract", str(tmp_path / "empty"), "--out", str(tmp_path / "f.parquet")])
+    assert result.exit_code == 2 and "no images found" in result.stderr and "class folders" not in result.stderr
+
+
+def test_a_resume_with_other_options_names_them(tmp_path, make_images, test_resnet_weights, cli_runner):
+    from cnnxfer.config import ExtractConfig
+    from cnnxfer.features import extract_features
+
+    make_images(tmp_path / "ds", {"a": 4, "b": 4})
+    out = tmp_path / "f.parquet"
+
+    def interrupt(done, total):
+        if done >= 4:
+            raise KeyboardInterrupt  # after the first part of 4 images
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(ExtractConfig(data=tmp_path / "ds", out=out, model="test_resnet", weights=str(test_resnet_weights),
+                                       img_size=32, num_workers=0, batch_size=2, part_size=4, precision="fp32"), interrupt)
+    assert (tmp_path / "f.parquet.parts" / "manifest.json").exists()
+    result = cli_runner.invoke(app, ["extract", str(tmp_path / "ds"), *_fast(test_resnet_weights, out, "--resume",
+                                                                              "--tta", "flip", "--layers", "layer1")])
+    assert result.exit_code == 2, result.stderr
+    message = " ".join(result.stderr.split())
+    assert "--tta none -> flip" in message and "--layers (none) -> layer1" in message and "--pool" not in message

@@ -95,6 +95,30 @@ def test_finetune_accepts_a_run_directory_as_weights(finished_run, colours, tmp_
     assert json.loads((tmp_path / "tuned" / "config.json").read_text())["model"] == "test_resnet"
 
 
+@pytest.mark.parametrize("classes", [("blue", "red"), ("a", "b", "c")])
+def test_finetuning_a_run_on_other_classes_announces_one_new_head(finished_run, colours, tmp_path, classes):
+    """Fewer classes, or as many under other names: the run's head belongs to its own classes, so
+    the head is new (said once) and the backbone is the run's."""
+    data = tmp_path / "data"
+    for name, source in zip(classes, sorted(COLOURS)):
+        (data / name).mkdir(parents=True)
+        for f in sorted((colours / source).iterdir()):
+            (data / name / f.name).write_bytes(f.read_bytes())
+    result = _invoke("finetune", data, "--weights", finished_run, "--strategy", "linear", "--epochs", "1",
+                     "--out", tmp_path / "tuned", *FAST)
+    assert result.exit_code == 0, result.stderr
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:") and ("classifier" in line or "head" in line)]
+    assert len(notes) == 1 and f"new classifier for classes {', '.join(classes)}" in notes[0], result.stderr
+    before = load_file(str(finished_run / "model.safetensors"))
+    after = load_file(str(tmp_path / "tuned" / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("fc."))
+    from cnnxfer import models
+
+    for names, kept in ((list(classes), False), (sorted(COLOURS), True)):  # the head a fine-tuning run starts from
+        start = models.load_model(None, str(finished_run), len(names), classes=names).model.state_dict()["fc.weight"]
+        assert torch.equal(start, before["fc.weight"]) == kept, names
+
+
 def test_existing_run_directory_without_overwrite_exits_2_untouched(finished_run, colours):
     before = {p.name: p.stat().st_mtime_ns for p in finished_run.iterdir()}
     result = _invoke("train", colours, "--model", "test_resnet", "--epochs", "1", "--out", finished_run, *FAST)
