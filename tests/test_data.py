@@ -86,7 +86,7 @@ def test_empty_and_missing_inputs_are_data_errors(tmp_path):
     with pytest.raises(DataError, match="no images found"):
         data.discover(tmp_path / "only_empty")
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(DataError, match="expected a folder of images or a .csv"):
+    with pytest.raises(DataError, match="expected an image, a folder of images or a .csv"):
         data.discover(tmp_path / "notes.txt")
 
 
