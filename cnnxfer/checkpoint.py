@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Iterator
 
@@ -24,13 +24,18 @@ STATE_FILE = "state.pt"
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path`, on failure it is removed."""
+    """Yield a temporary path beside `path`; on success it replaces `path`, on failure it is removed.
+
+    The result has the mode any program would give a new file under the user's umask (0644 under
+    022): `tempfile.mkstemp` makes 0600 files, and a rename keeps the mode, so every output used to
+    be private - unreadable to a teammate, a web server or a job under another account.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp, mode = _new_temp_file(path)
     try:
-        yield Path(tmp)
+        yield tmp
+        os.chmod(tmp, mode)  # writers that replace the file (rather than write into it) get it back too
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):
@@ -38,6 +43,23 @@ def atomic_path(path: Path) -> Iterator[Path]:
         if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
             raise CnnxferError(f"disk full while writing {path}; the previous version is untouched") from exc
         raise
+
+
+def _new_temp_file(path: Path) -> tuple[Path, int]:
+    """An empty, new hidden file beside `path` and its permission bits. It is created with 0666 and
+    the kernel applies the umask, as for any new file; reading the umask (os.umask sets it) would
+    race with other threads creating files."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            return tmp, os.fstat(fd).st_mode & 0o777
+        finally:
+            os.close(fd)
+    raise CnnxferError(f"cannot create a temporary file beside {path}")
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from .data import DEFAULT_MAX_IMAGE_PIXELS
+# Pillow's own default (~ a 9459 x 9459 image). Defined here rather than in data.py so that the
+# CLI can show it in --help without importing numpy and Pillow.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
 class Precision(str, Enum):
@@ -126,8 +128,8 @@ class TrainConfig:
     model: str | None = None
     weights: str | None = "hub"
     strategy: Strategy = Strategy.full
-    epochs: int = 10
-    batch_size: int = 64
+    epochs: int | None = None  # None: from the dataset size (engine.resolve_schedule); the run records the choice
+    batch_size: int | None = None  # None: likewise (64, fewer on small datasets)
     lr: float | None = None  # None: per optimizer and strategy (engine.resolve_hparams)
     backbone_lr_mult: float = 0.1  # fine-tuning: the pretrained backbone learns 10x slower than the head
     optimizer: Optimizer | None = None  # None: SGD when training from scratch, AdamW when fine-tuning
@@ -161,6 +163,15 @@ class TrainConfig:
     def __post_init__(self):
         _coerce(self)
         _check_ranges(self)
+
+
+# With --epochs and --batch-size left out (engine.resolve_schedule): the batch size on datasets of
+# 8 or more such batches, the epochs of a fine-tuning / from-scratch run when the dataset is large,
+# and the fewest optimizer steps a run gets on a small one.
+BATCH_SIZE = 64
+FINETUNE_EPOCHS = 10
+TRAIN_EPOCHS = 30
+MIN_STEPS = 300
 
 
 def _check_ranges(config: TrainConfig) -> None:
@@ -262,7 +273,8 @@ class SanityConfig:
     optimizer: Optimizer | None = None
     img_size: int | None = None
     batch_size: int = 16  # the overfit subset: one batch drawn across classes
-    overfit_steps: int = 300
+    overfit_steps: int = 300  # always run (unless memorised sooner); more while the loss falls clearly (overfit.py)
+    overfit_seconds: float = 120.0  # no more steps past this, beyond overfit_steps
     overfit_loss: float = 0.05
     gradcheck_size: int = 32  # input side for the float64 finite-difference check
     val_split: float = 0.2

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .config import DEFAULT_MAX_IMAGE_PIXELS  # noqa: F401  (re-exported: data.DEFAULT_MAX_IMAGE_PIXELS)
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,6 @@ PIL_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM", "HEIF"
 IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db"})
 IGNORED_DIRS = frozenset({"__macosx", "@eadir", "$recycle.bin"})
 VAL_DIR_NAMES = ("val", "valid", "validation")
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default: ~ a 9459 x 9459 image
 
 
 @dataclass
@@ -209,14 +209,22 @@ def discover(path: Path, labelled: bool | None = None, classes: Sequence[str] | 
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
+    if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+        if labelled:
+            raise DataError(f"{path} is one image, without a label: give a folder with one subfolder per class, or a "
+                            "CSV manifest with path,label")
+        return ImageList([path], [None], [], path.parent)
     if path.is_file():
         if path.suffix.lower() != ".csv":
-            raise DataError(f"{path}: expected a folder of images or a .csv manifest")
+            raise DataError(f"{path}: expected an image, a folder of images or a .csv manifest")
         images = read_manifest(path, classes)
         if labelled and not images.labelled:
             raise DataError(f"{path}: manifest has no 'label' for every row")
     elif labelled is False or (labelled is None and _has_top_level_images(path)):
         images = scan_flat_folder(path)
+    elif labelled is None and not _class_dirs(path):
+        # extract and predict take a flat folder too: "no class folders" would say only half of it
+        raise DataError(f"{path}: no images found (looked for images in it, or in one subfolder per class)")
     else:
         images = scan_class_folders(path, classes)
     if not images.paths:

@@ -69,6 +69,51 @@ BEST_RULE = "the lowest validation loss"  # how the best epoch is chosen (is_new
 
 # ---------------------------------------------------------------- hyperparameters
 
+def auto_batch_size(n_train: int) -> int:
+    """BATCH_SIZE when the training images fill 8 such batches; else about an eighth of them (at
+    least 4), in equal batches that leave fewer images out of an epoch than there are batches.
+
+    64 on 15 images made one optimizer step per epoch (a ragged last batch takes none); 15 images
+    now give 3 batches of 5.
+    """
+    from .config import BATCH_SIZE
+
+    if n_train >= 8 * BATCH_SIZE:
+        return BATCH_SIZE
+    batches = max(1, n_train // max(4, n_train // 8))
+    return max(1, n_train // batches)
+
+
+def auto_epochs(n_train: int, batch_size: int, from_scratch: bool) -> int:
+    """FINETUNE_EPOCHS (TRAIN_EPOCHS from scratch), or more when that is under MIN_STEPS optimizer
+    steps: a small dataset needs more passes for the same number of updates."""
+    from .config import FINETUNE_EPOCHS, MIN_STEPS, TRAIN_EPOCHS
+
+    return max(TRAIN_EPOCHS if from_scratch else FINETUNE_EPOCHS, math.ceil(MIN_STEPS / epoch_steps(n_train, batch_size)))
+
+
+def resolve_schedule(config: TrainConfig, n_train: int) -> tuple[TrainConfig, str | None]:
+    """The config with --batch-size and --epochs chosen from the number of training images where
+    the user left them out, and a note saying so when the choice is not the large-dataset default.
+    The run saves this config, so --resume continues with exactly these values."""
+    import dataclasses
+
+    from .config import BATCH_SIZE, FINETUNE_EPOCHS, TRAIN_EPOCHS
+
+    from_scratch = config.weights == models.NONE
+    batch_size = config.batch_size or auto_batch_size(n_train)
+    epochs = config.epochs or auto_epochs(n_train, batch_size, from_scratch)
+    chosen = {"--batch-size": batch_size} if config.batch_size is None and batch_size != BATCH_SIZE else {}
+    if config.epochs is None and epochs != (TRAIN_EPOCHS if from_scratch else FINETUNE_EPOCHS):
+        chosen["--epochs"] = epochs
+    note = None
+    if chosen:
+        steps = epochs * epoch_steps(n_train, batch_size)
+        note = (f"{n_train} training images: {' and '.join(f'{k} {v}' for k, v in chosen.items())} chosen "
+                f"({steps} optimizer steps in all); set {' and '.join(chosen)} to choose otherwise")
+    return dataclasses.replace(config, batch_size=batch_size, epochs=epochs), note
+
+
 def resolve_hparams(config: TrainConfig) -> dict:
     """Defaults that depend on the run: SGD for training from scratch, AdamW for fine-tuning."""
     from_scratch = config.weights == models.NONE
@@ -170,8 +215,13 @@ def train_step(ctx: StepContext, inputs: torch.Tensor, targets: torch.Tensor) ->
 
 def steps_per_epoch(loader) -> int:
     """Optimisation steps in one pass: the batches, less a ragged last one (see train_one_epoch)."""
-    n, bs = loader.num_samples, loader.batch_size
-    return len(loader) - (1 if len(loader) > 1 and n % bs else 0)
+    return epoch_steps(loader.num_samples, loader.batch_size)
+
+
+def epoch_steps(n: int, batch_size: int) -> int:
+    """Optimisation steps in one pass over `n` images: a ragged last batch takes none unless it is
+    the only one."""
+    return min(n, 1) if n <= batch_size else n // batch_size
 
 
 def train_one_epoch(ctx: StepContext, loader, on_batch: BatchHook | None = None) -> EpochStats:
@@ -270,6 +320,7 @@ class FitHooks:
     on_batch: BatchHook | None = None
     on_epoch: Callable[[dict], None] | None = None
     on_message: Callable[[str], None] | None = None
+    on_start: Callable[[TrainConfig], None] | None = None  # the run's config, epochs and batch size resolved
 
 
 @dataclass
@@ -395,7 +446,7 @@ class _Run:
     def __init__(self, config: TrainConfig, hooks: FitHooks):
         from . import checkpoint
 
-        self.config, self.hooks = config, hooks
+        self.hooks = hooks
         self.run_dir = Path(config.out)
         checkpoint.prepare_output(self.run_dir, config.overwrite, config.resume)
         self.runtime = dev.resolve_runtime(config.device, config.precision, config.num_workers)
@@ -408,6 +459,10 @@ class _Run:
         self.notes: list[str] = []
         for warning in self.train_images.warnings:
             self.note(warning)
+        self.config, chosen = resolve_schedule(config, len(self.train_images))
+        config = self.config
+        if chosen:
+            self.note(chosen)
         self.img_size = config.img_size or (auto_img_size(self.train_images) if config.weights == models.NONE else None)
         if self.img_size and not config.img_size:
             self.note(f"small images: training at {self.img_size} px (set --img-size to change)")
@@ -428,9 +483,8 @@ class _Run:
 
     # -- model and modules
     def build_model(self, weights: str | None) -> None:
-        loaded = models.load_model(self.config.model, weights, len(self.classes), drop_rate=self.config.dropout, img_size=self.img_size)
-        if loaded.classes and loaded.classes != self.classes and weights == self.config.weights:
-            self.note(f"new head for {len(self.classes)} classes (the weights' run had {len(loaded.classes)})")
+        loaded = models.load_model(self.config.model, weights, len(self.classes), drop_rate=self.config.dropout,
+                                   img_size=self.img_size, classes=self.classes)
         self.loaded, self.arch = loaded, loaded.arch
         for note in loaded.notes:
             self.note(note)
@@ -810,10 +864,13 @@ def fit(config: TrainConfig, hooks: FitHooks | None = None) -> FitResult:
         restart = checkpoint.resume_point(config.out) == "start"
         if restart:  # nothing to continue from: the same run from its beginning
             config = dataclasses.replace(config, resume=False, overwrite=True)
-    run = _Run(config, hooks or FitHooks())
+    hooks = hooks or FitHooks()
+    run = _Run(config, hooks)
     run.saved = saved
     if restart:
         run.note("no epoch of the interrupted run had finished: it starts again from the beginning")
+    if hooks.on_start:
+        hooks.on_start(run.config)
     if config.resume:
         _check_same_data(run, saved)
     seed_everything(config.seed)  # the random initialisation of the model and head
@@ -856,9 +913,10 @@ def resume_config(run_dir: Path | str, **given) -> TrainConfig:
 
 
 def _differences(config: TrainConfig, ours: TrainConfig) -> dict:
-    """The fields of `config` that differ from the run's own settings `ours`: what was given."""
+    """The fields of `config` that differ from the run's own settings `ours`: what was given. None
+    is never given: it means "choose for me" (--batch-size, --epochs), and the run has chosen."""
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-            if getattr(config, f.name) != getattr(ours, f.name)}
+            if getattr(config, f.name) is not None and getattr(config, f.name) != getattr(ours, f.name)}
 
 
 def _check_same_data(run: _Run, saved: dict) -> None:

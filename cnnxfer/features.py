@@ -139,14 +139,41 @@ def _open_manifest(config: ExtractConfig, parts_dir: Path, fingerprint: dict) ->
             raise OutputExistsError(f"an interrupted extraction is in {parts_dir}; pass --resume to continue it or --overwrite to start over")
         manifest = checkpoint.read_json(path) if path.exists() else {"fingerprint": fingerprint, "parts": {}}
         if manifest.get("fingerprint") != fingerprint:
-            changed = [k for k in fingerprint if manifest.get("fingerprint", {}).get(k) != fingerprint[k]]
-            raise DataError(f"cannot resume {config.out}: {', '.join(changed)} changed since the interrupted run; use --overwrite")
+            changed = _changes(manifest.get("fingerprint", {}), fingerprint)
+            raise DataError(f"cannot resume {config.out}: {'; '.join(changed)} changed since the interrupted run; "
+                            "run it again with the same options, or use --overwrite to start over")
         return manifest
     shutil.rmtree(parts_dir, ignore_errors=True)
     parts_dir.mkdir(parents=True)
     manifest = {"fingerprint": fingerprint, "parts": {}}
     checkpoint.atomic_write_json(path, manifest)
     return manifest
+
+
+_OPTION_NAMES = {"layers": "--layers", "pool": "--pool", "tta": "--tta", "precision": "--precision",
+                 "data_config": "preprocessing (--img-size)", "model": "--model", "weights": "--weights",
+                 "part_size": "part size", "inputs": "the input images"}
+
+
+def _changes(old: dict, new: dict) -> list[str]:
+    """What differs between two fingerprints, named as the user set it: "--tta none -> flip"."""
+    out = []
+    for key in new:
+        if key == "options":
+            out += _changes(old.get("options") or {}, new["options"])
+        elif old.get(key) != new[key]:
+            name = _OPTION_NAMES.get(key, key)
+            out.append(name if key in ("inputs", "data_config") else
+                       f"{name} {_shown(key, old.get(key))} -> {_shown(key, new[key])}")
+    return out
+
+
+def _shown(key: str, value) -> str:
+    if key == "layers" and isinstance(value, list):  # the columns: embedding, embedding_<layer>...
+        value = [v.removeprefix("embedding_") for v in value if v != column_name(None)]
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "(none)"
+    return str(value)
 
 
 def extract_features(config: ExtractConfig, progress: Progress | None = None) -> ExtractSummary:

@@ -29,32 +29,67 @@ def info_line(message: str) -> None:
     console.print(message, highlight=False, soft_wrap=True)
 
 
+# Without a terminal (a file, CI, nohup, a cluster job) progress is written as plain lines: one at
+# each tenth of the work when PROGRESS_MIN_GAP seconds have passed since the last, and at least every
+# PROGRESS_MAX_GAP seconds; a run of a few seconds writes none (its summary follows at once).
+PROGRESS_MIN_GAP = 5.0
+PROGRESS_MAX_GAP = 60.0
+
+
+def progress_due(state: dict, done: int, total: int, now: float) -> bool:
+    """Whether a progress line is due at time `now` (seconds); `state` starts as {} at time 0."""
+    last, tenth = state.setdefault("last", 0.0), state.setdefault("tenth", 0)
+    reached = int(10 * done / total) if total else 0
+    if now - last >= PROGRESS_MAX_GAP or (reached > tenth and now - last >= PROGRESS_MIN_GAP):
+        state.update(last=now, tenth=reached)
+        return True
+    return False
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else (
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
+
+
 @contextlib.contextmanager
 def image_progress(description: str) -> Iterator:
-    """A progress bar with images/s; yields a callback (done, total)."""
+    """A progress bar with images/s on a terminal, throttled plain lines otherwise; yields a
+    callback (done, total)."""
+    import time
+
+    terminal = err_console.is_terminal
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=err_console, transient=False, disable=not err_console.is_terminal,
+        console=err_console, transient=False, disable=not terminal,
     )
-    task = None
-    start = [None]
+    task, start, due = None, None, {}
 
     def update(done: int, total: int) -> None:
-        import time
-
-        nonlocal task
+        nonlocal task, start
         now = time.perf_counter()
-        if task is None:
-            task = progress.add_task(description, total=total, completed=done, rate="")
-            start[0] = (now, done)
+        if start is None:
+            start = (now, done)
+            if terminal:
+                task = progress.add_task(description, total=total, completed=done, rate="")
             return
-        t0, d0 = start[0]
+        t0, d0 = start
         rate = (done - d0) / (now - t0) if now > t0 else 0.0
-        progress.update(task, completed=done, total=total, rate=f"{rate:,.1f} img/s")
+        if terminal:
+            progress.update(task, completed=done, total=total, rate=f"{rate:,.1f} img/s")
+        elif progress_due(due, done, total, now - t0):
+            left = f", about {_duration((total - done) / rate)} left" if rate > 0 and done < total else ""
+            _plain(f"{description}: {done:,}/{total:,} images ({done / max(total, 1):.0%}), {rate:,.1f} img/s, "
+                   f"{_duration(now - t0)} elapsed{left}")
 
     with progress:
         yield update
+
+
+def _plain(line: str) -> None:
+    """One log line on stderr, never wrapped, without markup."""
+    err_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def table(title: str, rows: list[tuple], headers: tuple = ("", "")) -> Table:
@@ -98,37 +133,63 @@ def extract_summary(s) -> None:
     show(table("extract", rows))
 
 
+def epoch_line(row: dict, epochs: int) -> str:
+    """One finished epoch in under 80 columns, so that it neither wraps in an 80-column terminal
+    nor leaves its time on a line of its own in a log file; greppable: `grep ^epoch`."""
+    width = len(str(epochs))
+    val = row["val_loss"]
+    val_text = f"val {val:.4f} {row['val_accuracy']:6.1%}" if val == val else "val -"  # NaN: no validation set
+    return (f"epoch {row['epoch']:>{width}}/{epochs}  train {row['train_loss']:.4f} {row['train_accuracy']:6.1%}  "
+            f"{val_text}  lr {row['lr']:.1e}  {row['seconds']:.1f}s")
+
+
 @contextlib.contextmanager
-def fit_progress(epochs: int) -> Iterator[tuple]:
-    """Yields (on_batch, on_epoch, on_message) callbacks: a bar per epoch and one line per finished epoch."""
+def fit_progress() -> Iterator[tuple]:
+    """Yields (on_batch, on_epoch, on_message, on_start) callbacks, in engine.FitHooks' order: one
+    line per finished epoch (and a line when the trainable part changes), with a bar for the epoch
+    in progress on a terminal, or a plain line at most every PROGRESS_MAX_GAP seconds without one.
+    The number of epochs comes with on_start (the run may choose it)."""
+    import time
+
+    terminal = err_console.is_terminal
     progress = Progress(
-        TextColumn("[bold]epoch {task.fields[epoch]}/" + str(epochs)), BarColumn(), MofNCompleteColumn(),
+        TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
-        console=err_console, transient=True, disable=not err_console.is_terminal,
+        console=err_console, transient=True, disable=not terminal,
     )
-    state = {"task": None, "epoch": 1}
+    state = {"task": None, "epoch": 1, "phase": "all", "start": None, "due": {}}
+    epochs = 0
+
+    def on_start(config) -> None:
+        nonlocal epochs
+        epochs = config.epochs
 
     def on_batch(step: int, steps: int, loss: float) -> None:
-        if state["task"] is None:
-            state["task"] = progress.add_task("train", total=steps, epoch=state["epoch"], loss="")
-        progress.update(state["task"], completed=step, total=steps, loss=f"{loss:.4f}")
+        if terminal:
+            if state["task"] is None:
+                state["task"] = progress.add_task("train", total=steps, epoch=state["epoch"], epochs=epochs, loss="")
+            progress.update(state["task"], completed=step, total=steps, loss=f"{loss:.4f}")
+            return
+        now = time.perf_counter()
+        state["start"] = state["start"] or now
+        if now - state["start"] >= PROGRESS_MAX_GAP and progress_due(state["due"], 0, 0, now - state["start"]):
+            _plain(f"epoch {state['epoch']}/{epochs}  batch {step}/{steps}  loss {loss:.4f}")
 
     def on_epoch(row: dict) -> None:
         if state["task"] is not None:
             progress.remove_task(state["task"])
-            state["task"] = None
-        state["epoch"] = row["epoch"] + 1
-        progress.console.print(
-            f"epoch {row['epoch']:>3} [{row['phase']}]  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f}"
-            f"  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f}  lr {row['lr']:.2e}  {row['seconds']:.1f}s",
-            highlight=False,
-        )
+        state.update(task=None, epoch=row["epoch"] + 1, start=None, due={})
+        if row["phase"] != state["phase"]:  # gradual unfreezing: say what trains from this epoch on
+            state["phase"] = row["phase"]
+            progress.console.print(f"training {row['phase']} from epoch {row['epoch']}", markup=False, highlight=False,
+                                   soft_wrap=True)
+        progress.console.print(epoch_line(row, epochs), markup=False, highlight=False, soft_wrap=True)
 
     def on_message(message: str) -> None:
         progress.console.print(f"[cyan]note:[/] {message}", highlight=False, soft_wrap=True)
 
     with progress:
-        yield on_batch, on_epoch, on_message
+        yield on_batch, on_epoch, on_message, on_start
 
 
 def fit_summary(result, notes_shown: bool = False) -> None:
@@ -180,45 +241,60 @@ def save_run_plots(run_dir) -> list:
     """curves.png (loss and accuracy per epoch) and confusion_matrix.png from a run directory's CSVs."""
     from pathlib import Path
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import pandas as pd
-
-    from .checkpoint import atomic_path
 
     run_dir, written = Path(run_dir), []
     if (run_dir / "metrics.csv").exists():
-        m = pd.read_csv(run_dir / "metrics.csv")
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, metric in zip(axes, ("loss", "accuracy")):
-            ax.plot(m["epoch"], m[f"train_{metric}"], "o-", label="train")
-            ax.plot(m["epoch"], m[f"val_{metric}"], "o-", label="val")
-            ax.set_xlabel("epoch"), ax.set_ylabel(metric), ax.grid(alpha=0.3), ax.legend()
-        written.append(_save_fig(fig, run_dir / "curves.png", atomic_path))
+        written.append(_save_fig(curves_figure(pd.read_csv(run_dir / "metrics.csv")), run_dir / "curves.png"))
     if (run_dir / "confusion_matrix.csv").exists():
         cm = pd.read_csv(run_dir / "confusion_matrix.csv", index_col=0)
-        n = len(cm)
-        fig, ax = plt.subplots(figsize=(max(4, 0.5 * n + 2), max(3.5, 0.5 * n + 1.5)))
-        ax.imshow(cm.values, cmap="Blues")
-        ax.set_xticks(range(n), cm.columns, rotation=45, ha="right"), ax.set_yticks(range(n), cm.index)
-        ax.set_xlabel("predicted"), ax.set_ylabel("true")
-        if n <= 30:
-            for i in range(n):
-                for j in range(n):
-                    ax.text(j, i, int(cm.values[i, j]), ha="center", va="center", fontsize=8)
-        written.append(_save_fig(fig, run_dir / "confusion_matrix.png", atomic_path))
+        written.append(_save_fig(confusion_figure(cm), run_dir / "confusion_matrix.png"))
     return written
 
 
-def _save_fig(fig, path, atomic_path):
-    import matplotlib.pyplot as plt
+def _figure(figsize):
+    """A figure that renders straight to files. Built from matplotlib.figure, not pyplot: pyplot would
+    need a backend switch (matplotlib.use), which changes the backend of whoever imported cnnxfer,
+    a notebook's inline plots included, and keeps figures in a global registry."""
+    from matplotlib.figure import Figure
 
-    fig.tight_layout()
+    return Figure(figsize=figsize, layout="tight")
+
+
+def curves_figure(metrics):
+    """Loss and accuracy per epoch, train and val. The loss axis is logarithmic: a first-epoch
+    validation loss of 30 (BatchNorm statistics not settled yet) above a curve near 0.5 would
+    otherwise flatten the rest of the curve against the bottom of a linear axis."""
+    fig = _figure((10, 4))
+    for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy")):
+        for split in ("train", "val"):
+            ax.plot(metrics["epoch"], metrics[f"{split}_{metric}"], "o-", label=split)
+        if metric == "loss":
+            ax.set_yscale("log")
+        ax.set_xlabel("epoch"), ax.set_ylabel(metric + (" (log scale)" if metric == "loss" else "")), ax.grid(alpha=0.3)
+        ax.legend()
+    return fig
+
+
+def confusion_figure(cm):
+    n = len(cm)
+    fig = _figure((max(4, 0.5 * n + 2), max(3.5, 0.5 * n + 1.5)))
+    ax = fig.subplots()
+    ax.imshow(cm.values, cmap="Blues")
+    ax.set_xticks(range(n), cm.columns, rotation=45, ha="right"), ax.set_yticks(range(n), cm.index)
+    ax.set_xlabel("predicted"), ax.set_ylabel("true")
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(cm.values[i, j]), ha="center", va="center", fontsize=8)
+    return fig
+
+
+def _save_fig(fig, path):
+    from .checkpoint import atomic_path
+
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -228,6 +304,9 @@ def evaluation_summary(result, title: str = "evaluate") -> None:
     rows = [("data", str(result.data))] if getattr(result, "data", None) else []
     rows += [("accuracy", f"{result.accuracy:.4f}"), ("images", f"{result.images:,}"),
             ("skipped", f"{result.skipped:,}" + (f" (listed in {result.skipped_file})" if result.skipped_file else ""))]
+    if getattr(result, "trained_on", 0):
+        warn(f"{result.trained_on:,} of the {result.images:,} images evaluated trained this run: the accuracy is "
+             f"optimistic; evaluate on images it never saw for a fair estimate")
     show(table(title, rows))
     per_class = Table(title="per class", title_justify="left")
     for col in ("class", "precision", "recall", "f1", "support"):
@@ -252,12 +331,16 @@ def predictions_summary(pred, out, skipped_file) -> None:
 
 @contextlib.contextmanager
 def status(description: str) -> Iterator:
-    """A spinner naming the step in progress; yields a callback(step name)."""
+    """A spinner naming the step in progress on a terminal, a line per step otherwise; yields a
+    callback(step name)."""
+    if not err_console.is_terminal:
+        yield lambda step: _plain(f"{description}: {step}")
+        return
     with err_console.status(description) as spinner:
         yield lambda step: spinner.update(f"{description}: {step}")
 
 
-_STYLE = {"PASS": "green", "WARN": "yellow", "FAIL": "bold red", "SKIP": "dim"}
+_STYLE = {"PASS": "green", "WARN": "yellow", "FAIL": "bold red", "SKIP": "dim", "ERROR": "bold magenta"}
 
 
 def sanity_report(result) -> None:
@@ -272,31 +355,24 @@ def sanity_report(result) -> None:
     for col in ("check", "status", "result", "look at"):
         t.add_column(col, overflow="fold")
     for c in result.checks:
-        t.add_row(c.name, f"[{_STYLE.get(c.status, '')}]{c.status}[/]", c.summary, c.hint if c.status in ("WARN", "FAIL") else "")
+        t.add_row(c.name, f"[{_STYLE.get(c.status, '')}]{c.status}[/]", c.summary, c.hint if c.status in ("WARN", "FAIL", "ERROR") else "")
     show(t)
     counts = result.to_dict()["counts"]
     info_line(f"{counts['PASS']} passed, {counts['WARN']} warned, {counts['FAIL']} failed"
+              + (f", {counts['ERROR']} raised an error" if counts.get("ERROR") else "")
               + (f"; unreadable files listed in {result.skipped_file}" if result.skipped_file else "")
               + (f"; lr plot in {result.lr_plot}" if result.lr_plot else ""))
 
 
 def save_lr_plot(details: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .checkpoint import atomic_path
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = _figure((6, 4))
+    ax = fig.subplots()
     ax.plot(details["lrs"], details["losses"])
     ax.set_xscale("log"), ax.set_xlabel("learning rate"), ax.set_ylabel("loss (smoothed)"), ax.grid(alpha=0.3)
     if details.get("suggested_lr"):
         ax.axvline(details["suggested_lr"], color="green", linestyle="--", label=f"suggested {details['suggested_lr']:.2g}")
     if details.get("configured_lr"):
         ax.axvline(details["configured_lr"], color="red", linestyle=":", label=f"configured {details['configured_lr']:.2g}")
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    if ax.get_legend_handles_labels()[1]:  # an empty legend() warns on stderr
+        ax.legend()
+    _save_fig(fig, path)

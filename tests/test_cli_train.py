@@ -97,6 +97,30 @@ def test_finetune_accepts_a_run_directory_as_weights(finished_run, colours, tmp_
     assert json.loads((tmp_path / "tuned" / "config.json").read_text())["model"] == "test_resnet"
 
 
+@pytest.mark.parametrize("classes", [("blue", "red"), ("a", "b", "c")])
+def test_finetuning_a_run_on_other_classes_announces_one_new_head(finished_run, colours, tmp_path, classes):
+    """Fewer classes, or as many under other names: the run's head belongs to its own classes, so
+    the head is new (said once) and the backbone is the run's."""
+    data = tmp_path / "data"
+    for name, source in zip(classes, sorted(COLOURS)):
+        (data / name).mkdir(parents=True)
+        for f in sorted((colours / source).iterdir()):
+            (data / name / f.name).write_bytes(f.read_bytes())
+    result = _invoke("finetune", data, "--weights", finished_run, "--strategy", "linear", "--epochs", "1",
+                     "--out", tmp_path / "tuned", *FAST)
+    assert result.exit_code == 0, result.stderr
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:") and ("classifier" in line or "head" in line)]
+    assert len(notes) == 1 and f"new classifier for classes {', '.join(classes)}" in notes[0], result.stderr
+    before = load_file(str(finished_run / "model.safetensors"))
+    after = load_file(str(tmp_path / "tuned" / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("fc."))
+    from cnnxfer import models
+
+    for names, kept in ((list(classes), False), (sorted(COLOURS), True)):  # the head a fine-tuning run starts from
+        start = models.load_model(None, str(finished_run), len(names), classes=names).model.state_dict()["fc.weight"]
+        assert torch.equal(start, before["fc.weight"]) == kept, names
+
+
 def test_existing_run_directory_without_overwrite_exits_2_untouched(finished_run, colours):
     before = {p.name: p.stat().st_mtime_ns for p in finished_run.iterdir()}
     result = _invoke("train", colours, "--model", "test_resnet", "--epochs", "1", "--out", finished_run, *FAST)
@@ -166,6 +190,45 @@ def test_unreadable_images_are_skipped_and_strict_fails(tmp_path):
     assert result.exit_code == 1 and "--strict: 1 unreadable image(s)" in result.stderr
     assert "zero.png" in (tmp_path / "strict" / "skipped.csv").read_text()
     assert not (tmp_path / "strict" / "metrics.csv").exists()  # stopped after the first pass, not at the end
+
+
+# ---------------------------------------------------------------- logs without a terminal
+
+EPOCH_LINE = r"epoch +\d+/\d+  train \d+\.\d{4} +\d+\.\d%  val (\d+\.\d{4} +\d+\.\d%|-)  lr \d\.\de[+-]\d\d  \d+\.\ds"
+
+
+def test_a_log_file_gets_one_clean_line_per_epoch(colours, tmp_path):
+    """Piped to a file (CI, nohup, a cluster job): each epoch is one line under 80 columns, its time
+    included, and nothing of the terminal's progress bar (carriage returns, escape codes)."""
+    import re
+
+    proc = cnnxfer_process("train", colours, "--model", "test_resnet", "--epochs", "3", "--out", tmp_path / "run", *FAST)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    lines = stderr.splitlines()
+    epochs = [line for line in lines if line.startswith("epoch")]
+    assert len(epochs) == 3 and all(re.fullmatch(EPOCH_LINE, line) for line in epochs), epochs
+    assert all(len(line) < 80 for line in epochs)
+    assert not [line for line in lines if re.fullmatch(r"\s*\d+(\.\d+)?s\s*", line)]
+    assert "\r" not in stderr + stdout and "\x1b" not in stderr + stdout
+
+
+def test_an_oversized_image_is_skipped_without_a_raw_pillow_warning(tmp_path):
+    """A 92 MP photo (over Pillow's 89.5 MP default, under twice it, where Image.open only warns) is
+    listed as skipped by train and by sanity-check, with no DecompressionBombWarning on stderr."""
+    data = write_colour_folder(tmp_path / "data", {"blue": 8, "red": 8})
+    Image.new("L", (9600, 9600), 128).save(data / "red" / "huge.png")  # 110 kB: PNG compresses it
+    proc = cnnxfer_process("train", data, "--model", "test_resnet", "--epochs", "1", "--out", tmp_path / "run", *FAST)
+    _, train_err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, train_err
+    assert "huge.png,too many pixels" in (tmp_path / "run" / "skipped.csv").read_text()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    sanity = subprocess.run([sys.executable, "-m", "cnnxfer", "sanity-check", str(data), "--model", "test_resnet",
+                             "--only", "data", "--img-size", "32"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert "huge.png" in (tmp_path / "sanity.skipped.csv").read_text()
+    for stderr in (train_err, sanity.stderr):
+        assert "Warning" not in stderr and "warnings.warn" not in stderr, stderr
 
 
 # ---------------------------------------------------------------- signals and --resume

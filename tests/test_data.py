@@ -77,13 +77,15 @@ def test_empty_and_missing_inputs_are_data_errors(tmp_path):
         data.discover(tmp_path / "missing")
     (tmp_path / "nothing").mkdir()
     with pytest.raises(DataError, match="no class folders"):
-        data.discover(tmp_path / "nothing")
+        data.discover(tmp_path / "nothing", labelled=True)
+    with pytest.raises(DataError, match=r"no images found \(looked for images in it, or in one subfolder per class\)"):
+        data.discover(tmp_path / "nothing")  # extract and predict take flat folders too
     (tmp_path / "only_empty" / "a").mkdir(parents=True)
     (tmp_path / "only_empty" / "a" / "readme.txt").write_text("x")
     with pytest.raises(DataError, match="no images found"):
         data.discover(tmp_path / "only_empty")
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(DataError, match="expected a folder of images or a .csv"):
+    with pytest.raises(DataError, match="expected an image, a folder of images or a .csv"):
         data.discover(tmp_path / "notes.txt")
 
 

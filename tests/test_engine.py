@@ -7,6 +7,7 @@ the test saved itself, a second run that takes another code path, or an uninterr
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -438,6 +439,54 @@ def test_a_run_with_few_optimizer_steps_says_so_as_it_starts(colours, tmp_path):
     assert shown == result.notes  # every note reaches the hook as it is made
     result = fit(colours, tmp_path / "enough", model="test_resnet", weights="none", epochs=7, batch_size=2)  # 15 x 7 = 105
     assert not [n for n in result.notes if "optimizer step" in n]
+
+@pytest.mark.parametrize("n, weights, expected", [
+    (15, "hub", (5, 100)),  # the demo's 3 labels x 5 digits: 3 steps per epoch, 300 in all
+    (15, "none", (5, 100)),
+    (120, "none", (15, 38)),
+    (900, "hub", (64, 22)),  # 14 steps per epoch: 10 epochs would be 140 steps
+    (900, "none", (64, 30)),
+    (5000, "hub", (64, 10)),  # a large dataset keeps the usual defaults
+])
+def test_left_out_batch_size_and_epochs_are_chosen_from_the_dataset_size(n, weights, expected):
+    config, note = engine.resolve_schedule(TrainConfig(data=Path("."), out=Path("o"), weights=weights), n)
+    assert (config.batch_size, config.epochs) == expected
+    steps = config.epochs * (1 if n <= config.batch_size else n // config.batch_size)
+    assert steps >= 300 and n - (n // config.batch_size) * config.batch_size < max(1, n // config.batch_size)
+    assert (note is None) == (expected in ((64, 10), (64, 30)))
+
+
+def test_the_users_batch_size_and_epochs_are_kept():
+    config, note = engine.resolve_schedule(TrainConfig(data=Path("."), out=Path("o"), batch_size=16), 15)
+    assert (config.batch_size, config.epochs) == (16, 300) and "--epochs 300" in note and "--batch-size" not in note
+    config, note = engine.resolve_schedule(TrainConfig(data=Path("."), out=Path("o"), batch_size=64, epochs=2), 15)
+    assert (config.batch_size, config.epochs, note) == (64, 2, None)
+
+
+def test_a_small_dataset_with_default_options_gets_enough_steps_and_resumes_exactly(tmp_path):
+    """32 images, --batch-size and --epochs left out: 8 batches of 4 for 38 epochs (304 steps),
+    said once, recorded in config.json; a run interrupted at epoch 20 resumes to the same result."""
+    data = write_colour_folder(tmp_path / "data", {"blue": 16, "red": 16})
+    common = dict(model="test_resnet", weights="none", val_split=0.0, batch_size=None)
+    shown = []
+    whole = fit(data, tmp_path / "whole", engine.FitHooks(on_message=shown.append), **common)
+    assert [n for n in shown if "chosen" in n] == [
+        "32 training images: --batch-size 4 and --epochs 38 chosen (304 optimizer steps in all); set --batch-size and "
+        "--epochs to choose otherwise"]
+    saved = json.loads((whole.run_dir / "config.json").read_text())["train_config"]
+    assert (saved["batch_size"], saved["epochs"]) == (4, 38) and len(whole.history) == 38
+
+    def stop_at_20(row):
+        if row["epoch"] == 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(data, tmp_path / "cut", engine.FitHooks(on_epoch=stop_at_20), **common)
+    started = []
+    engine.fit(engine.resume_config(tmp_path / "cut"), engine.FitHooks(on_start=started.append))
+    assert (started[0].batch_size, started[0].epochs) == (4, 38)
+    assert without_seconds(read_metrics(tmp_path / "cut")) == without_seconds(read_metrics(tmp_path / "whole"))
+
 
 def test_a_class_with_only_unreadable_images_is_named(tmp_path):
     data = write_colour_folder(tmp_path / "data", {"blue": 6, "green": 6})
