@@ -91,7 +91,7 @@ def handle_errors(fn=None, *, interrupted=None):
 def _extract_interrupted(kwargs) -> str:
     from .checkpoint import parts_dir
 
-    if parts_dir(kwargs["out"]).is_dir():
+    if any(parts_dir(kwargs["out"]).glob("part-*.json")):  # a part's record is written once it is complete
         return "finished parts were kept - re-run with --resume to continue"
     return "nothing was saved yet - run the same command again"
 
@@ -136,11 +136,12 @@ def extract(
     tta: Annotated[cfg.Tta, typer.Option("--tta", help="flip: average with the mirrored image.")] = cfg.Tta.none,
     img_size: ImgSize = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = _default(_E, "batch_size"),
+    part_size: Annotated[int, typer.Option("--part-size", min=1, help="Images per finished part: the most a kill can cost, and the unit of work of each process under torchrun.")] = _default(_E, "part_size"),
     workers: Workers = None,
     max_image_pixels: MaxPixels = DEFAULT_MAX_IMAGE_PIXELS,
     device: Device = "auto",
     precision: PrecisionOpt = cfg.Precision.auto,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted extraction into the same --out.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted extraction into the same --out (with any number of processes).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
     strict: Strict = False,
 ) -> None:
@@ -154,6 +155,7 @@ def extract(
         data=data, out=out, model=model, weights=weights, layers=tuple(l for l in (layers or "").split(",") if l.strip()),
         pool=pool, tta=tta, img_size=img_size, batch_size=batch_size, num_workers=workers, device=device,
         precision=precision, resume=resume, overwrite=overwrite, strict=strict, max_image_pixels=max_image_pixels,
+        part_size=part_size,
     )
     with report.image_progress("extract") as progress:
         summary = features.extract_features(config, progress)

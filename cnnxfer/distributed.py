@@ -12,7 +12,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 DEFAULT_TIMEOUT_S = 1800.0  # a collective waits at most this long for a slow or dead rank
 
@@ -134,6 +134,21 @@ def broadcast(obj: Any, src: int = 0) -> Any:
     box = [obj]
     tdist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def main_first(fn: Callable[[], Any]) -> Any:
+    """Run `fn` on rank 0 alone (preparing a shared output folder, say); every rank then returns
+    its result, or raises the exception it raised, so a bad input ends every rank the same way."""
+    result, error = None, None
+    if current().is_main:
+        try:
+            result = fn()
+        except Exception as exc:  # raised on every rank below
+            error = exc
+    result, error = broadcast((result, error))
+    if error is not None:
+        raise error
+    return result
 
 
 def any_rank(flag: bool) -> bool:

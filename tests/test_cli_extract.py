@@ -351,9 +351,9 @@ def test_signal_exit_code_then_resume(tmp_path, make_images, resnet10t_weights, 
     deadline = time.monotonic() + 60
 
     def ready() -> bool:
-        # "start": the manifest is written just before the loader forks its worker (a signal during
-        # fork() used to be lost in CPython's at-fork hooks); "mid-part": a part file is being written
-        return (parts / "manifest.json").exists() if when == "start" else bool(list(parts.glob("part-*.tmp")))
+        # "start": the job is written just before the loader starts (a signal during a loader's fork()
+        # used to be lost in CPython's at-fork hooks); "mid-part": a part file is being written
+        return (parts / "job.json").exists() if when == "start" else bool(list(parts.glob("part-*.tmp")))
 
     while not ready() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
