@@ -142,7 +142,8 @@ def _open_parts(config: ExtractConfig, parts_dir: Path, fingerprint: dict) -> di
 
     def prepare() -> None:
         job = parts_dir / JOB_FILE
-        if parts_dir.exists() and not config.overwrite:
+        finished = parts_dir.is_dir() and any(parts_dir.glob("part-*.json"))  # else nothing to keep or lose
+        if finished and not config.overwrite:
             if not config.resume:
                 raise OutputExistsError(f"an interrupted extraction is in {parts_dir}; pass --resume to continue it or "
                                         "--overwrite to start over")
