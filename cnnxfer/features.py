@@ -315,6 +315,8 @@ def _run_parts(config: ExtractConfig, job: _Job, parts_dir: Path, todo: list[int
                 idx = batch.indices.tolist()
                 labels = [images.classes[images.labels[i]] if images.labels[i] is not None else None for i in idx]
                 part.write([str(images.paths[i]) for i in idx], labels, job.embedder(batch.images))
+            if part.rows + len(part.skipped) == min((part.part + 1) * config.part_size, len(images)) - part.part * config.part_size:
+                part.start(None)  # its last image is in: the part is finished now, not when the next one starts
             done += (len(batch.indices) + len(batch.skipped)) * scale
             if progress:
                 progress(min(done, len(images)), len(images))

@@ -403,7 +403,7 @@ def test_a_resume_with_other_options_names_them(tmp_path, make_images, test_resn
     with pytest.raises(KeyboardInterrupt):
         extract_features(ExtractConfig(data=tmp_path / "ds", out=out, model="test_resnet", weights=str(test_resnet_weights),
                                        img_size=32, num_workers=0, batch_size=2, part_size=4, precision="fp32"), interrupt)
-    assert (tmp_path / "f.parquet.parts" / "manifest.json").exists()
+    assert (tmp_path / "f.parquet.parts" / "part-000000.json").exists()  # the first part finished
     result = cli_runner.invoke(app, ["extract", str(tmp_path / "ds"), *_fast(test_resnet_weights, out, "--resume",
                                                                               "--tta", "flip", "--layers", "layer1")])
     assert result.exit_code == 2, result.stderr
