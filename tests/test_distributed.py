@@ -340,3 +340,28 @@ def test_sigterm_to_one_rank_ends_the_job_with_143_and_keeps_the_epochs(tmp_path
     _, stderr = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 143, stderr[-3000:]
     assert (run_dir / "state.pt").exists() and "--resume" in stderr
+
+
+def test_predict_and_evaluate_over_two_processes_equal_one(tmp_path, odd_colours, net):
+    """9 + 30 images over 2 processes: every image once, the same CSV and the same metrics."""
+    import json
+
+    import pandas as pd
+
+    _one_process(odd_colours, tmp_path / "run", model=net, weights="none", epochs=1, batch_size=8)
+    common = ["--weights", tmp_path / "run", "--precision", "fp32", "--batch-size", "5"]
+    for n, suffix in ((1, "one"), (2, "two")):
+        head = [sys.executable, "-m", "cnnxfer"]
+        tail = ["--nproc", str(n)]
+        pred = subprocess.run([*head, "predict", str(odd_colours), "--out", str(tmp_path / f"{suffix}.csv"),
+                               *map(str, common), *tail], capture_output=True, text=True, env=_env(), timeout=TIMEOUT)
+        assert pred.returncode == 0, pred.stderr[-3000:]
+        ev = subprocess.run([*head, "evaluate", str(odd_colours), "--json", str(tmp_path / f"{suffix}.json"),
+                             *map(str, common), *tail], capture_output=True, text=True, env=_env(), timeout=TIMEOUT)
+        assert ev.returncode == 0, ev.stderr[-3000:]
+    a, b = pd.read_csv(tmp_path / "one.csv"), pd.read_csv(tmp_path / "two.csv")
+    assert list(a["path"]) == list(b["path"]) and len(b) == 39 and list(a["prediction"]) == list(b["prediction"])
+    np.testing.assert_allclose(a["probability"], b["probability"], atol=1e-5)
+    ja, jb = (json.loads((tmp_path / f"{s}.json").read_text()) for s in ("one", "two"))
+    assert ja["images"] == jb["images"] == 39 and ja["confusion_matrix"] == jb["confusion_matrix"]
+    assert ja["accuracy"] == pytest.approx(jb["accuracy"]) and ja["loss"] == pytest.approx(jb["loss"], abs=1e-5)
