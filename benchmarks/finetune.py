@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, print_table, save_random_weights, verdict
 
-from cnnxfer import engine
+from cnnxfer import engine, training, recipe
 from cnnxfer.config import Strategy, TrainConfig
 
 SIZE, BATCH = 64, 64
@@ -78,7 +78,7 @@ def bench_linear(data: Path, weights: Path, model: str, epochs: int, work: Path)
     out = {}
     for cache in (True, False):
         start = time.perf_counter()
-        result = engine.fit(TrainConfig(data=data, out=work / f"linear_{cache}", model=model, weights=str(weights),
+        result = training.fit(TrainConfig(data=data, out=work / f"linear_{cache}", model=model, weights=str(weights),
                                         strategy=Strategy.linear, cache_features=cache, epochs=epochs, batch_size=BATCH,
                                         img_size=SIZE, overwrite=True))
         seconds = [h["seconds"] for h in result.history]
@@ -92,9 +92,9 @@ def bench_linear(data: Path, weights: Path, model: str, epochs: int, work: Path)
 def bench_cnnxfer_train(data: Path, model: str, epochs: int, augment: bool, work: Path) -> dict:
     timer = StepTimer()
     start = time.perf_counter()
-    result = engine.fit(TrainConfig(data=data, out=work / "train", model=model, weights="none", epochs=epochs,
+    result = training.fit(TrainConfig(data=data, out=work / "train", model=model, weights="none", epochs=epochs,
                                     batch_size=BATCH, augment=augment, hflip=0.0, overwrite=True),
-                        engine.FitHooks(on_batch=timer))
+                        training.FitHooks(on_batch=timer))
     total = time.perf_counter() - start
     steps = sum(len(t) for t in timer.epochs)
     return {"step_ips": timer.images_per_second(BATCH), "e2e_ips": steps * BATCH / total, "steps": steps,
@@ -112,7 +112,7 @@ def _load_split(folder: Path, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
 
 def bench_plain(data: Path, model_name: str, steps: int) -> dict:
     """What a tutorial loop does: fp32, NCHW, SGD + cosine, images already in memory; the same
-    hyperparameters as cnnxfer's defaults for `train` (engine.resolve_hparams)."""
+    hyperparameters as cnnxfer's defaults for `train` (recipe.resolve_hparams)."""
     import timm
 
     torch.manual_seed(0)
@@ -120,7 +120,7 @@ def bench_plain(data: Path, model_name: str, steps: int) -> dict:
     mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
     x_train, y_train = _load_split(data / "train", mean, std)
     x_val, y_val = _load_split(data / "val", mean, std)
-    hp = engine.resolve_hparams(TrainConfig(data=data, out=data, weights="none", batch_size=BATCH))
+    hp = recipe.resolve_hparams(TrainConfig(data=data, out=data, weights="none", batch_size=BATCH))
     lr, wd = hp["lr"], hp["weight_decay"]
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]

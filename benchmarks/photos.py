@@ -203,13 +203,13 @@ def embedding_agreement(folder: Path, weights: str, work: Path, model: str | Non
 def finetune_both_ways(folder: Path, weights: Path, work: Path, epochs: int = 4) -> dict:
     """The same finetune with the image cache at the working resolution (cnnxfer's defaults) and
     streaming full decodes from disk every epoch (the old behaviour)."""
-    from cnnxfer import engine
+    from cnnxfer import training
     from cnnxfer.config import TrainConfig
 
     out = {}
     for label, options in (("cache", dict(cache_images="on")), ("stream_full", dict(cache_images="off", reduced_decode=False))):
         start = time.perf_counter()
-        result = engine.fit(TrainConfig(data=folder, out=work / f"ft_{label}", model=MODEL, weights=str(weights),
+        result = training.fit(TrainConfig(data=folder, out=work / f"ft_{label}", model=MODEL, weights=str(weights),
                                         strategy="full", epochs=epochs, batch_size=BATCH, overwrite=True,
                                         checkpoint_every=1e9, **options))
         steady = [row["seconds"] for row in result.history[1:]]

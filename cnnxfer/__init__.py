@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "ExtractConfig": "config", "TrainConfig": "config", "SanityConfig": "config",
-    "FitHooks": "engine", "FitResult": "engine", "fit": "engine", "resume_config": "engine",
+    "FitHooks": "training", "FitResult": "training", "fit": "training", "resume_config": "training",
     "CnnxferError": "errors",
     "evaluate_folder": "evaluate", "predict_folder": "evaluate",
     "ExtractSummary": "features", "extract_features": "features", "read_features": "features",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 import signal
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -68,10 +69,15 @@ def handle_errors(fn=None, *, interrupted=None):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from . import report  # here, not at import: --help and usage errors never load rich's console
+        from . import distributed, report  # here, not at import: --help and usage errors never load rich's console
 
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
+            rank = distributed.from_environment()
+            report.for_process(rank.rank, rank.world)
+            nproc = kwargs.pop("nproc", 1) or 1
+            if nproc > 1 and not rank.enabled:  # --nproc: this same command line under torchrun
+                raise typer.Exit(distributed.relaunch(nproc, sys.argv[1:]))
             return fn(*args, **kwargs)
         except CnnxferError as exc:
             report.error(str(exc))
@@ -91,7 +97,7 @@ def handle_errors(fn=None, *, interrupted=None):
 def _extract_interrupted(kwargs) -> str:
     from .checkpoint import parts_dir
 
-    if parts_dir(kwargs["out"]).is_dir():
+    if any(parts_dir(kwargs["out"]).glob("part-*.json")):  # a part's record is written once it is complete
         return "finished parts were kept - re-run with --resume to continue"
     return "nothing was saved yet - run the same command again"
 
@@ -136,13 +142,15 @@ def extract(
     tta: Annotated[cfg.Tta, typer.Option("--tta", help="flip: average with the mirrored image.")] = cfg.Tta.none,
     img_size: ImgSize = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = _default(_E, "batch_size"),
+    part_size: Annotated[int, typer.Option("--part-size", min=1, help="Images per finished part: the most a kill can cost, and the unit of work of each process under torchrun.")] = _default(_E, "part_size"),
     workers: Workers = None,
     max_image_pixels: MaxPixels = DEFAULT_MAX_IMAGE_PIXELS,
     device: Device = "auto",
     precision: PrecisionOpt = cfg.Precision.auto,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted extraction into the same --out.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted extraction into the same --out (with any number of processes).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
     strict: Strict = False,
+    nproc: Nproc = 1,
 ) -> None:
     """Level 1: embed every image with a pretrained CNN and write the features to Parquet.
 
@@ -154,6 +162,7 @@ def extract(
         data=data, out=out, model=model, weights=weights, layers=tuple(l for l in (layers or "").split(",") if l.strip()),
         pool=pool, tta=tta, img_size=img_size, batch_size=batch_size, num_workers=workers, device=device,
         precision=precision, resume=resume, overwrite=overwrite, strict=strict, max_image_pixels=max_image_pixels,
+        part_size=part_size,
     )
     with report.image_progress("extract") as progress:
         summary = features.extract_features(config, progress)
@@ -183,6 +192,8 @@ Seed = Annotated[int, typer.Option("--seed", help="Seed of every random choice (
 Resume = Annotated[Optional[Path], typer.Option("--resume", exists=True, file_okay=False, help="Continue an interrupted run directory from its last saved epoch with the run's own settings. Only options that say where and how to run may be given beside it: --device, --workers, --checkpoint-every, --cache-images, --strict, DATA (the same images moved), --precision (the same dtype).")]
 CheckpointEvery = Annotated[float, typer.Option("--checkpoint-every", min=0, help="Seconds between checkpoint writes (0: every epoch). Ctrl-C and SIGTERM always save the last finished epoch.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")]
+Nproc = Annotated[int, typer.Option("--nproc", min=1, help="Processes on this machine, one per GPU: runs this command under torchrun (--standalone --nproc-per-node N). For several machines or SLURM, launch cnnxfer with torchrun or srun instead (README).")]
+SyncBn = Annotated[bool, typer.Option("--sync-bn", help="Several GPUs: BatchNorm statistics over the whole global batch (SyncBatchNorm). Without it each process normalises its share and the running statistics are averaged before every evaluation.")]
 
 
 _PARAM_FIELDS = {"workers": "num_workers", "cache": "cache_features"}  # options whose TrainConfig field is named otherwise
@@ -198,7 +209,7 @@ def _given(ctx: typer.Context) -> set[str]:
 
 
 def _run_fit(ctx: typer.Context, values: dict, resume: Optional[Path]) -> None:
-    from . import engine, report
+    from . import report, training
     from .errors import UsageError
 
     if resume is None and values["data"] is None:
@@ -206,9 +217,9 @@ def _run_fit(ctx: typer.Context, values: dict, resume: Optional[Path]) -> None:
     if resume is None:
         config = cfg.TrainConfig(**values)
     else:  # the run's own settings; what was typed beside --resume is applied or refused, never ignored
-        config = engine.resume_config(resume, **{k: v for k, v in values.items() if k in _given(ctx)})
+        config = training.resume_config(resume, **{k: v for k, v in values.items() if k in _given(ctx)})
     with report.fit_progress() as hooks:
-        result = engine.fit(config, engine.FitHooks(*hooks))
+        result = training.fit(config, training.FitHooks(*hooks))
     report.save_run_plots(result.run_dir)
     report.fit_summary(result, notes_shown=True)
 
@@ -250,6 +261,8 @@ def finetune(
     checkpoint_every: CheckpointEvery = _default(_T, "checkpoint_every"),
     overwrite: Overwrite = False,
     strict: Strict = False,
+    sync_bn: SyncBn = False,
+    nproc: Nproc = 1,
 ) -> None:
     """Level 2: put a new head on a pretrained CNN for your classes and fine-tune it.
 
@@ -262,6 +275,7 @@ def finetune(
         augment=augment, hflip=hflip, cache_features=cache, cache_images=cache_images, head_epochs=head_epochs, val_split=val_split, patience=patience,
         img_size=img_size, seed=seed, num_workers=workers, device=device, precision=precision,
         overwrite=overwrite, strict=strict, max_image_pixels=max_image_pixels, checkpoint_every=checkpoint_every,
+        sync_bn=sync_bn,
     )
     _run_fit(ctx, values, resume)
 
@@ -298,6 +312,8 @@ def train(
     checkpoint_every: CheckpointEvery = _default(_T, "checkpoint_every"),
     overwrite: Overwrite = False,
     strict: Strict = False,
+    sync_bn: SyncBn = False,
+    nproc: Nproc = 1,
 ) -> None:
     """Level 3: train a CNN from scratch (any timm architecture or your own file.py:factory).
 
@@ -309,7 +325,7 @@ def train(
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, dropout=dropout, grad_clip=grad_clip, balance=balance,
         augment=augment, hflip=hflip, cache_images=cache_images, val_split=val_split, patience=patience, img_size=img_size, seed=seed,
         num_workers=workers, device=device, precision=precision, overwrite=overwrite, strict=strict,
-        max_image_pixels=max_image_pixels, checkpoint_every=checkpoint_every,
+        max_image_pixels=max_image_pixels, checkpoint_every=checkpoint_every, sync_bn=sync_bn,
     )
     _run_fit(ctx, values, resume)
 
@@ -332,6 +348,7 @@ def predict(
     precision: PrecisionOpt = cfg.Precision.auto,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing predictions file.")] = False,
     strict: Strict = False,
+    nproc: Nproc = 1,
 ) -> None:
     """Predict the top-k classes of every image with a trained run.
 
@@ -359,6 +376,7 @@ def evaluate(
     device: Device = "auto",
     precision: PrecisionOpt = cfg.Precision.auto,
     strict: Strict = False,
+    nproc: Nproc = 1,
 ) -> None:
     """Accuracy, per-class precision/recall/F1 and confusion matrix of a trained run on labelled images.
 

@@ -5,7 +5,7 @@ Each config is saved as JSON beside its outputs, so a run can be reproduced from
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -128,9 +128,9 @@ class TrainConfig:
     model: str | None = None
     weights: str | None = "hub"
     strategy: Strategy = Strategy.full
-    epochs: int | None = None  # None: from the dataset size (engine.resolve_schedule); the run records the choice
+    epochs: int | None = None  # None: from the dataset size (recipe.resolve_schedule); the run records the choice
     batch_size: int | None = None  # None: likewise (64, fewer on small datasets)
-    lr: float | None = None  # None: per optimizer and strategy (engine.resolve_hparams)
+    lr: float | None = None  # None: per optimizer and strategy (recipe.resolve_hparams)
     backbone_lr_mult: float = 0.1  # fine-tuning: the pretrained backbone learns 10x slower than the head
     optimizer: Optimizer | None = None  # None: SGD when training from scratch, AdamW when fine-tuning
     momentum: float = 0.9
@@ -157,15 +157,16 @@ class TrainConfig:
     strict: bool = False
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_steps: int | None = None  # stop after this many optimizer steps (sanity checks, tests)
-    checkpoint_every: float = 30.0  # seconds between checkpoint writes (0: every epoch); see engine.save_epoch
+    checkpoint_every: float = 30.0  # seconds between checkpoint writes (0: every epoch); see training._Trainer._save_epoch
     reduced_decode: bool = True  # decode at the working resolution (False: every pixel of the file, e.g. to compare)
+    sync_bn: bool = False  # several GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
 
     def __post_init__(self):
         _coerce(self)
         _check_ranges(self)
 
 
-# With --epochs and --batch-size left out (engine.resolve_schedule): the batch size on datasets of
+# With --epochs and --batch-size left out (recipe.resolve_schedule): the batch size on datasets of
 # 8 or more such batches, the epochs of a fine-tuning / from-scratch run when the dataset is large,
 # and the fewest optimizer steps a run gets on a small one.
 BATCH_SIZE = 64
@@ -203,7 +204,7 @@ def option_flag(name: str) -> str:
     return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
-def resumed_config(saved: dict, out: Path, given: dict | None = None) -> TrainConfig:
+def resumed_config(saved: "RunConfig", out: Path, given: dict | None = None) -> TrainConfig:
     """The TrainConfig that continues the interrupted run whose config.json is `saved`.
 
     Every setting is the run's own, except the options in `given` (TrainConfig field -> value)
@@ -211,10 +212,10 @@ def resumed_config(saved: dict, out: Path, given: dict | None = None) -> TrainCo
     the result raises UsageError naming it: --resume never ignores an option silently.
     """
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in saved["train_config"].items() if k in names}
-    values["model"] = values.get("model") or saved.get("model")  # older runs named the architecture only at the top
-    if saved.get("precision") in _DTYPE_PRECISION:  # the dtype it trained in, whatever "auto" gives on this device
-        values["precision"] = _DTYPE_PRECISION[saved["precision"]]
+    values = {k: v for k, v in saved.train_config.items() if k in names}
+    values["model"] = values.get("model") or saved.model  # older runs named the architecture only at the top
+    if saved.precision in _DTYPE_PRECISION:  # the dtype it trained in, whatever "auto" gives on this device
+        values["precision"] = _DTYPE_PRECISION[saved.precision]
     values.update(out=Path(out), resume=True, overwrite=False)
     run = TrainConfig(**values)
     changes, refused = {}, []
@@ -255,6 +256,50 @@ def _refusal(name: str, given, saved) -> str:
         return f"{on if given else off} (the run has {on if saved else off})"
     show = lambda v: "the default" if v is None else getattr(v, "value", v)  # noqa: E731
     return f"{option_flag(name)} {show(given)} (the run has {show(saved)})"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What a run directory's config.json records: enough to rebuild the model, resume the run,
+    evaluate and report on it. One type for every reader (models, evaluate, resume, report)."""
+
+    model: str  # the architecture as built: a timm name or an absolute path/to/file.py:factory
+    classes: list[str]
+    data_config: dict  # timm's preprocessing keys (preprocess.Preprocess.from_data_config)
+    train_config: dict = field(default_factory=dict)  # TrainConfig as run: absolute paths, batch size and epochs as chosen
+    weights_source: str | None = None
+    hparams: dict = field(default_factory=dict)
+    best: dict = field(default_factory=dict)
+    best_rule: str = ""
+    final: dict | None = None
+    status: str = "running"  # "finished" once the best weights were evaluated and reported
+    train_images: int = 0
+    val_images: int = 0
+    class_counts: dict = field(default_factory=dict)
+    data_fingerprint: str = ""
+    precision: str = "float32"  # the dtype it trained in
+    device: str = "cpu"
+    world_size: int = 1  # processes it trained with (torchrun)
+    versions: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["num_classes"] = self.num_classes  # for readers of the file outside cnnxfer
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        """From a config.json, older ones included (fields they lack take their defaults)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in values.items() if k in names and v is not None or k == "final"}
+        known.setdefault("model", (values.get("train_config") or {}).get("model") or "")
+        known.setdefault("classes", [])
+        known.setdefault("data_config", {})
+        return cls(**known)
 
 
 SANITY_CHECKS = ("data", "init_loss", "overfit", "gradcheck", "gradient_flow", "modes", "cost", "lr_find")

@@ -136,12 +136,20 @@ class Runtime:
 
 
 def resolve_runtime(device: str = "auto", precision: str = "auto", workers: int | None = None) -> Runtime:
-    """The Runtime for `--device`, `--precision` and `--workers` (decode threads; None: every core)."""
-    torch_device = resolve_device(device)
+    """The Runtime for `--device`, `--precision` and `--workers` (decode threads; None: every
+    core, shared among the processes of a torchrun job on this machine, each on its own GPU)."""
+    from . import distributed
+
+    rank = distributed.from_environment()
+    spec = (device or "auto").strip().lower()
+    if rank.enabled and spec in ("auto", "cuda") and torch.cuda.is_available():
+        spec = f"cuda:{rank.local_rank}"  # one GPU per process on this machine
+    torch_device = resolve_device(spec)
     dtype = resolve_precision(getattr(precision, "value", precision), torch_device)
     if workers is not None and workers < 0:
         raise UsageError(f"--workers must be 0 or more (got {workers})")
-    threads = default_decode_threads(torch_device) if workers is None else workers
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) if rank.enabled else 1
+    threads = max(1, default_decode_threads(torch_device) // local_processes) if workers is None else workers
     cpu = torch_device.type == "cpu"
     return Runtime(torch_device, dtype, use_channels_last(torch_device), threads, 0 if cpu else 3,
                    torch_device.type == "cuda")

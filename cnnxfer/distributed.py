@@ -12,7 +12,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 DEFAULT_TIMEOUT_S = 1800.0  # a collective waits at most this long for a slow or dead rank
 
@@ -136,10 +136,32 @@ def broadcast(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def any_rank(flag: bool) -> bool:
+def main_first(fn: Callable[[], Any]) -> Any:
+    """Run `fn` on rank 0 alone (preparing a shared output folder, say); every rank then returns
+    its result, or raises the exception it raised, so a bad input ends every rank the same way."""
+    result, error = None, None
+    if current().is_main:
+        try:
+            result = fn()
+        except Exception as exc:  # raised on every rank below
+            error = exc
+    result, error = broadcast((result, error))
+    if error is not None:
+        raise error
+    return result
+
+
+def any_rank(flag: bool, device=None) -> bool:
     """True on every rank when it is true on any: a decision that ends a loop must be the same
-    everywhere, or the ranks that go on wait forever for the ones that stopped."""
-    return any(all_gather(bool(flag)))
+    everywhere, or the ranks that go on wait forever for the ones that stopped. (A tensor on
+    `device` - NCCL reduces only CUDA tensors - rather than a pickled object: it runs every step.)"""
+    if not current().enabled:
+        return bool(flag)
+    import torch
+
+    box = torch.tensor([1.0 if flag else 0.0], device=device)
+    all_reduce_(box)
+    return bool(box.item() > 0)
 
 
 def all_reduce_(tensor, op: str = "sum"):
@@ -157,3 +179,35 @@ def my_share(items: Sequence[Any], info: Dist | None = None) -> list[Any]:
     """The items this rank takes: every world-th one from its rank (item k goes to rank k % world)."""
     info = info or current()
     return [item for k, item in enumerate(items) if k % info.world == info.rank]
+
+
+def relaunch(nproc: int, argv: Sequence[str]) -> int:
+    """`cnnxfer ... --nproc N`: the same command line (without --nproc) run by torchrun's own
+    launcher with N processes on this machine. Returns the exit code of the first process that
+    failed (128 + the signal for one killed by a signal), 0 when all finished."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "cnnxfer", *without_option(argv, "--nproc")])
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        first = exc.failures[min(exc.failures)]  # the lowest rank that failed
+        return 128 - first.exitcode if first.exitcode < 0 else first.exitcode
+    except SignalException as exc:  # Ctrl-C or SIGTERM to the launcher: the workers had it too
+        return 128 + int(exc.sigval)
+    return 0
+
+
+def without_option(argv: Sequence[str], name: str) -> list[str]:
+    """`argv` without `name VALUE` / `name=VALUE`."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out

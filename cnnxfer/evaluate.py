@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import checkpoint, data, device as dev, loader as loaders, models
+from . import checkpoint, data, device as dev, distributed, loader as loaders, models
 from .preprocess import Preprocess
 from .errors import StrictModeError, UsageError
 
@@ -103,12 +103,16 @@ def predict(images: data.ImageList, weights: str, *, device: str = "auto", preci
     if tta == "flip":
         model = _FlipAverage(model)
     preprocess = Preprocess.from_data_config(loaded.data_config, max_pixels=max_image_pixels)
+    rank = distributed.current()  # under torchrun: this process's slice of every batch, then all gathered
     loader = loaders.Loader(loaders.ImageDataset(images, preprocess), batch_size, threads=runtime.decode_threads,
-                            ahead=runtime.ahead, pin_memory=runtime.pin_memory)
+                            ahead=runtime.ahead, pin_memory=runtime.pin_memory,
+                            shard=(rank.rank, rank.world) if rank.enabled else None)
     loss_fn = torch.nn.CrossEntropyLoss()
-    stats, probs, _, indices = run_eval(model, _Progress(loader, progress, len(images)), loss_fn, runtime.device,
-                                        runtime.dtype, runtime.channels_last, preprocess.normalizer().to(runtime.device))
-    skipped = [(str(images.paths[i]), reason) for i, reason in stats.skipped]
+    stats, probs, _, indices = run_eval(model, _Progress(loader, progress, len(images), rank.world), loss_fn,
+                                        runtime.device, runtime.dtype, runtime.channels_last,
+                                        preprocess.normalizer().to(runtime.device))
+    probs, indices, skipped_at = _gathered(probs, indices, stats.skipped)
+    skipped = [(str(images.paths[i]), reason) for i, reason in skipped_at]
     return Predictions(images, probs, indices, loaded.classes, skipped, time.perf_counter() - start, str(runtime.device))
 
 
@@ -121,18 +125,32 @@ class _FlipAverage(torch.nn.Module):
         return 0.5 * (self.model(x) + self.model(torch.flip(x, dims=[3])))
 
 
-class _Progress:
-    """Wrap a loader to report progress."""
+def _gathered(probs: torch.Tensor, indices: torch.Tensor, skipped: list):
+    """Every process's predictions in image order, and every skipped image (one process: as they are)."""
+    if not distributed.current().enabled:
+        return probs, indices, skipped
+    parts = distributed.all_gather((probs, indices, skipped))
+    rows = [p for p in parts if len(p[1])]
+    skipped = sorted(s for p in parts for s in p[2])
+    if not rows:
+        return probs, indices, skipped
+    probs, indices = torch.cat([p[0] for p in rows]), torch.cat([p[1] for p in rows])
+    order = torch.argsort(indices)
+    return probs[order], indices[order], skipped
 
-    def __init__(self, loader, progress, total):
-        self.loader, self.progress, self.total = loader, progress, total
+
+class _Progress:
+    """Wrap a loader to report progress (rank 0's share counts for the whole job's under torchrun)."""
+
+    def __init__(self, loader, progress, total, scale: int = 1):
+        self.loader, self.progress, self.total, self.scale = loader, progress, total, scale
 
     def __iter__(self):
         done = 0
         for batch in self.loader:
-            done += len(batch.indices) + len(batch.skipped)
+            done += (len(batch.indices) + len(batch.skipped)) * self.scale
             if self.progress:
-                self.progress(done, self.total)
+                self.progress(min(done, self.total), self.total)
             yield batch
 
     def __len__(self):
@@ -142,7 +160,9 @@ class _Progress:
 def run_classes(weights: str) -> list[str]:
     if not checkpoint.is_run_dir(weights):
         raise UsageError(f"--weights {weights} must be a cnnxfer run directory (from finetune or train)")
-    classes = checkpoint.load_run_config(Path(weights)).get("classes") or []
+    from .config import RunConfig
+
+    classes = RunConfig.from_dict(checkpoint.load_run_config(Path(weights))).classes
     if not classes:
         raise UsageError(f"{weights}/config.json lists no classes")
     return classes
@@ -188,9 +208,11 @@ def predict_folder(images_path: Path, weights: str, out: Path, *, top_k: int = 5
     _check_out_suffix(out)  # options first: a bad one is named before any image is read
     run_classes(weights)
     images = data.discover(images_path, labelled=None, classes=None)
-    pred = predict(images, weights, **kwargs)
-    write_predictions(pred, out, top_k)
-    data.write_skipped(skipped_file_for(out), pred.skipped)
+    with distributed.session(dev.resolve_runtime(kwargs.get("device", "auto")).device.type) as rank:
+        pred = predict(images, weights, **kwargs)
+    if rank.is_main:  # under torchrun every process predicted its share; rank 0 writes them all
+        write_predictions(pred, out, top_k)
+        data.write_skipped(skipped_file_for(out), pred.skipped)
     if strict and pred.skipped:
         raise StrictModeError(f"--strict: {len(pred.skipped)} unreadable image(s) skipped; see {skipped_file_for(out)}")
     return pred
@@ -209,7 +231,8 @@ def evaluate_folder(data_path: Path, weights: str, *, json_path: Path | None = N
     if split and "train" not in classes:  # a train/ + val/ dataset, as finetune takes it: score val/
         data_path = split[1]
     images = data.discover(data_path, labelled=True, classes=classes)
-    pred = predict(images, weights, **kwargs)
+    with distributed.session(dev.resolve_runtime(kwargs.get("device", "auto")).device.type) as rank:
+        pred = predict(images, weights, **kwargs)
     targets = torch.tensor([images.labels[i] for i in pred.indices.tolist()], dtype=torch.long)
     if len(targets) == 0:
         from .errors import DataError
@@ -221,8 +244,10 @@ def evaluate_folder(data_path: Path, weights: str, *, json_path: Path | None = N
     result.trained_on = trained_on(images, pred.indices.tolist(), weights)
     if pred.skipped:
         default = skipped_file_for(json_path) if json_path else Path("evaluate.skipped.csv")
-        result.skipped_file = data.write_skipped(Path(skipped_path or default), pred.skipped)
-    if json_path:
+        result.skipped_file = Path(skipped_path or default)
+        if rank.is_main:
+            data.write_skipped(result.skipped_file, pred.skipped)
+    if json_path and rank.is_main:
         checkpoint.atomic_write_json(Path(json_path), result.to_dict())
     if strict and pred.skipped:
         raise StrictModeError(f"--strict: {len(pred.skipped)} unreadable image(s) skipped; see {result.skipped_file}")
@@ -236,10 +261,10 @@ def trained_on(images: data.ImageList, indices: list[int], weights: str) -> int:
     so can be drawn again from its config.json. 0 when that folder is gone or moved (a relative
     path recorded from another working directory cannot be found either).
     """
-    from .config import TrainConfig
-    from .engine import split_data
+    from .config import RunConfig, TrainConfig
+    from .recipe import split_data
 
-    saved = checkpoint.load_run_config(Path(weights)).get("train_config") or {}
+    saved = RunConfig.from_dict(checkpoint.load_run_config(Path(weights))).train_config
     if not saved.get("data") or not Path(saved["data"]).exists():
         return 0
     try:

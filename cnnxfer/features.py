@@ -1,9 +1,12 @@
 """Level 1: a pretrained CNN as a feature extractor, streaming embeddings to Parquet.
 
-The run writes finished parts into `<out>.parts/` (each written as *.tmp, closed, then renamed),
-with a JSON manifest of the finished parts. A kill loses at most the part in progress; `--resume`
-redoes only what is missing and refuses changed inputs. When every part is done they are merged
-into the single `<out>` file (row group by row group, so memory stays flat) and the parts removed.
+The images are cut into parts of `part_size` (part k = images [k*K, (k+1)*K) of the sorted list,
+whatever the number of processes). Each finished part is a Parquet file in `<out>.parts/`
+(written as *.tmp, closed, then renamed) with a small JSON record beside it; `job.json` holds
+the fingerprint of the job. A kill loses at most the parts in progress; `--resume` redoes only
+what is missing, with any number of processes, and refuses changed inputs. When every part is
+done rank 0 merges them into the single `<out>` file (row group by row group, so memory stays
+flat) and removes the parts.
 """
 from __future__ import annotations
 
@@ -21,13 +24,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from . import checkpoint, data, device as dev, loader as loaders, models
+from . import checkpoint, data, device as dev, distributed, loader as loaders, models
 from .preprocess import Preprocess
 from .config import ExtractConfig, to_dict
 from .errors import DataError, OutputExistsError, StrictModeError
 from .signals import check_signals, deferred_signals
 
 log = logging.getLogger(__name__)
+
+JOB_FILE = "job.json"  # in <out>.parts/: the fingerprint a --resume must match
 
 Progress = Callable[[int, int], None]  # (images done now, total images)
 
@@ -131,23 +136,29 @@ def _part_batches(n: int, part_size: int, batch_size: int, todo: list[int]) -> l
     return out
 
 
-def _open_manifest(config: ExtractConfig, parts_dir: Path, fingerprint: dict) -> dict:
-    """The manifest of finished parts: new, or the interrupted run's when resuming the same job."""
-    path = parts_dir / "manifest.json"
-    if parts_dir.exists() and not config.overwrite:
-        if not config.resume:
-            raise OutputExistsError(f"an interrupted extraction is in {parts_dir}; pass --resume to continue it or --overwrite to start over")
-        manifest = checkpoint.read_json(path) if path.exists() else {"fingerprint": fingerprint, "parts": {}}
-        if manifest.get("fingerprint") != fingerprint:
-            changed = _changes(manifest.get("fingerprint", {}), fingerprint)
-            raise DataError(f"cannot resume {config.out}: {'; '.join(changed)} changed since the interrupted run; "
-                            "run it again with the same options, or use --overwrite to start over")
-        return manifest
-    shutil.rmtree(parts_dir, ignore_errors=True)
-    parts_dir.mkdir(parents=True)
-    manifest = {"fingerprint": fingerprint, "parts": {}}
-    checkpoint.atomic_write_json(path, manifest)
-    return manifest
+def _open_parts(config: ExtractConfig, parts_dir: Path, fingerprint: dict) -> dict[int, dict]:
+    """The finished parts of this job, by part number: none for a new job, the interrupted run's
+    when resuming the same one. Rank 0 prepares the folder; every rank raises its errors."""
+
+    def prepare() -> None:
+        job = parts_dir / JOB_FILE
+        finished = parts_dir.is_dir() and any(parts_dir.glob("part-*.json"))  # else nothing to keep or lose
+        if finished and not config.overwrite:
+            if not config.resume:
+                raise OutputExistsError(f"an interrupted extraction is in {parts_dir}; pass --resume to continue it or "
+                                        "--overwrite to start over")
+            saved = checkpoint.read_json(job) if job.exists() else {"fingerprint": fingerprint}  # killed before it
+            if saved.get("fingerprint") != fingerprint:
+                changed = _changes(saved.get("fingerprint", {}), fingerprint)
+                raise DataError(f"cannot resume {config.out}: {'; '.join(changed)} changed since the interrupted run; "
+                                "run it again with the same options, or use --overwrite to start over")
+            return
+        shutil.rmtree(parts_dir, ignore_errors=True)
+        parts_dir.mkdir(parents=True)
+        checkpoint.atomic_write_json(job, {"fingerprint": fingerprint})
+
+    distributed.main_first(prepare)
+    return {int(p.name[5:11]): checkpoint.read_json(p) for p in sorted(parts_dir.glob("part-*.json"))}
 
 
 _OPTION_NAMES = {"layers": "--layers", "pool": "--pool", "tta": "--tta", "precision": "--precision",
@@ -177,7 +188,11 @@ def _shown(key: str, value) -> str:
 
 
 def extract_features(config: ExtractConfig, progress: Progress | None = None) -> ExtractSummary:
-    """Run level 1: embeddings of every image in `config.data` to the Parquet file `config.out`."""
+    """Run level 1: embeddings of every image in `config.data` to the Parquet file `config.out`.
+
+    Under torchrun every process embeds its share of the parts (part k goes to rank k % world);
+    rank 0 merges them, in input order, into the same file one process writes.
+    """
     out = Path(config.out)
     parts_dir = checkpoint.parts_dir(out)
     if out.exists() and not config.overwrite:
@@ -188,30 +203,58 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None) ->
     start = time.perf_counter()
     runtime = dev.resolve_runtime(config.device, config.precision, config.num_workers)
     models.check_model_options(config.model, config.weights)  # before the data scan: a bad option is named first
+    with distributed.session(runtime.device.type) as rank:
+        job = _prepare_job(config, runtime)
+        done = _open_parts(config, parts_dir, job.fingerprint)
+        n_parts = -(-len(job.images) // config.part_size)
+        mine = [p for p in range(n_parts) if p not in done and p % rank.world == rank.rank]
+        resumed = sum(v["rows"] + len(v["skipped"]) for v in done.values())
+        with deferred_signals():
+            _run_parts(config, job, parts_dir, mine, runtime, resumed, progress if rank.is_main else None)
+        distributed.barrier()  # every part written before rank 0 merges them
+        if not rank.is_main:
+            return ExtractSummary(out, 0, 0, None, {}, time.perf_counter() - start, str(runtime.device),
+                                  runtime.precision, resumed)
+        return _finish(config, job, parts_dir, n_parts, resumed, runtime, time.perf_counter() - start)
+
+
+@dataclass
+class _Job:
+    images: data.ImageList
+    loaded: models.LoadedModel
+    preprocess: Preprocess
+    embedder: Embedder
+    metadata: dict
+    fingerprint: dict
+
+
+def _prepare_job(config: ExtractConfig, runtime: dev.Runtime) -> _Job:
+    """Images, model, preprocessing and the fingerprint a resume must match (the same on every rank)."""
     images = data.discover(config.data)
     loaded = models.load_model(config.model, config.weights, None, img_size=config.img_size)
     model = loaded.model.eval().to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if config.pool is not None:
-        models.set_global_pool(model, getattr(config.pool, "value", config.pool))
+    pool = getattr(config.pool, "value", config.pool)
+    if pool is not None:
+        models.set_global_pool(model, pool)
     layers = models.resolve_layers(model, config.layers)
     preprocess = Preprocess.from_data_config(loaded.data_config, max_pixels=config.max_image_pixels,
                                              reduced_decode=config.reduced_decode)
-    embedder = Embedder(model, layers, getattr(config.pool, "value", config.pool), getattr(config.tta, "value", config.tta),
-                        runtime, preprocess)
+    embedder = Embedder(model, layers, pool, getattr(config.tta, "value", config.tta), runtime, preprocess)
     metadata = _metadata(config, loaded, layers, runtime)
     fingerprint = {"inputs": _input_fingerprint(images), "model": loaded.arch, "weights": loaded.weights,
                    "options": {k: metadata[k] for k in ("layers", "pool", "tta", "data_config", "precision", "decode")},
                    "part_size": config.part_size}
-    manifest = _open_manifest(config, parts_dir, fingerprint)
-    n_parts = -(-len(images) // config.part_size)
-    todo = [p for p in range(n_parts) if str(p) not in manifest["parts"]]
-    resumed = sum(v["rows"] + len(v["skipped"]) for v in manifest["parts"].values())
-    with deferred_signals():
-        columns = _run_parts(config, images, preprocess, embedder, metadata, parts_dir, manifest, todo, runtime, resumed,
-                             progress)
-    skipped = [tuple(s) for p in sorted(manifest["parts"], key=int) for s in manifest["parts"][p]["skipped"]]
+    return _Job(images, loaded, preprocess, embedder, metadata, fingerprint)
+
+
+def _finish(config, job: _Job, parts_dir: Path, n_parts: int, resumed: int, runtime, seconds: float) -> ExtractSummary:
+    """Rank 0, every part done: merge them into `config.out`, list the skipped files, tidy up."""
+    out = Path(config.out)
+    records = {int(p.name[5:11]): checkpoint.read_json(p) for p in parts_dir.glob("part-*.json")}
+    skipped = [tuple(s) for k in sorted(records) for s in records[k]["skipped"]]
+    columns = next((r["columns"] for r in records.values() if r.get("columns")), {})
     rows = _merge_parts(out, parts_dir, n_parts)
     skip_file = skipped_path(out)
     if skipped:
@@ -219,9 +262,8 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None) ->
     elif skip_file.exists():
         skip_file.unlink()
     shutil.rmtree(parts_dir, ignore_errors=True)
-    summary = ExtractSummary(out, rows, len(skipped), skip_file if skipped else None, columns or manifest.get("columns", {}),
-                             time.perf_counter() - start, str(runtime.device), runtime.precision, resumed,
-                             images.warnings + loaded.notes)
+    summary = ExtractSummary(out, rows, len(skipped), skip_file if skipped else None, columns, seconds,
+                             str(runtime.device), runtime.precision, resumed, job.images.warnings + job.loaded.notes)
     if config.strict and skipped:
         raise StrictModeError(f"--strict: {len(skipped)} unreadable image(s) skipped; see {skip_file}")
     return summary
@@ -253,56 +295,73 @@ def _version() -> str:
     return __version__
 
 
-def _run_parts(config, images, preprocess, embedder, metadata, parts_dir, manifest, todo, runtime, done, progress):
-    """Embed the parts in `todo`, each into its own Parquet file, recording each in the manifest."""
-    loader = loaders.Loader(loaders.ImageDataset(images, preprocess), config.batch_size,
+def _run_parts(config: ExtractConfig, job: _Job, parts_dir: Path, todo: list[int], runtime, done: int, progress):
+    """Embed the parts in `todo`, each into its own Parquet file with a JSON record beside it (a
+    part counts as finished once its record exists; each part has one writer, so ranks never
+    write the same file)."""
+    images = job.images
+    loader = loaders.Loader(loaders.ImageDataset(images, job.preprocess), config.batch_size,
                             batches=_part_batches(len(images), config.part_size, config.batch_size, todo),
                             threads=runtime.decode_threads, ahead=runtime.ahead, pin_memory=runtime.pin_memory)
-    columns, schema, writer, tmp, current, rows, skipped = manifest.get("columns"), None, None, None, None, 0, []
+    scale = distributed.current().world  # rank 0 shows its own progress as the job's
+    part = _PartWriter(parts_dir, job.metadata)
     try:
         for batch in loader:
             check_signals()  # Ctrl-C / SIGTERM act here, between batches (see signals.py)
-            part = int(batch.indices[0]) // config.part_size if len(batch.indices) else batch.skipped[0][0] // config.part_size
-            if part != current:
-                _finish_part(writer, tmp, parts_dir, current, rows, skipped, manifest)
-                writer, tmp, current, rows, skipped = None, None, part, 0, []
-            skipped += [(str(images.paths[i]), reason) for i, reason in batch.skipped]
+            first = int(batch.indices[0]) if len(batch.indices) else batch.skipped[0][0]
+            part.start(first // config.part_size)
+            part.skipped += [(str(images.paths[i]), reason) for i, reason in batch.skipped]
             if len(batch.indices):
-                feats = embedder(batch.images)
-                if columns is None:
-                    columns = {k: int(v.shape[1]) for k, v in feats.items()}
-                    manifest["columns"] = columns
-                schema = schema or _schema(columns, metadata)
-                if writer is None:
-                    tmp = parts_dir / f"part-{part:06d}.parquet.tmp"
-                    writer = pq.ParquetWriter(tmp, schema)
                 idx = batch.indices.tolist()
                 labels = [images.classes[images.labels[i]] if images.labels[i] is not None else None for i in idx]
-                writer.write_batch(_record_batch(schema, [str(images.paths[i]) for i in idx], labels, feats))
-                rows += len(idx)
-            done += len(batch.indices) + len(batch.skipped)
+                part.write([str(images.paths[i]) for i in idx], labels, job.embedder(batch.images))
+            if part.rows + len(part.skipped) == min((part.part + 1) * config.part_size, len(images)) - part.part * config.part_size:
+                part.start(None)  # its last image is in: the part is finished now, not when the next one starts
+            done += (len(batch.indices) + len(batch.skipped)) * scale
             if progress:
-                progress(done, len(images))
-        _finish_part(writer, tmp, parts_dir, current, rows, skipped, manifest)
-        writer = None
+                progress(min(done, len(images)), len(images))
+        part.start(None)
     finally:
+        part.abandon()
+
+
+class _PartWriter:
+    """The Parquet file of the part being embedded, written as *.tmp and renamed when complete."""
+
+    def __init__(self, parts_dir: Path, metadata: dict):
+        self.parts_dir, self.metadata = parts_dir, metadata
+        self.part, self.writer, self.tmp, self.rows, self.skipped, self.columns = None, None, None, 0, [], None
+
+    def start(self, part: int | None) -> None:
+        """Finish the current part (rename it, write its record) when `part` is another one."""
+        if part == self.part:
+            return
+        if self.part is not None:
+            if self.writer is not None:
+                self.writer.close()
+                os.replace(self.tmp, self.parts_dir / f"part-{self.part:06d}.parquet")
+            checkpoint.atomic_write_json(self.parts_dir / f"part-{self.part:06d}.json",
+                                         {"rows": self.rows, "skipped": self.skipped, "columns": self.columns})
+        self.part, self.writer, self.tmp, self.rows, self.skipped = part, None, None, 0, []
+
+    def write(self, paths: list[str], labels: list[str | None], feats: dict[str, torch.Tensor]) -> None:
+        if self.writer is None:
+            self.columns = {k: int(v.shape[1]) for k, v in feats.items()}
+            self.schema = _schema(self.columns, self.metadata)
+            self.tmp = self.parts_dir / f"part-{self.part:06d}.parquet.tmp"
+            self.writer = pq.ParquetWriter(self.tmp, self.schema)
+        self.writer.write_batch(_record_batch(self.schema, paths, labels, feats))
+        self.rows += len(paths)
+
+    def abandon(self) -> None:
+        """Interrupted mid-part: drop the unfinished part, keep the finished ones."""
         try:
-            if writer is not None:  # interrupted mid-part: drop the unfinished part, keep the finished ones
-                writer.close()
+            if self.writer is not None:
+                self.writer.close()
         finally:
-            if tmp is not None:  # also when the signal landed inside ParquetWriter(tmp) itself
-                tmp.unlink(missing_ok=True)
-    return columns
-
-
-def _finish_part(writer, tmp, parts_dir, part, rows, skipped, manifest) -> None:
-    if part is None:
-        return
-    if writer is not None:
-        writer.close()
-        os.replace(tmp, parts_dir / f"part-{part:06d}.parquet")
-    manifest["parts"][str(part)] = {"rows": rows, "skipped": skipped}
-    checkpoint.atomic_write_json(parts_dir / "manifest.json", manifest)
+            if self.tmp is not None:  # also when the signal landed inside ParquetWriter(tmp) itself
+                self.tmp.unlink(missing_ok=True)
+            self.writer = self.tmp = None
 
 
 def _merge_parts(out: Path, parts_dir: Path, n_parts: int) -> int:

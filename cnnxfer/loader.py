@@ -124,12 +124,14 @@ class Loader:
 
     def __init__(self, dataset, batch_size: int, *, shuffle: bool = False, weights: Sequence[float] | None = None,
                  batches: Iterable[list[int]] | None = None, seed: int = 0, threads: int = 0, ahead: int = 0,
-                 pin_memory: bool = False, augment_seed: bool = False, collate_fn: Callable = collate):
+                 pin_memory: bool = False, augment_seed: bool = False, collate_fn: Callable = collate,
+                 shard: tuple[int, int] | None = None):
         self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
         self.fixed_batches = None if batches is None else [list(b) for b in batches]
         self.threads, self.ahead, self.pin_memory, self.collate_fn = threads, ahead, pin_memory, collate_fn
         self.augment_seed = augment_seed  # pass per-sample seeds (training); eval items need none
+        self.shard = shard  # (rank, world): this process's slice of every batch
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -140,7 +142,18 @@ class Loader:
         return len(self.dataset) if self.fixed_batches is None else sum(map(len, self.fixed_batches))
 
     def batches(self) -> list[list[int]]:
-        """This epoch's batches of dataset indices."""
+        """This epoch's batches of dataset indices (this process's slice of each, under `shard`)."""
+        batches = self._global_batches()
+        if self.shard is None:
+            return batches
+        rank, world = self.shard
+        out = []
+        for batch in batches:
+            share = -(-len(batch) // world)  # equal slices of a full batch; a ragged last one may leave a rank none
+            out.append(batch[rank * share:(rank + 1) * share])
+        return out
+
+    def _global_batches(self) -> list[list[int]]:
         if self.fixed_batches is not None:
             return self.fixed_batches
         n = len(self.dataset)

@@ -49,7 +49,7 @@ class LoadedModel:
     weights: str  # "hub:<id>", "none", a file path or a run directory
     data_config: dict
     classes: list[str] = field(default_factory=list)
-    run_config: dict | None = None
+    run_config: "RunConfig | None" = None  # the run directory's config.json, when loaded from one
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -379,14 +379,16 @@ def load_model(
 
 
 def _load_run_dir(run_dir: Path, spec, num_classes, drop_rate, img_size, new_classes=None) -> LoadedModel:
-    config = checkpoint.load_run_config(run_dir)
-    arch = config.get("model")
+    from .config import RunConfig
+
+    config = RunConfig.from_dict(checkpoint.load_run_config(run_dir))
+    arch = config.model
     if not arch:
         raise WeightsError(f"{run_dir}/config.json names no model architecture")
     if spec and spec != arch:
         raise UsageError(f"--model {spec} does not match the run directory's model {arch}; leave --model out")
-    classes = list(config.get("classes") or [])
-    model = build_architecture(arch, len(classes) or config.get("num_classes"), drop_rate)
+    classes = list(config.classes)
+    model = build_architecture(arch, len(classes) or None, drop_rate)
     state = read_weights_file(run_dir / checkpoint.MODEL_FILE)
     load_weights(model, state, str(run_dir))
     notes = []
@@ -395,7 +397,7 @@ def _load_run_dir(run_dir: Path, spec, num_classes, drop_rate, img_size, new_cla
         model = replace_classifier(model, arch, num_classes, drop_rate)
         notes.append(f"new classifier for {_names(new_classes) if new_classes else f'{num_classes} classes'} (the run's "
                      f"was for {_names(classes)})")
-    data_config = dict(config.get("data_config") or resolve_data_config(model))
+    data_config = dict(config.data_config or resolve_data_config(model))
     if img_size:
         data_config = resolve_data_config(model, img_size, data_config)
     return LoadedModel(model, arch, str(run_dir.resolve()), data_config, classes, config, notes)

@@ -10,10 +10,21 @@ from rich.table import Table
 
 console = Console()
 err_console = Console(stderr=True)
+_errors = Console(stderr=True)  # never quiet: every process reports its own errors
+_who = ""  # under torchrun, which process an error comes from
+
+
+def for_process(rank: int, world: int) -> None:
+    """Several processes (torchrun): rank 0 alone shows progress, notes, tables and warnings;
+    every rank shows its errors, naming itself."""
+    global _who
+    if world > 1:
+        _who = f"(rank {rank}) "
+        console.quiet = err_console.quiet = rank != 0
 
 
 def error(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    _errors.print(f"[bold red]error:[/] {_who}{message}", highlight=False, soft_wrap=True)
 
 
 def warn(message: str) -> None:
@@ -145,7 +156,7 @@ def epoch_line(row: dict, epochs: int) -> str:
 
 @contextlib.contextmanager
 def fit_progress() -> Iterator[tuple]:
-    """Yields (on_batch, on_epoch, on_message, on_start) callbacks, in engine.FitHooks' order: one
+    """Yields (on_batch, on_epoch, on_message, on_start) callbacks, in training.FitHooks' order: one
     line per finished epoch (and a line when the trainable part changes), with a bar for the epoch
     in progress on a terminal, or a plain line at most every PROGRESS_MAX_GAP seconds without one.
     The number of epochs comes with on_start (the run may choose it)."""

@@ -501,7 +501,7 @@ class SanityReport:
 def run_checks(config, progress=None) -> SanityReport:
     """Run the selected checks on `config.data` with `config.model`; never raises for a failed
     check (it is a FAIL result), only for unusable input (bad folder, unknown model...)."""
-    from . import data as data_mod, device as dev, engine, models
+    from . import data as data_mod, device as dev, models, recipe
     from .config import SANITY_CHECKS
     from .errors import UsageError
 
@@ -515,9 +515,9 @@ def run_checks(config, progress=None) -> SanityReport:
     device, dtype = runtime.device, runtime.dtype
     train_cfg = _as_train_config(config)
     models.check_model_options(config.model, config.weights)  # before the data scan: a bad option is named first
-    train_images, val_images = engine.split_data(train_cfg)
+    train_images, val_images = recipe.split_data(train_cfg)
     classes = train_images.classes
-    img_size = config.img_size or (engine.auto_img_size(train_images) if config.weights == models.NONE else None)
+    img_size = config.img_size or (recipe.auto_img_size(train_images) if config.weights == models.NONE else None)
     torch.manual_seed(config.seed)
     loaded = models.load_model(config.model, config.weights, len(classes), img_size=img_size, classes=classes)
     model = loaded.model.to(device)
@@ -574,7 +574,7 @@ def _run_guarded(name, *args) -> CheckResult:
 
 
 def _run_one(name, model, x, y, classes, config, device, dtype, train_cfg, loaded, out_dir, report) -> CheckResult:
-    from . import engine, overfit
+    from . import overfit, recipe
 
     if name == "overfit":
         budget = Budget(config.overfit_steps, config.overfit_seconds, config.overfit_loss)
@@ -590,7 +590,7 @@ def _run_one(name, model, x, y, classes, config, device, dtype, train_cfg, loade
         return check_modes(model, x.to(device))
     if name == "cost":
         return check_cost(model, x.to(device), y.to(device), device, dtype)
-    hp = engine.resolve_hparams(train_cfg)
+    hp = recipe.resolve_hparams(train_cfg)
     # sweep past the configured rate, so that a rate that diverges can be seen diverging
     result = lr_range_test(model, x.to(device), y.to(device), lr_max=max(10.0, 10 * hp["lr"]),
                            configured_lr=hp["lr"], optimizer=hp["optimizer"])

@@ -341,19 +341,23 @@ def test_hub_without_network_in_a_fresh_process(tmp_path, tiny_folder):
 
 @pytest.mark.parametrize("sig, code, when", [(signal.SIGINT, 130, "start"), (signal.SIGTERM, 143, "mid-part")])
 def test_signal_exit_code_then_resume(tmp_path, make_images, resnet10t_weights, sig, code, when):
+    """A signal before any part finished: "run the same command again" (and it works); after one:
+    "--resume" (and it works). Either way the unfinished part is dropped."""
     make_images(tmp_path / "ds", {"a": 16, "b": 16})
     out = tmp_path / "s.parquet"
     args = [sys.executable, "-m", "cnnxfer", "extract", str(tmp_path / "ds"), "--model", "resnet10t",
-            "--weights", str(resnet10t_weights), "--img-size", "64", "--out", str(out), "-b", "2"]
+            "--weights", str(resnet10t_weights), "--img-size", "64", "--out", str(out), "-b", "2", "--part-size", "8"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_offline_env(tmp_path, True))
     parts = tmp_path / "s.parquet.parts"
     deadline = time.monotonic() + 60
 
     def ready() -> bool:
-        # "start": the manifest is written just before the loader forks its worker (a signal during
-        # fork() used to be lost in CPython's at-fork hooks); "mid-part": a part file is being written
-        return (parts / "manifest.json").exists() if when == "start" else bool(list(parts.glob("part-*.tmp")))
+        # "start": the job is written just before the loader starts (a signal then used to be lost
+        # in a loader's fork); "mid-part": one part finished and the next one is being written
+        if when == "start":
+            return (parts / "job.json").exists()
+        return bool(list(parts.glob("part-*.json"))) and bool(list(parts.glob("part-*.tmp")))
 
     while not ready() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
@@ -361,13 +365,19 @@ def test_signal_exit_code_then_resume(tmp_path, make_images, resnet10t_weights, 
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == code, stderr
-    assert "--resume" in stderr and "Traceback" not in stderr and not out.exists()
+    assert "Traceback" not in stderr and not out.exists()
     assert not list(parts.glob("*.tmp"))  # the unfinished part is dropped
+    finished = bool(list(parts.glob("part-*.json")))
+    if finished:
+        assert "--resume" in stderr, stderr
+    else:
+        assert "run the same command again" in stderr, stderr
+    again = subprocess.run([*args, "--resume"] if finished else args, capture_output=True, text=True,
+                           env=_offline_env(tmp_path, True), timeout=120, check=False)
+    assert again.returncode == 0, again.stderr
+    assert len(read_features(out)[0]) == 32 and not parts.exists()
     if when == "mid-part":
-        resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True,
-                                 env=_offline_env(tmp_path, True), timeout=120, check=False)
-        assert resumed.returncode == 0, resumed.stderr
-        assert len(read_features(out)[0]) == 32 and not parts.exists()
+        assert finished and "from the interrupted run" in again.stdout
 
 
 # ---------------------------------------------------------------- messages a new user tripped on
@@ -393,7 +403,7 @@ def test_a_resume_with_other_options_names_them(tmp_path, make_images, test_resn
     with pytest.raises(KeyboardInterrupt):
         extract_features(ExtractConfig(data=tmp_path / "ds", out=out, model="test_resnet", weights=str(test_resnet_weights),
                                        img_size=32, num_workers=0, batch_size=2, part_size=4, precision="fp32"), interrupt)
-    assert (tmp_path / "f.parquet.parts" / "manifest.json").exists()
+    assert (tmp_path / "f.parquet.parts" / "part-000000.json").exists()  # the first part finished
     result = cli_runner.invoke(app, ["extract", str(tmp_path / "ds"), *_fast(test_resnet_weights, out, "--resume",
                                                                               "--tta", "flip", "--layers", "layer1")])
     assert result.exit_code == 2, result.stderr

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from helpers import COLOURS, write_colour_folder
 
-from cnnxfer import engine
+from cnnxfer import training
 from cnnxfer.cli import app
 from cnnxfer.config import TrainConfig
 
@@ -256,7 +256,7 @@ def test_signal_saves_the_epoch_and_resume_finishes_like_an_uninterrupted_run(si
     assert proc.returncode == 0, stderr
     assert not (run / "state.pt").exists()
     # the same run without an interruption, in this process (same seed, precision and loader worker)
-    whole = engine.fit(TrainConfig(data=data, out=tmp_path / "whole", model="test_resnet", weights="none", epochs=epochs,
+    whole = training.fit(TrainConfig(data=data, out=tmp_path / "whole", model="test_resnet", weights="none", epochs=epochs,
                                    img_size=32, batch_size=8, num_workers=1))
     assert without_seconds(metrics_rows(run)) == without_seconds(metrics_rows(whole.run_dir))
     a, b = load_file(str(run / "model.safetensors")), load_file(str(whole.run_dir / "model.safetensors"))
@@ -316,7 +316,7 @@ def _interrupted_run(data: Path, run: Path, after_epoch: int = 1, **config) -> N
     config = {"model": "test_resnet", "weights": "none", "epochs": 3, "img_size": 32, "batch_size": 8, "num_workers": 0,
               **config}
     with pytest.raises(KeyboardInterrupt):
-        engine.fit(TrainConfig(data=data, out=run, **config), engine.FitHooks(on_epoch=stop))
+        training.fit(TrainConfig(data=data, out=run, **config), training.FitHooks(on_epoch=stop))
     assert (run / "state.pt").is_file()
 
 
@@ -438,7 +438,7 @@ def test_resume_refuses_options_that_change_the_result_and_applies_where_to_run(
     recorded = json.loads((run / "config.json").read_text())["train_config"]
     assert (recorded["num_workers"], recorded["checkpoint_every"], recorded["cache_images"]) == (1, 0, "off")
     assert recorded["data"] == str((moved / "data").resolve()) and recorded["epochs"] == 3
-    whole = engine.fit(TrainConfig(data=colours, out=tmp_path / "whole", model="test_resnet", weights="none", epochs=3,
+    whole = training.fit(TrainConfig(data=colours, out=tmp_path / "whole", model="test_resnet", weights="none", epochs=3,
                                    img_size=32, batch_size=8, num_workers=0))
     assert without_seconds(metrics_rows(run)) == without_seconds(metrics_rows(whole.run_dir))
     assert _same_weights(run, whole.run_dir)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from helpers import COLOURS, write_colour_folder
 
-from cnnxfer import engine, models
+from cnnxfer import training, recipe, engine, models
 from cnnxfer.config import Balance, Strategy, TrainConfig
 from cnnxfer.errors import DataError, OutputExistsError, TrainingError, UsageError
 
@@ -38,12 +38,12 @@ def test_resnet_3(tmp_path_factory) -> Path:
     return path
 
 
-def fit(data: Path, out: Path, hooks: engine.FitHooks | None = None, **kwargs) -> engine.FitResult:
+def fit(data: Path, out: Path, hooks: training.FitHooks | None = None, **kwargs) -> training.FitResult:
     kwargs.setdefault("num_workers", 0)
     kwargs.setdefault("precision", "fp32")
     kwargs.setdefault("img_size", 32)
     kwargs.setdefault("batch_size", 8)
-    return engine.fit(TrainConfig(data=data, out=out, **kwargs), hooks)
+    return training.fit(TrainConfig(data=data, out=out, **kwargs), hooks)
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -97,11 +97,11 @@ def custom_model_file(folder: Path, *extra: str) -> str:
 # ---------------------------------------------------------------- hyperparameters and schedule
 
 def test_resolve_hparams_defaults():
-    scratch = engine.resolve_hparams(TrainConfig(data=Path("."), out=Path("o"), weights="none", batch_size=64))
+    scratch = recipe.resolve_hparams(TrainConfig(data=Path("."), out=Path("o"), weights="none", batch_size=64))
     assert scratch == {"optimizer": "sgd", "lr": pytest.approx(0.1 * 64 / 256 * 4), "weight_decay": 5e-4, "backbone_lr_mult": 1.0}
-    tune = engine.resolve_hparams(TrainConfig(data=Path("."), out=Path("o"), strategy=Strategy.gradual))
+    tune = recipe.resolve_hparams(TrainConfig(data=Path("."), out=Path("o"), strategy=Strategy.gradual))
     assert tune == {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "backbone_lr_mult": 0.1}
-    linear = engine.resolve_hparams(TrainConfig(data=Path("."), out=Path("o"), strategy=Strategy.linear, lr=0.5))
+    linear = recipe.resolve_hparams(TrainConfig(data=Path("."), out=Path("o"), strategy=Strategy.linear, lr=0.5))
     assert linear["lr"] == 0.5
 
 
@@ -160,7 +160,7 @@ def test_gradual_freezes_the_backbone_for_head_epochs_then_unfreezes_top_down(co
     def snapshot(row):
         snapshots.append(checkpoint.load_training_state(tmp_path / "run" / "state.pt")["model"])
 
-    result = fit(colours, tmp_path / "run", engine.FitHooks(on_epoch=snapshot), model="test_resnet", weights=str(test_resnet_3),
+    result = fit(colours, tmp_path / "run", training.FitHooks(on_epoch=snapshot), model="test_resnet", weights=str(test_resnet_3),
                  strategy=Strategy.gradual, epochs=3, head_epochs=1, lr=1e-2, checkpoint_every=0)
     assert [h["phase"] for h in result.history] == ["head", "head+1 group(s)", "head+2 group(s)"]
     start = load_file(str(test_resnet_3))
@@ -204,9 +204,9 @@ def test_interrupted_then_resumed_equals_uninterrupted(colours, tmp_path):
 
     # no checkpoint is due by time: the interrupt itself writes the one epoch 2 kept in memory
     with pytest.raises(KeyboardInterrupt):
-        fit(colours, tmp_path / "cut", engine.FitHooks(on_epoch=stop_after_two), checkpoint_every=3600, **common)
+        fit(colours, tmp_path / "cut", training.FitHooks(on_epoch=stop_after_two), checkpoint_every=3600, **common)
     assert (tmp_path / "cut" / "state.pt").is_file() and len(read_metrics(tmp_path / "cut")) == 2
-    resumed = engine.fit(engine.resume_config(tmp_path / "cut"))
+    resumed = training.fit(training.resume_config(tmp_path / "cut"))
     assert len(resumed.history) == 3
     assert without_seconds(read_metrics(tmp_path / "cut")) == without_seconds(read_metrics(tmp_path / "whole"))
     a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
@@ -226,8 +226,8 @@ def test_resumed_finetune_equals_uninterrupted(colours, test_resnet_3, tmp_path,
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fit(colours, tmp_path / "cut", engine.FitHooks(on_epoch=stop_after_one), **common)
-    engine.fit(engine.resume_config(tmp_path / "cut"))
+        fit(colours, tmp_path / "cut", training.FitHooks(on_epoch=stop_after_one), **common)
+    training.fit(training.resume_config(tmp_path / "cut"))
     assert without_seconds(read_metrics(tmp_path / "cut")) == without_seconds(read_metrics(tmp_path / "whole"))
     a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -247,8 +247,8 @@ def test_balanced_sampling_resumes_exactly(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fit(data, tmp_path / "cut", engine.FitHooks(on_epoch=stop_after_one), **common)
-    engine.fit(engine.resume_config(tmp_path / "cut"))
+        fit(data, tmp_path / "cut", training.FitHooks(on_epoch=stop_after_one), **common)
+    training.fit(training.resume_config(tmp_path / "cut"))
     assert without_seconds(read_metrics(tmp_path / "cut")) == without_seconds(read_metrics(tmp_path / "whole"))
     a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -265,7 +265,7 @@ def test_checkpoints_are_written_every_epoch_or_kept_in_memory_until_due(colours
         on_disk.append((checkpoint.load_training_state(state)["epoch"] if state.exists() else None,
                         (tmp_path / "run" / "model.safetensors").exists()))
 
-    result = fit(colours, tmp_path / "run", engine.FitHooks(on_epoch=look), model="test_resnet", weights="none", epochs=3,
+    result = fit(colours, tmp_path / "run", training.FitHooks(on_epoch=look), model="test_resnet", weights="none", epochs=3,
                  checkpoint_every=every)
     if every == 0:
         assert on_disk == [(1, True), (2, True), (3, True)]
@@ -278,10 +278,10 @@ def test_checkpoints_are_written_every_epoch_or_kept_in_memory_until_due(colours
 def test_resume_refuses_a_finished_run_and_a_missing_one(colours, tmp_path):
     fit(colours, tmp_path / "run", model="test_resnet", weights="none", epochs=1)
     with pytest.raises(UsageError, match="nothing to resume"):
-        engine.resume_config(tmp_path / "run")
+        training.resume_config(tmp_path / "run")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="not a cnnxfer run directory"):
-        engine.resume_config(tmp_path / "empty")
+        training.resume_config(tmp_path / "empty")
 
 
 def test_resume_refuses_a_data_folder_whose_classes_changed(tmp_path):
@@ -291,10 +291,10 @@ def test_resume_refuses_a_data_folder_whose_classes_changed(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fit(data, tmp_path / "run", engine.FitHooks(on_epoch=stop), model="test_resnet", weights="none", epochs=2)
+        fit(data, tmp_path / "run", training.FitHooks(on_epoch=stop), model="test_resnet", weights="none", epochs=2)
     (data / "red").rename(data / "purple")
     with pytest.raises(DataError, match="the run was trained on"):
-        engine.fit(engine.resume_config(tmp_path / "run"))
+        training.fit(training.resume_config(tmp_path / "run"))
 
 
 def test_existing_run_dir_is_untouched_without_overwrite(colours, tmp_path):
@@ -350,14 +350,17 @@ def test_class_imbalance_options_run(balance, tmp_path):
     result = fit(data, tmp_path / "run", model="test_resnet", weights="none", epochs=2, balance=balance)
     assert len(result.history) == 2 and all(math.isfinite(h["train_loss"]) for h in result.history)
     saved = models.load_model(None, str(result.run_dir)).run_config
-    assert saved["train_config"]["balance"] == balance.value
+    assert saved.train_config["balance"] == balance.value
 
 
 def test_balanced_loss_weights_and_sampler(tmp_path):
     data = write_colour_folder(tmp_path / "data", {"blue": 20, "green": 5, "red": 5})
-    run = engine._Run(TrainConfig(data=data, out=tmp_path / "run", model="test_resnet", balance=Balance.loss, val_split=0.2),
-                      engine.FitHooks())
-    weight = run.loss_fn().weight  # n / (classes * count): blue 16 -> 24/48, green/red 4 -> 2
+    from cnnxfer import device, distributed
+
+    config = TrainConfig(data=data, out=tmp_path / "run", model="test_resnet", weights="none", balance=Balance.loss,
+                         val_split=0.2)
+    run = training._Trainer(config, training.FitHooks(), device.resolve_runtime("cpu"), distributed.Dist(), None)
+    weight = run._loss_fn().weight  # n / (classes * count): blue 16 -> 24/48, green/red 4 -> 2
     torch.testing.assert_close(weight, torch.tensor([0.5, 2.0, 2.0]))
     from cnnxfer.loader import Loader
 
@@ -431,7 +434,7 @@ def test_linear_with_its_feature_cache_decodes_each_image_once_without_holding_i
 
 def test_a_run_with_few_optimizer_steps_says_so_as_it_starts(colours, tmp_path):
     shown = []
-    result = fit(colours, tmp_path / "few", engine.FitHooks(on_message=shown.append), model="test_resnet", weights="none",
+    result = fit(colours, tmp_path / "few", training.FitHooks(on_message=shown.append), model="test_resnet", weights="none",
                  epochs=2)  # 30 training images at batch 8: 3 steps per epoch
     few = [n for n in result.notes if "optimizer step" in n]
     assert few == ["30 training images at --batch-size 8 give 3 optimizer step(s) per epoch, 6 in all: with few images, "
@@ -449,7 +452,7 @@ def test_a_run_with_few_optimizer_steps_says_so_as_it_starts(colours, tmp_path):
     (5000, "hub", (64, 10)),  # a large dataset keeps the usual defaults
 ])
 def test_left_out_batch_size_and_epochs_are_chosen_from_the_dataset_size(n, weights, expected):
-    config, note = engine.resolve_schedule(TrainConfig(data=Path("."), out=Path("o"), weights=weights), n)
+    config, note = recipe.resolve_schedule(TrainConfig(data=Path("."), out=Path("o"), weights=weights), n)
     assert (config.batch_size, config.epochs) == expected
     steps = config.epochs * (1 if n <= config.batch_size else n // config.batch_size)
     assert steps >= 300 and n - (n // config.batch_size) * config.batch_size < max(1, n // config.batch_size)
@@ -457,9 +460,9 @@ def test_left_out_batch_size_and_epochs_are_chosen_from_the_dataset_size(n, weig
 
 
 def test_the_users_batch_size_and_epochs_are_kept():
-    config, note = engine.resolve_schedule(TrainConfig(data=Path("."), out=Path("o"), batch_size=16), 15)
+    config, note = recipe.resolve_schedule(TrainConfig(data=Path("."), out=Path("o"), batch_size=16), 15)
     assert (config.batch_size, config.epochs) == (16, 300) and "--epochs 300" in note and "--batch-size" not in note
-    config, note = engine.resolve_schedule(TrainConfig(data=Path("."), out=Path("o"), batch_size=64, epochs=2), 15)
+    config, note = recipe.resolve_schedule(TrainConfig(data=Path("."), out=Path("o"), batch_size=64, epochs=2), 15)
     assert (config.batch_size, config.epochs, note) == (64, 2, None)
 
 
@@ -469,7 +472,7 @@ def test_a_small_dataset_with_default_options_gets_enough_steps_and_resumes_exac
     data = write_colour_folder(tmp_path / "data", {"blue": 16, "red": 16})
     common = dict(model="test_resnet", weights="none", val_split=0.0, batch_size=None)
     shown = []
-    whole = fit(data, tmp_path / "whole", engine.FitHooks(on_message=shown.append), **common)
+    whole = fit(data, tmp_path / "whole", training.FitHooks(on_message=shown.append), **common)
     assert [n for n in shown if "chosen" in n] == [
         "32 training images: --batch-size 4 and --epochs 38 chosen (304 optimizer steps in all); set --batch-size and "
         "--epochs to choose otherwise"]
@@ -481,9 +484,9 @@ def test_a_small_dataset_with_default_options_gets_enough_steps_and_resumes_exac
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fit(data, tmp_path / "cut", engine.FitHooks(on_epoch=stop_at_20), **common)
+        fit(data, tmp_path / "cut", training.FitHooks(on_epoch=stop_at_20), **common)
     started = []
-    engine.fit(engine.resume_config(tmp_path / "cut"), engine.FitHooks(on_start=started.append))
+    training.fit(training.resume_config(tmp_path / "cut"), training.FitHooks(on_start=started.append))
     assert (started[0].batch_size, started[0].epochs) == (4, 38)
     assert without_seconds(read_metrics(tmp_path / "cut")) == without_seconds(read_metrics(tmp_path / "whole"))
 

@@ -22,7 +22,7 @@ from sklearn.metrics import precision_recall_fscore_support
 
 from helpers import COLOURS, write_colour_folder
 
-from cnnxfer import checkpoint, engine, evaluate, models
+from cnnxfer import training, checkpoint, engine, evaluate, models
 from cnnxfer.cli import app
 from cnnxfer.config import TrainConfig
 from cnnxfer.features import read_features
@@ -39,7 +39,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     test = write_colour_folder(root / "test", dict.fromkeys(COLOURS, 5), seed=9)
     config = TrainConfig(data=data, out=root / "run", model="test_resnet", weights="none", epochs=2, batch_size=8,
                          num_workers=0, precision="fp32", img_size=32)
-    engine.fit(config)
+    training.fit(config)
     return root / "run", test
 
 

@@ -251,7 +251,8 @@ def test_resume_after_interrupt_equals_one_full_run(tmp_path, make_images, test_
     with pytest.raises(KeyboardInterrupt):
         _extract(tmp_path, data_root, "resumed.parquet", progress, **common)
     parts = tmp_path / "resumed.parquet.parts"
-    assert sorted(p.name for p in parts.iterdir()) == ["manifest.json", "part-000000.parquet", "part-000001.parquet"]
+    assert sorted(p.name for p in parts.iterdir()) == ["job.json", "part-000000.json", "part-000000.parquet",
+                                                       "part-000001.json", "part-000001.parquet"]
     assert not (tmp_path / "resumed.parquet").exists()
     assert seen == sorted(seen) and seen[-1] == 10
 
@@ -272,13 +273,13 @@ def test_resume_refuses_changed_inputs_and_options(tmp_path, make_images, test_r
     common = dict(model="test_resnet", weights=str(test_resnet_weights), img_size=32, part_size=4, batch_size=2)
     with pytest.raises(KeyboardInterrupt):
         _extract(tmp_path, data_root, "r.parquet", _interrupt_after(9)[0], **common)
-    manifest = (tmp_path / "r.parquet.parts" / "manifest.json").read_bytes()
+    job = (tmp_path / "r.parquet.parts" / "job.json").read_bytes()
     with pytest.raises(DataError, match="--pool model -> max changed"):  # named, with both values
         _extract(tmp_path, data_root, "r.parquet", resume=True, pool="max", **common)
     write_image(data_root / "b" / "img3.jpg", seed=999)  # same name, new content
     with pytest.raises(DataError, match="the input images changed"):
         _extract(tmp_path, data_root, "r.parquet", resume=True, **common)
-    assert (tmp_path / "r.parquet.parts" / "manifest.json").read_bytes() == manifest
+    assert (tmp_path / "r.parquet.parts" / "job.json").read_bytes() == job
     summary = _extract(tmp_path, data_root, "r.parquet", overwrite=True, **common)
     assert summary.resumed == 0 and summary.images == 17
 
