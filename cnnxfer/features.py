@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import torch
 
 from . import checkpoint, data, device as dev, loader as loaders, models
+from .activations import Activations
 from .preprocess import Preprocess
 from .config import ExtractConfig, to_dict
 from .errors import DataError, OutputExistsError, StrictModeError
@@ -60,7 +61,11 @@ def skipped_path(out: Path) -> Path:
 
 
 class Embedder:
-    """Model + options -> {column: (N, D) float32 features} for a batch of uint8 images."""
+    """Model + options -> {column: (N, D) float32 features} for a batch of uint8 images.
+
+    The `--layers` hooks are registered once, for every batch; `close()` (or a `with` block)
+    removes them.
+    """
 
     def __init__(self, model: torch.nn.Module, layers: list[str], pool: str | None, tta: str,
                  runtime: dev.Runtime, preprocess: Preprocess):
@@ -68,6 +73,17 @@ class Embedder:
         self.layer_pool = pool or "avg"
         self.device, self.dtype, self.channels_last = runtime.device, runtime.dtype, runtime.channels_last
         self.normalize = preprocess.normalizer().to(runtime.device)
+        self.taps = Activations(model, layers) if layers else None
+
+    def close(self) -> None:
+        if self.taps is not None:
+            self.taps.close()
+
+    def __enter__(self) -> "Embedder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -81,16 +97,13 @@ class Embedder:
         return out
 
     def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        taps = models.LayerTaps(self.model, self.layers) if self.layers else None
-        try:
-            with dev.autocast(self.device, self.dtype):
-                final = models.pre_logits(self.model, x)
-            out = {column_name(None): final.float().flatten(1)}
+        with dev.autocast(self.device, self.dtype):
+            final = models.pre_logits(self.model, x)
+        out = {column_name(None): final.float().flatten(1)}
+        if self.taps is not None:
             for layer in self.layers:
-                out[column_name(layer)] = models.pool_features(taps.outputs[layer].float(), self.layer_pool)
-        finally:
-            if taps:
-                taps.close()
+                out[column_name(layer)] = models.pool_features(self.taps.outputs[layer].float(), self.layer_pool)
+            self.taps.clear()
         return out
 
 
@@ -170,8 +183,6 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None) ->
     layers = models.resolve_layers(model, config.layers)
     preprocess = Preprocess.from_data_config(loaded.data_config, max_pixels=config.max_image_pixels,
                                              reduced_decode=config.reduced_decode)
-    embedder = Embedder(model, layers, getattr(config.pool, "value", config.pool), getattr(config.tta, "value", config.tta),
-                        runtime, preprocess)
     metadata = _metadata(config, loaded, layers, runtime)
     fingerprint = {"inputs": _input_fingerprint(images), "model": loaded.arch, "weights": loaded.weights,
                    "options": {k: metadata[k] for k in ("layers", "pool", "tta", "data_config", "precision", "decode")},
@@ -180,7 +191,8 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None) ->
     n_parts = -(-len(images) // config.part_size)
     todo = [p for p in range(n_parts) if str(p) not in manifest["parts"]]
     resumed = sum(v["rows"] + len(v["skipped"]) for v in manifest["parts"].values())
-    with deferred_signals():
+    with deferred_signals(), Embedder(model, layers, getattr(config.pool, "value", config.pool),
+                                      getattr(config.tta, "value", config.tta), runtime, preprocess) as embedder:
         columns = _run_parts(config, images, preprocess, embedder, metadata, parts_dir, manifest, todo, runtime, resumed,
                              progress)
     skipped = [tuple(s) for p in sorted(manifest["parts"], key=int) for s in manifest["parts"][p]["skipped"]]

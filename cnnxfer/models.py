@@ -1,5 +1,5 @@
 """Models and weights: timm names or `file.py:factory`, safe weight loading, heads, freezing,
-preprocessing, embeddings and intermediate-layer taps.
+preprocessing, embeddings and layer names (activations.py captures what layers compute).
 
 `--weights` takes one of: `hub` (timm's pretrained weights: download when online, the local
 cache offline), `none` (random initialisation), a `.safetensors` / `.pth` / `.pt` / `.bin` state
@@ -412,13 +412,9 @@ def pre_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     names = classifier_names(model)
     if not names:
         raise ModelError("custom model has no nn.Linear classifier to take pre-logits features from")
-    captured = []
-    handle = model.get_submodule(names[0]).register_forward_pre_hook(lambda m, args: captured.append(args[0]))
-    try:
-        model(x)
-    finally:
-        handle.remove()
-    return captured[0].flatten(1)
+    from .activations import capture
+
+    return capture(model, x, names[:1], keep="input", detach=False)[names[0]].flatten(1)
 
 
 def available_layers(model: nn.Module) -> list[str]:
@@ -459,25 +455,6 @@ def pool_features(t: torch.Tensor, pool: str = "avg") -> torch.Tensor:
     if t.dim() == 3:
         return t.mean(dim=1) if pool == "avg" else t.amax(dim=1) if pool == "max" else 0.5 * (t.mean(1) + t.amax(1))
     return t.flatten(1)
-
-
-class LayerTaps:
-    """Forward hooks that keep the outputs of named modules during one forward pass."""
-
-    def __init__(self, model: nn.Module, layers: Sequence[str]):
-        self.outputs: dict[str, torch.Tensor] = {}
-        self._handles = [
-            model.get_submodule(name).register_forward_hook(self._keep(name)) for name in layers
-        ]
-
-    def _keep(self, name):
-        def hook(module, args, output):
-            self.outputs[name] = output[0] if isinstance(output, (tuple, list)) else output
-        return hook
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
 
 
 # ---------------------------------------------------------------- freezing
