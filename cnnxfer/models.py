@@ -225,6 +225,25 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
     return notes
 
 
+def weights_head_size(spec: str, path: Path) -> int | None:
+    """How many outputs the classifier in the weights file `path` has, for the architecture `spec`
+    (None when the file holds no classifier by that name). Reads shapes only where the format allows."""
+    names = classifier_names(build_architecture(spec, None))
+    keys = [f"{n}.weight" for n in names]
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                present = set(f.keys())
+                return next((int(f.get_slice(k).get_shape()[0]) for k in keys if k in present), None)
+        except Exception as exc:
+            raise WeightsError(f"corrupt weights file {path}: {exc}") from exc
+    state = read_weights_file(path)
+    return next((int(state[k].shape[0]) for k in keys if k in state), None)
+
+
 def model_num_classes(model: nn.Module) -> int | None:
     if getattr(model, "num_classes", None) is not None:
         return int(model.num_classes)

@@ -1,0 +1,100 @@
+"""`cnnxfer inspect layers`: per stage, the output shape, stride, measured receptive field,
+parameters and FLOPs (torch's own FlopCounterMode, one image at the working size), and on images
+the fraction of dead units: units (channels) that are never positive, at any position of any
+image (after a ReLU: always zero)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import data
+from ..activations import capture
+from ..config import InspectConfig
+from . import subject as subj
+from .receptive import measure_receptive_fields
+
+
+@dataclass
+class LayersResult:
+    input_size: tuple[int, int, int]
+    rows: list[dict]  # stage, output_shape, stride, receptive_field, parameters, flops, dead_fraction
+    total_parameters: int
+    total_flops: int
+    images: int | None  # None: no data given, no dead-unit count
+    files: list[Path] = field(default_factory=list)
+
+
+def stage_flops(model: nn.Module, x: torch.Tensor, names: list[str]) -> tuple[dict[str, int], int]:
+    """FLOPs of each named module for the input `x`, and of the whole forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    return {n: int(sum(counts.get(f"{root}.{n}", {}).values())) for n in names}, int(counter.get_total_flops())
+
+
+def dead_fractions(subject: subj.Subject, images: data.ImageList, names: list[str], batch_size: int) -> tuple[dict[str, float], int]:
+    """Per layer, the fraction of units never positive over `images`; and how many images were read."""
+    alive: dict[str, torch.Tensor] = {}
+    n = 0
+    for batch in subject.batches(images, batch_size):
+        with torch.no_grad(), subject.autocast():
+            outputs = capture(subject.model, subject.normalize(batch.images), names)
+        n += len(batch.indices)
+        for name, t in outputs.items():
+            positive = (t.float() > 0).transpose(0, 1).reshape(t.shape[1], -1).any(dim=1)
+            alive[name] = positive if name not in alive else alive[name] | positive
+    return {name: 1.0 - float(a.float().mean()) for name, a in alive.items()}, n
+
+
+def describe_layers(subject: subj.Subject, images: data.ImageList | None = None, batch_size: int = 64) -> LayersResult:
+    model, names = subject.model, subj.stages(subject.model)
+    h, w = subject.input_size
+    x = torch.zeros((1, subject.in_chans, h, w), device=subject.device)
+    with torch.no_grad():
+        shapes = {n: tuple(t.shape[1:]) for n, t in capture(model, x, names).items()}
+    fields = measure_receptive_fields(model, names, (h, w), subject.in_chans, device=subject.device)
+    flops, total_flops = stage_flops(model, x, names)
+    dead, n = dead_fractions(subject, images, names, batch_size) if images is not None else ({}, None)
+    rows = [{"stage": "input", "output_shape": f"{subject.in_chans}x{h}x{w}", "stride": "1", "receptive_field": "1x1",
+             "parameters": 0, "flops": 0, "dead_fraction": None}]
+    for name in names:
+        f = fields[name]
+        rows.append({"stage": name, "output_shape": "x".join(str(v) for v in shapes[name]),
+                     "stride": f"{f.stride[0]}" if f.stride[0] == f.stride[1] else f"{f.stride[0]}x{f.stride[1]}",
+                     "receptive_field": f.label, "parameters": _parameters(model, name), "flops": flops[name],
+                     "dead_fraction": dead.get(name)})
+    total = sum(p.numel() for p in model.parameters())
+    rows.append({"stage": "total", "output_shape": "", "stride": "", "receptive_field": "", "parameters": total,
+                 "flops": total_flops, "dead_fraction": None})
+    return LayersResult((subject.in_chans, h, w), rows, total, total_flops, n)
+
+
+def _parameters(model: nn.Module, name: str) -> int:
+    return sum(p.numel() for p in model.get_submodule(name).parameters())
+
+
+def save_layers(result: LayersResult, out: Path) -> list[Path]:
+    from .. import report
+
+    result.files = [report.save_table(result.rows, out / "layers.csv"),
+                    report.save_json({"input_size": list(result.input_size), "images": result.images,
+                                      "total_parameters": result.total_parameters, "total_flops": result.total_flops,
+                                      "rows": result.rows}, out / "layers.json")]
+    return result.files
+
+
+def run_layers(config: InspectConfig) -> LayersResult:
+    """`cnnxfer inspect layers`: load, measure, write (dead units only with DATA)."""
+    subject = subj.load_subject(config)
+    images = subj.read_images(config) if config.data is not None else None
+    out = subj.output_dir(config, "layers")
+    result = describe_layers(subject, images, config.batch_size)
+    save_layers(result, out)
+    return result
