@@ -394,7 +394,8 @@ def save_embedding_map(result, path):
             mask = labels == name
             ax.scatter(xy[mask, 0], xy[mask, 1], s=8, color=colours[name], label=name, alpha=0.7)
         knn = result.knn.get(method)
-        ax.set_title(f"{method.upper()}" + (f": {result.k}-NN accuracy {knn:.1%} in 2-D" if knn is not None else ""), fontsize=10)
+        name = {"pca": "PCA", "tsne": "t-SNE"}.get(method, method)
+        ax.set_title(name + (f": {result.k}-NN accuracy {knn:.1%} in 2-D" if knn is not None else ""), fontsize=10)
         ax.set_xticks([]), ax.set_yticks([])
         if method == methods[-1]:
             for i, thumb in result.thumbnails.items():
@@ -490,8 +491,8 @@ def class_model_summary(r) -> None:
 
 def embedding_summary(r) -> None:
     rows = [("images", f"{len(r.paths):,}"), ("features", f"{r.dim}-d from {r.source}")]
-    rows += [(f"{r.k}-NN accuracy ({'full space' if m == 'full' else m.upper() + ' map'})", "-" if v is None else f"{v:.1%}")
-             for m, v in r.knn.items()]
+    names = {"full": "full space", "pca": "PCA map", "tsne": "t-SNE map"}
+    rows += [(f"{r.k}-NN accuracy ({names.get(m, m)})", "-" if v is None else f"{v:.1%}") for m, v in r.knn.items()]
     show(table("inspect embedding", rows + [_files_row(r)]))
 
 
