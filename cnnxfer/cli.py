@@ -391,6 +391,7 @@ def _inspect(view: str, summary: str, **fields) -> None:
     with report.status(f"inspect {summary}"):
         result = getattr(importlib.import_module(f".inspect.{module}", __package__), run)(config)
     getattr(report, f"{summary}_summary")(result)
+    report.skipped_images(result.skipped)
 
 
 @inspect_app.command("filters")

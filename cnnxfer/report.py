@@ -549,3 +549,10 @@ def page_summary(r) -> None:
             ("images", f"{r.images:,} from {r.data}" if r.data else "none (no --data, and the run's data folder is gone)"),
             ("time", f"{r.seconds:.1f} s")]
     show(table("report", rows))
+
+
+def skipped_images(skipped) -> None:
+    """One warning for the images no pass could read (each view lists them in its skipped.csv)."""
+    if skipped:
+        path, reason = skipped[0]
+        warn(f"{len(skipped)} unreadable image(s) skipped and listed in skipped.csv, e.g. {path}: {reason}")

@@ -158,6 +158,17 @@ def test_existing_output_needs_overwrite_and_is_untouched(tmp_path, model_option
     assert _invoke("inspect", "filters", *model_options["hand-written"], "--out", out, "--overwrite").exit_code == 0
 
 
+def test_unreadable_images_are_skipped_listed_and_warned_about(tmp_path, images, model_options):
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    (data / "cat" / "broken.jpg").write_text("not an image")
+    result = _invoke("inspect", "invariance", data, *model_options["hand-written"], "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+    assert "1 unreadable image(s) skipped" in " ".join(result.stderr.split())
+    listed = (tmp_path / "out" / "skipped.csv").read_text()
+    assert "broken.jpg" in listed and json.loads((tmp_path / "out" / "invariance.json").read_text())["images"] == 8
+
+
 def test_inspect_defaults_to_a_folder_inside_a_run_directory(tmp_path, digits_run):
     run = tmp_path / "run"
     shutil.copytree(digits_run, run)

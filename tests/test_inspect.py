@@ -278,8 +278,8 @@ def build(num_classes=2):
     rows = {r["stage"]: r for r in result.rows}
     assert rows["0"]["parameters"] == 3 * 4 * 9 + 4 and rows["2"]["parameters"] == 4 * 6 * 9 + 6
     assert rows["0"]["flops"] == 2 * 4 * 16 * 16 * 3 * 9 and rows["2"]["flops"] == 2 * 6 * 8 * 8 * 4 * 9
-    # a weights file keeps the factory's default head (num_classes=1000): its 2-class head is not loaded
-    assert rows["total"]["flops"] == rows["0"]["flops"] + rows["2"]["flops"] + 2 * 6 * 1000
+    # the weights file's own 2-class head is kept (not the factory's default of 1000 outputs)
+    assert rows["total"]["flops"] == rows["0"]["flops"] + rows["2"]["flops"] + 2 * 6 * 2
     assert rows["1"]["dead_fraction"] == 0.25 and rows["3"]["dead_fraction"] == 0.5
     assert (rows["2"]["output_shape"], rows["2"]["stride"], rows["2"]["receptive_field"]) == ("6x8x8", "2", "5x5")
     assert rows["6"]["receptive_field"] == "global" and result.images == 4

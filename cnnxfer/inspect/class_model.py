@@ -42,6 +42,7 @@ class ClassModelResult:
     layer: str | None
     settings: dict
     files: list[Path] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable images, with the reason
 
 
 def optimise_inputs(subject: subj.Subject, objective, count: int, *, steps: int, lr: float, l2: float, jitter: int,

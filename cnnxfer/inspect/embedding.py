@@ -36,6 +36,7 @@ class EmbeddingResult:
     source: str  # the Parquet file or the weights
     thumbnails: dict[int, np.ndarray] = field(default_factory=dict)  # point index -> (h, w, 3) uint8
     files: list[Path] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable images, with the reason
 
 
 def knn_accuracy(x: np.ndarray, labels: list, k: int = 5) -> float | None:
@@ -179,5 +180,7 @@ def run_embedding(config: InspectConfig) -> EmbeddingResult:
     result = embed(x, paths, labels, methods, k=config.knn, perplexity=config.perplexity, seed=config.seed, source=source)
     result.thumbnails = read_thumbnails(paths, pick_thumbnails(result.coords[methods[-1]], config.thumbnails, config.seed),
                                         preprocess)
+    if config.features is None:
+        result.skipped = subj.write_skipped(subject, out)
     save_embedding(result, out)
     return result

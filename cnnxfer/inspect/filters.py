@@ -36,6 +36,7 @@ class FiltersResult:
     compare_grid: np.ndarray | None = None
     changes: list[dict] = field(default_factory=list)  # per parameter group: stage, parameters, relative_change
     files: list[Path] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable images, with the reason
 
 
 def first_conv(model: nn.Module, input_size: tuple[int, int], in_chans: int) -> str:

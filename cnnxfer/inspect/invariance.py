@@ -40,6 +40,7 @@ class InvarianceResult:
     images: int
     scale_mode: str = "resize"  # or "pad" for models that take one input size only
     files: list[Path] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable images, with the reason
 
 
 def transform(x: torch.Tensor, name: str, scale_mode: str = "resize") -> torch.Tensor:
@@ -139,6 +140,7 @@ def run_invariance(config: InspectConfig) -> InvarianceResult:
     images = subj.read_images(config, limit=DEFAULT_MAX_IMAGES)
     out = subj.output_dir(config, "invariance")
     result = measure_invariance(subject, images, layers, list(config.transforms), config.threshold, config.batch_size)
+    result.skipped = subj.write_skipped(subject, out)
     save_invariance(result, out)
     return result
 

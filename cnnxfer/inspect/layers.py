@@ -25,6 +25,7 @@ class LayersResult:
     total_flops: int
     images: int | None  # None: no data given, no dead-unit count
     files: list[Path] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable images, with the reason
 
 
 def stage_flops(model: nn.Module, x: torch.Tensor, names: list[str]) -> tuple[dict[str, int], int]:
@@ -96,5 +97,6 @@ def run_layers(config: InspectConfig) -> LayersResult:
     images = subj.read_images(config) if config.data is not None else None
     out = subj.output_dir(config, "layers")
     result = describe_layers(subject, images, config.batch_size)
+    result.skipped = subj.write_skipped(subject, out)
     save_layers(result, out)
     return result

@@ -56,7 +56,9 @@ def write_report(config: InspectConfig, progress: Callable[[str], None] | None =
         raise OutputExistsError(f"{page} already exists; pass --overwrite to replace it")
     step = progress or (lambda name: None)
     run = checkpoint.load_run_config(run_dir)
-    report.save_run_plots(run_dir)  # curves.png and confusion_matrix.png from the run's CSVs
+    if not all((run_dir / f"{name}.png").exists() for name in ("curves", "confusion_matrix")
+               if (run_dir / f"{'metrics' if name == 'curves' else name}.csv").exists()):
+        report.save_run_plots(run_dir)  # the run's plots, only when one is missing
     subject = subj.load_subject(config)
     images, source, notes = _report_images(config, run, subject)
     sections: dict[str, dict] = {"summary": {"rows": _summary_rows(run, run_dir, subject)}}
@@ -72,6 +74,9 @@ def write_report(config: InspectConfig, progress: Callable[[str], None] | None =
         except CnnxferError as exc:  # one view that cannot run on this model leaves the others on the page
             notes.append(f"{name}: {exc}")
             log.warning("report: %s could not be computed: %s", name, exc)
+    skipped = subj.write_skipped(subject, files) if files.exists() else []
+    if skipped:
+        notes.append(f"{len(skipped)} unreadable image(s) were skipped; see {FILES}/skipped.csv")
     context = {"title": run_dir.resolve().name, "run": run, "sections": sections, "notes": notes, "data": source,
                "images": len(images) if images is not None else 0, "classes": _per_class(run_dir),
                "run_files": _run_files(run_dir), "generated": time.strftime("%Y-%m-%d %H:%M")}

@@ -37,6 +37,7 @@ class PatchesResult:
     patches: list[list[np.ndarray]]  # per unit, best first: (h, w, 3) uint8 at the field's size
     images: int
     files: list[Path] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable images, with the reason
 
     def grid(self, height: int = PATCH_PIXELS) -> np.ndarray:
         """Units as rows, their patches best first, each resized to `height` pixels."""
@@ -150,6 +151,7 @@ def run_patches(config: InspectConfig) -> PatchesResult:
     out = subj.output_dir(config, "patches")
     units = _existing_units(subject, layer, units, explicit=bool(config.units))
     result = find_patches(subject, images, layer, units, config.top, config.batch_size)
+    result.skipped = subj.write_skipped(subject, out)
     save_patches(result, out)
     return result
 

@@ -3,7 +3,8 @@ it reads images (its own Preprocess), where it runs, which images, and where the
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
@@ -27,6 +28,7 @@ class Subject:
     model: nn.Module
     preprocess: Preprocess
     runtime: dev.Runtime
+    skipped: dict[str, str] = field(default_factory=dict)  # unreadable image -> reason, over every pass
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -48,9 +50,13 @@ class Subject:
         n = models.model_num_classes(self.model) or 0
         return [str(i) for i in range(n)]
 
+    @cached_property
+    def _normalizer(self) -> nn.Module:
+        return self.preprocess.normalizer().to(self.device)
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, H, W) as the loaders give them -> the model's normalised float input."""
-        return self.preprocess.normalizer().to(self.device)(images.to(self.device))
+        return self._normalizer(images.to(self.device))
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """The model's normalised input -> uint8 images (N, H, W, C) on the CPU, clipped to 0..255."""
@@ -65,12 +71,23 @@ class Subject:
                                 threads=self.runtime.decode_threads, ahead=self.runtime.ahead)
         for batch in loader:
             for i, reason in batch.skipped:
-                log.info("skipped %s: %s", images.paths[i], reason)
+                self.skipped[str(images.paths[i])] = reason
             if len(batch.indices):
                 yield batch
 
     def autocast(self):
         return self.runtime.autocast()
+
+
+def write_skipped(subject: Subject, out: Path) -> list[tuple[str, str]]:
+    """List the images no pass could read in OUT/skipped.csv (removed when there are none)."""
+    skipped = sorted(subject.skipped.items())
+    path = Path(out) / "skipped.csv"
+    if skipped:
+        data.write_skipped(path, skipped)
+    else:
+        path.unlink(missing_ok=True)
+    return skipped
 
 
 def load_subject(config: InspectConfig, num_classes: int | None = None) -> Subject:

@@ -35,6 +35,7 @@ class ErrorsResult:
     accuracy: float
     mistakes: int
     files: list[Path] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable images, with the reason
 
 
 def grad_cam(model, x: torch.Tensor, layer: str, classes: list[int]) -> np.ndarray:
@@ -150,5 +151,6 @@ def run_errors(config: InspectConfig) -> ErrorsResult:
         raise UsageError(f"--top must be at least 1 (got {config.top})")
     out = subj.output_dir(config, "errors")
     result = find_errors(subject, images, config.top, config.layer, config.batch_size)
+    result.skipped = subj.write_skipped(subject, out)
     save_errors(result, out)
     return result
