@@ -128,6 +128,8 @@ def test_embedding_reads_a_features_file_from_extract(tmp_path, images, test_res
     summary = json.loads((tmp_path / "map" / "embedding.json").read_text())
     assert summary["images"] == 8 and summary["dim"] == 96 and set(summary["knn_accuracy"]) == {"full", "pca"}
     assert "3-NN accuracy" in result.stdout
+    ignored = _invoke("inspect", "embedding", features, "--weights", test_resnet_weights, "--out", tmp_path / "other")
+    assert ignored.exit_code == 2 and "--weights does not apply to a features file" in " ".join(ignored.stderr.split())
 
 
 @pytest.mark.parametrize("args, message", [

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cnnxfer.config import InspectConfig
+from cnnxfer.device import resolve_runtime
 from cnnxfer.inspect import subject as subj
 from cnnxfer.inspect.class_model import class_models
 from cnnxfer.inspect.embedding import embed, features_from_images, knn_accuracy
@@ -24,6 +25,7 @@ from cnnxfer.inspect.layers import describe_layers
 from cnnxfer.inspect.patches import run_patches
 from cnnxfer.inspect.receptive import measure_receptive_fields
 from cnnxfer.inspect.worst import grad_cam
+from cnnxfer.preprocess import Preprocess
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -283,6 +285,19 @@ def build(num_classes=2):
     assert rows["1"]["dead_fraction"] == 0.25 and rows["3"]["dead_fraction"] == 0.5
     assert (rows["2"]["output_shape"], rows["2"]["stride"], rows["2"]["receptive_field"]) == ("6x8x8", "2", "5x5")
     assert rows["6"]["receptive_field"] == "global" and result.images == 4
+    assert "head" not in rows  # every child of a Sequential is a stage
+
+
+def test_layers_rows_add_up_to_the_model():
+    model = timm.create_model("resnet10t").eval()
+    subject = subj.Subject(None, model, Preprocess((3, 64, 64)), resolve_runtime("cpu", "fp32", 0))
+    rows = {r["stage"]: r for r in describe_layers(subject).rows}
+    stem = sum(p.numel() for m in (model.conv1, model.bn1) for p in m.parameters())
+    assert rows["act1"]["parameters"] == stem  # conv1 and bn1 run before the first stage ends
+    assert rows["head"]["parameters"] == 512 * 1000 + 1000 and rows["head"]["flops"] == 2 * 512 * 1000
+    stages = [r for name, r in rows.items() if name not in ("input", "total")]
+    assert sum(r["parameters"] for r in stages) == rows["total"]["parameters"] == sum(p.numel() for p in model.parameters())
+    assert sum(r["flops"] for r in stages) == rows["total"]["flops"]
 
 
 # ---------------------------------------------------------------- a trained digits classifier

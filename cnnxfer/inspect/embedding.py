@@ -167,8 +167,11 @@ def run_embedding(config: InspectConfig) -> EmbeddingResult:
         raise UsageError(f"--knn must be at least 1 (got {config.knn})")
     limit = config.max_images or DEFAULT_MAX_IMAGES
     if config.features is not None:
-        if config.data is not None:
-            raise UsageError("give either FEATURES.parquet or DATA with --weights, not both")
+        given = [name for name, value in (("--weights", config.weights), ("--model", config.model),
+                                          ("--img-size", config.img_size)) if value is not None]
+        if config.data is not None or given:
+            raise UsageError(f"{', '.join(given) or 'DATA'} does not apply to a features file: its embeddings are "
+                             "already computed (use DATA with --weights to compute them)")
         x, paths, labels, preprocess = features_from_parquet(Path(config.features), limit, config.seed)
         source = str(Path(config.features).resolve())
     else:

@@ -1,9 +1,11 @@
 """`cnnxfer inspect layers`: per stage, the output shape, stride, measured receptive field,
-parameters and FLOPs (torch's own FlopCounterMode, one image at the working size), and on images
-the fraction of dead units: units (channels) that are never positive, at any position of any
-image (after a ReLU: always zero)."""
+parameters and FLOPs (torch's own FlopCounterMode, one image at the working size; what runs
+between stages counts in the next one, what follows the last in a "head" row, so the rows add up),
+and on images the fraction of dead units: units (channels) that are never positive, at any
+position of any image (after a ReLU: always zero)."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import torch
 from torch import nn
 
 from .. import data
-from ..activations import capture
+from ..activations import Activations, capture
 from ..config import InspectConfig
 from . import subject as subj
 from .receptive import measure_receptive_fields
@@ -28,16 +30,47 @@ class LayersResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable images, with the reason
 
 
-def stage_flops(model: nn.Module, x: torch.Tensor, names: list[str]) -> tuple[dict[str, int], int]:
-    """FLOPs of each named module for the input `x`, and of the whole forward."""
+def stage_costs(model: nn.Module, x: torch.Tensor, names: list[str]) -> tuple[dict[str, int], dict[str, int], int]:
+    """Parameters and FLOPs per row (each stage, plus "head" for what runs after the last one),
+    and the FLOPs of the whole forward for the input `x`.
+
+    Every module's own parameters and FLOPs count in the stage it belongs to, or else in the first
+    stage to finish after it starts (a ResNet's conv1 and bn1 count in act1, its max pool in
+    layer1), so that the rows add up to the model."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    starts: dict[str, int] = {}
+    ends: dict[str, int] = {}
+    clock = itertools.count()
+
+    def started(name, module, args):
+        starts.setdefault(name, next(clock))
+
+    def finished_(name, module, args, output):
+        ends.setdefault(name, next(clock))
+
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), counter, Activations(model, lambda n, m: n != "<root>", keep=None, on_input=started,
+                                               on_output=finished_):
         model(x)
     counts = counter.get_flop_counts()
     root = type(model).__name__
-    return {n: int(sum(counts.get(f"{root}.{n}", {}).values())) for n in names}, int(counter.get_total_flops())
+    finished = sorted((ends[s], s) for s in names if s in ends)
+    params, flops = dict.fromkeys([*names, "head"], 0), dict.fromkeys([*names, "head"], 0)
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        row = next((s for s in names if name == s or name.startswith(s + ".")), None)
+        if row is None:
+            row = next((s for end, s in finished if end > starts.get(name, -1)), "head") if name in starts else "head"
+        params[row] += sum(p.numel() for p in module.parameters(recurse=False))
+        own = _flops(counts, f"{root}.{name}") - sum(_flops(counts, f"{root}.{name}.{c}") for c, _ in module.named_children())
+        flops[row] += own
+    return params, flops, int(counter.get_total_flops())
+
+
+def _flops(counts: dict, key: str) -> int:
+    return int(sum(counts.get(key, {}).values()))
 
 
 def dead_fractions(subject: subj.Subject, images: data.ImageList, names: list[str], batch_size: int) -> tuple[dict[str, float], int]:
@@ -61,7 +94,7 @@ def describe_layers(subject: subj.Subject, images: data.ImageList | None = None,
     with torch.no_grad():
         shapes = {n: tuple(t.shape[1:]) for n, t in capture(model, x, names).items()}
     fields = measure_receptive_fields(model, names, (h, w), subject.in_chans, device=subject.device)
-    flops, total_flops = stage_flops(model, x, names)
+    params, flops, total_flops = stage_costs(model, x, names)
     dead, n = dead_fractions(subject, images, names, batch_size) if images is not None else ({}, None)
     rows = [{"stage": "input", "output_shape": f"{subject.in_chans}x{h}x{w}", "stride": "1", "receptive_field": "1x1",
              "parameters": 0, "flops": 0, "dead_fraction": None}]
@@ -69,16 +102,15 @@ def describe_layers(subject: subj.Subject, images: data.ImageList | None = None,
         f = fields[name]
         rows.append({"stage": name, "output_shape": "x".join(str(v) for v in shapes[name]),
                      "stride": f"{f.stride[0]}" if f.stride[0] == f.stride[1] else f"{f.stride[0]}x{f.stride[1]}",
-                     "receptive_field": f.label, "parameters": _parameters(model, name), "flops": flops[name],
+                     "receptive_field": f.label, "parameters": params[name], "flops": flops[name],
                      "dead_fraction": dead.get(name)})
+    if params["head"] or flops["head"]:
+        rows.append({"stage": "head", "output_shape": "", "stride": "", "receptive_field": "",
+                     "parameters": params["head"], "flops": flops["head"], "dead_fraction": None})
     total = sum(p.numel() for p in model.parameters())
     rows.append({"stage": "total", "output_shape": "", "stride": "", "receptive_field": "", "parameters": total,
                  "flops": total_flops, "dead_fraction": None})
     return LayersResult((subject.in_chans, h, w), rows, total, total_flops, n)
-
-
-def _parameters(model: nn.Module, name: str) -> int:
-    return sum(p.numel() for p in model.get_submodule(name).parameters())
 
 
 def save_layers(result: LayersResult, out: Path) -> list[Path]:
