@@ -14,7 +14,6 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pytest
-import timm
 import torch
 from PIL import Image
 from safetensors.torch import save_file
@@ -238,6 +237,19 @@ def test_report_refuses_to_replace_a_page_without_overwrite(report_run):
     before = page.read_bytes()
     result = _invoke("report", report_run)
     assert result.exit_code == 2 and "--overwrite" in result.stderr and page.read_bytes() == before
+
+
+def test_report_without_images_says_so_and_keeps_the_rest(tmp_path, digits_run):
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)
+    config = json.loads((run / "config.json").read_text())
+    config["train_config"]["data"] = str(tmp_path / "moved_away")
+    (run / "config.json").write_text(json.dumps(config))
+    result = _invoke("report", run, "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    text = (run / "report.html").read_text()
+    assert "data folder is gone" in " ".join(result.stderr.split()) and "data folder is gone" in text
+    assert "<h2>First-layer filters" in text and "<h2>Per class" in text and "Worst errors" not in text
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -9,7 +9,6 @@ jinja2 template (templates/report.html.j2, with its stylesheet inlined).
 """
 from __future__ import annotations
 
-import html
 import logging
 import time
 from dataclasses import dataclass, field
@@ -61,7 +60,8 @@ def write_report(config: InspectConfig, progress: Callable[[str], None] | None =
         report.save_run_plots(run_dir)  # the run's plots, only when one is missing
     subject = subj.load_subject(config)
     images, source, notes = _report_images(config, run, subject)
-    sections: dict[str, dict] = {"summary": {"rows": _summary_rows(run, run_dir, subject)}}
+    sections: dict[str, dict | None] = dict.fromkeys(("filters", "errors", "embedding", "invariance"))
+    sections["summary"] = {"rows": _summary_rows(run, run_dir, subject)}
     views = [("filters", lambda: _filters(subject, files))]
     if images is not None:
         views += [("errors", lambda: _errors(subject, images, files, config)),
@@ -81,7 +81,8 @@ def write_report(config: InspectConfig, progress: Callable[[str], None] | None =
                "images": len(images) if images is not None else 0, "classes": _per_class(run_dir),
                "run_files": _run_files(run_dir), "generated": time.strftime("%Y-%m-%d %H:%M")}
     checkpoint.atomic_write_text(page, render(context))
-    return PageResult(page, list(sections), notes, context["images"], source, time.perf_counter() - start)
+    return PageResult(page, [name for name, section in sections.items() if section], notes, context["images"], source,
+                      time.perf_counter() - start)
 
 
 def render(context: dict) -> str:
@@ -91,7 +92,7 @@ def render(context: dict) -> str:
     env = jinja2.Environment(loader=jinja2.PackageLoader("cnnxfer.inspect", "templates"),
                              autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined)
     env.filters["pct"] = lambda v: "-" if v is None else f"{100 * v:.1f}%"
-    env.filters["num"] = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else html.escape(str(v)))
+    env.filters["num"] = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
     return env.get_template("report.html.j2").render(**context)
 
 

@@ -2,7 +2,6 @@
 it reads images (its own Preprocess), where it runs, which images, and where the files go."""
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -14,10 +13,8 @@ from torch import nn
 
 from .. import checkpoint, data, device as dev, loader as loaders, models
 from ..config import InspectConfig
-from ..errors import DataError, OutputExistsError, UsageError
+from ..errors import OutputExistsError, UsageError
 from ..preprocess import Preprocess
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -181,8 +178,3 @@ def class_index(subject: Subject, name: str) -> int:
         return int(name)
     shown = ", ".join(classes[:20]) + (" ..." if len(classes) > 20 else "")
     raise UsageError(f"--class {name} is not one of the model's classes: {shown}")
-
-
-def require_images(images: data.ImageList, what: str) -> None:
-    if not len(images):
-        raise DataError(f"no images to {what}")
