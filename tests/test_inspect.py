@@ -285,7 +285,7 @@ def build(num_classes=2):
     assert rows["1"]["dead_fraction"] == 0.25 and rows["3"]["dead_fraction"] == 0.5
     assert (rows["2"]["output_shape"], rows["2"]["stride"], rows["2"]["receptive_field"]) == ("6x8x8", "2", "5x5")
     assert rows["6"]["receptive_field"] == "global" and result.images == 4
-    assert "head" not in rows  # every child of a Sequential is a stage
+    assert "after the last stage" not in rows  # every child of a Sequential is a stage
 
 
 def test_layers_rows_add_up_to_the_model():
@@ -294,7 +294,8 @@ def test_layers_rows_add_up_to_the_model():
     rows = {r["stage"]: r for r in describe_layers(subject).rows}
     stem = sum(p.numel() for m in (model.conv1, model.bn1) for p in m.parameters())
     assert rows["act1"]["parameters"] == stem  # conv1 and bn1 run before the first stage ends
-    assert rows["head"]["parameters"] == 512 * 1000 + 1000 and rows["head"]["flops"] == 2 * 512 * 1000
+    head = rows["after the last stage"]  # global pooling and the classifier
+    assert head["parameters"] == 512 * 1000 + 1000 and head["flops"] == 2 * 512 * 1000
     stages = [r for name, r in rows.items() if name not in ("input", "total")]
     assert sum(r["parameters"] for r in stages) == rows["total"]["parameters"] == sum(p.numel() for p in model.parameters())
     assert sum(r["flops"] for r in stages) == rows["total"]["flops"]

@@ -1,6 +1,6 @@
 """`cnnxfer inspect layers`: per stage, the output shape, stride, measured receptive field,
 parameters and FLOPs (torch's own FlopCounterMode, one image at the working size; what runs
-between stages counts in the next one, what follows the last in a "head" row, so the rows add up),
+between stages counts in the next one, what follows the last in an "after the last stage" row (the head), so the rows add up),
 and on images the fraction of dead units: units (channels) that are never positive, at any
 position of any image (after a ReLU: always zero)."""
 from __future__ import annotations
@@ -18,6 +18,8 @@ from ..config import InspectConfig
 from . import subject as subj
 from .receptive import measure_receptive_fields
 
+AFTER = "after the last stage"  # the row of what runs after the last stage (pooling, the classifier); no module name has spaces
+
 
 @dataclass
 class LayersResult:
@@ -31,7 +33,7 @@ class LayersResult:
 
 
 def stage_costs(model: nn.Module, x: torch.Tensor, names: list[str]) -> tuple[dict[str, int], dict[str, int], int]:
-    """Parameters and FLOPs per row (each stage, plus "head" for what runs after the last one),
+    """Parameters and FLOPs per row (each stage, plus AFTER for what runs after the last one),
     and the FLOPs of the whole forward for the input `x`.
 
     Every module's own parameters and FLOPs count in the stage it belongs to, or else in the first
@@ -56,13 +58,13 @@ def stage_costs(model: nn.Module, x: torch.Tensor, names: list[str]) -> tuple[di
     counts = counter.get_flop_counts()
     root = type(model).__name__
     finished = sorted((ends[s], s) for s in names if s in ends)
-    params, flops = dict.fromkeys([*names, "head"], 0), dict.fromkeys([*names, "head"], 0)
+    params, flops = dict.fromkeys([*names, AFTER], 0), dict.fromkeys([*names, AFTER], 0)
     for name, module in model.named_modules():
         if not name:
             continue
         row = next((s for s in names if name == s or name.startswith(s + ".")), None)
         if row is None:
-            row = next((s for end, s in finished if end > starts.get(name, -1)), "head") if name in starts else "head"
+            row = next((s for end, s in finished if end > starts.get(name, -1)), AFTER) if name in starts else AFTER
         params[row] += sum(p.numel() for p in module.parameters(recurse=False))
         own = _flops(counts, f"{root}.{name}") - sum(_flops(counts, f"{root}.{name}.{c}") for c, _ in module.named_children())
         flops[row] += own
@@ -104,9 +106,9 @@ def describe_layers(subject: subj.Subject, images: data.ImageList | None = None,
                      "stride": f"{f.stride[0]}" if f.stride[0] == f.stride[1] else f"{f.stride[0]}x{f.stride[1]}",
                      "receptive_field": f.label, "parameters": params[name], "flops": flops[name],
                      "dead_fraction": dead.get(name)})
-    if params["head"] or flops["head"]:
-        rows.append({"stage": "head", "output_shape": "", "stride": "", "receptive_field": "",
-                     "parameters": params["head"], "flops": flops["head"], "dead_fraction": None})
+    if params[AFTER] or flops[AFTER]:
+        rows.append({"stage": AFTER, "output_shape": "", "stride": "", "receptive_field": "",
+                     "parameters": params[AFTER], "flops": flops[AFTER], "dead_fraction": None})
     total = sum(p.numel() for p in model.parameters())
     rows.append({"stage": "total", "output_shape": "", "stride": "", "receptive_field": "", "parameters": total,
                  "flops": total_flops, "dead_fraction": None})
