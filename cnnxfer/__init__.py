@@ -1,14 +1,35 @@
-"""cnnxfer: transfer learning with convolutional networks, from the command line or Python."""
+"""cnnxfer: transfer learning with convolutional networks, from the command line or Python.
+
+The public names load on first use (PEP 562): `from cnnxfer import fit` imports the engine and
+torch then, while `cnnxfer --help` and usage errors never pay the ~2 s that torch costs to import.
+"""
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
 
-from .config import ExtractConfig, SanityConfig, TrainConfig  # noqa: E402
-from .engine import FitHooks, FitResult, fit  # noqa: E402
-from .errors import CnnxferError  # noqa: E402
-from .evaluate import evaluate_folder, predict_folder  # noqa: E402
-from .features import ExtractSummary, extract_features, read_features  # noqa: E402
-from .models import load_model  # noqa: E402
+_EXPORTS = {
+    "ExtractConfig": "config", "TrainConfig": "config", "SanityConfig": "config",
+    "FitHooks": "engine", "FitResult": "engine", "fit": "engine", "resume_config": "engine",
+    "CnnxferError": "errors",
+    "evaluate_folder": "evaluate", "predict_folder": "evaluate",
+    "ExtractSummary": "features", "extract_features": "features", "read_features": "features",
+    "load_model": "models",
+    "Preprocess": "preprocess",
+    "run_checks": "sanity",
+}
 
-__all__ = [
-    "__version__", "CnnxferError", "ExtractConfig", "TrainConfig", "SanityConfig", "extract_features", "read_features",
-    "ExtractSummary", "fit", "FitHooks", "FitResult", "predict_folder", "evaluate_folder", "load_model",
-]
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'cnnxfer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -14,6 +14,7 @@ from torch import nn
 
 
 PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
+ERROR = "ERROR"  # the check itself raised: reported as what it was, not as a finding about the setup
 
 
 @dataclass
@@ -21,7 +22,7 @@ class CheckResult:
     """The outcome of one check; `details` holds only JSON-serialisable values."""
 
     name: str
-    status: str  # PASS | WARN | FAIL | SKIP
+    status: str  # PASS | WARN | FAIL | SKIP | ERROR
     summary: str
     hint: str = ""
     details: dict = field(default_factory=dict)

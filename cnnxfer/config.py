@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from .data import DEFAULT_MAX_IMAGE_PIXELS
+# Pillow's own default (~ a 9459 x 9459 image). Defined here rather than in data.py so that the
+# CLI can show it in --help without importing numpy and Pillow.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
 class Precision(str, Enum):
@@ -143,8 +145,8 @@ class TrainConfig:
     model: str | None = None
     weights: str | None = "hub"
     strategy: Strategy = Strategy.full
-    epochs: int = 10
-    batch_size: int = 64
+    epochs: int | None = None  # None: from the dataset size (engine.resolve_schedule); the run records the choice
+    batch_size: int | None = None  # None: likewise (64, fewer on small datasets)
     lr: float | None = None  # None: per optimizer and strategy (engine.resolve_hparams)
     backbone_lr_mult: float = 0.1  # fine-tuning: the pretrained backbone learns 10x slower than the head
     optimizer: Optimizer | None = None  # None: SGD when training from scratch, AdamW when fine-tuning
@@ -177,19 +179,99 @@ class TrainConfig:
 
     def __post_init__(self):
         _coerce(self)
+        _check_ranges(self)
 
 
-def resumed_config(saved: dict, out: Path) -> TrainConfig:
-    """The TrainConfig of an interrupted run, read back from its config.json, set to resume."""
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in saved.items() if k in fields}
-    for name, enum in (("strategy", Strategy), ("optimizer", Optimizer), ("balance", Balance), ("precision", Precision),
-                       ("cache_images", CacheImages)):
-        if values.get(name) is not None:
-            values[name] = enum(values[name])
-    values["data"], values["out"] = Path(values["data"]), Path(out)
-    values["resume"], values["overwrite"] = True, False
-    return TrainConfig(**values)
+# With --epochs and --batch-size left out (engine.resolve_schedule): the batch size on datasets of
+# 8 or more such batches, the epochs of a fine-tuning / from-scratch run when the dataset is large,
+# and the fewest optimizer steps a run gets on a small one.
+BATCH_SIZE = 64
+FINETUNE_EPOCHS = 10
+TRAIN_EPOCHS = 30
+MIN_STEPS = 300
+
+
+def _check_ranges(config: TrainConfig) -> None:
+    """Values no run can use, refused before any image is read."""
+    from .errors import UsageError
+
+    if not 0.0 <= config.val_split < 1.0:
+        raise UsageError(f"--val-split must be at least 0 and below 1 (got {config.val_split})")
+    for name, low in (("epochs", 1), ("batch_size", 1), ("patience", 1), ("head_epochs", 0)):
+        value = getattr(config, name)
+        if value is not None and value < low:
+            raise UsageError(f"{option_flag(name)} must be at least {low} (got {value})")
+
+
+# What --resume does with the options given beside it. The run's own settings decide its result;
+# these only say where and how it computes, so a resumed run takes them as given (images held in
+# memory or read every epoch give the same batches: tests/test_engine.py checks it).
+RUN_FIELDS = frozenset({"device", "num_workers", "checkpoint_every", "cache_images", "strict"})
+# `data` says where the images are now (fit checks they are the same images); `precision` is
+# taken when it trains in the run's own dtype (fit checks that, on the device resolved).
+WHERE_FIELDS = frozenset({"data", "precision"})
+_FLAGS = {"data": "DATA", "num_workers": "--workers", "cache_features": "--cache/--no-cache",
+          "augment": "--augment/--no-augment"}
+_DTYPE_PRECISION = {"bfloat16": Precision.bf16, "float16": Precision.fp16, "float32": Precision.fp32}
+
+
+def option_flag(name: str) -> str:
+    """The command-line spelling of a TrainConfig field (num_workers -> --workers)."""
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def resumed_config(saved: dict, out: Path, given: dict | None = None) -> TrainConfig:
+    """The TrainConfig that continues the interrupted run whose config.json is `saved`.
+
+    Every setting is the run's own, except the options in `given` (TrainConfig field -> value)
+    that say where and how to run (RUN_FIELDS, WHERE_FIELDS). A given option that would change
+    the result raises UsageError naming it: --resume never ignores an option silently.
+    """
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in saved["train_config"].items() if k in names}
+    values["model"] = values.get("model") or saved.get("model")  # older runs named the architecture only at the top
+    if saved.get("precision") in _DTYPE_PRECISION:  # the dtype it trained in, whatever "auto" gives on this device
+        values["precision"] = _DTYPE_PRECISION[saved["precision"]]
+    values.update(out=Path(out), resume=True, overwrite=False)
+    run = TrainConfig(**values)
+    changes, refused = {}, []
+    for name, value in (given or {}).items():
+        wanted = getattr(dataclasses.replace(run, **{name: value}), name)  # coerced like the run's own value
+        if name in RUN_FIELDS or name in WHERE_FIELDS:
+            changes[name] = wanted
+        elif not _same(name, wanted, getattr(run, name)):
+            refused.append(_refusal(name, wanted, getattr(run, name)))
+    if refused:
+        from .errors import UsageError
+
+        raise UsageError(f"--resume {out} continues the run with its own settings, and these would change its result: "
+                         f"{'; '.join(refused)}. Leave them out to resume, or start a new run (finetune --weights "
+                         f"{out} starts from its best weights)")
+    return dataclasses.replace(run, **changes)
+
+
+def _same(name: str, given, saved) -> bool:
+    """Whether a given option is the run's own setting, however spelt (a relative path, say)."""
+    if name == "model":
+        from .models import absolute_spec
+
+        return absolute_spec(given) == absolute_spec(saved)
+    paths = name == "out" or (name == "weights" and given not in ("hub", "none", None) and saved not in ("hub", "none", None))
+    if paths:
+        return Path(given).resolve() == Path(saved).resolve()
+    return given == saved
+
+
+def _refusal(name: str, given, saved) -> str:
+    if name == "overwrite":
+        return "--overwrite (it would start the run again)"
+    if name == "out":
+        return f"--out {given} (the run is in {saved})"
+    if isinstance(given, bool):  # --augment/--no-augment: the spelling that was given, and the run's
+        on, _, off = option_flag(name).partition("/")
+        return f"{on if given else off} (the run has {on if saved else off})"
+    show = lambda v: "the default" if v is None else getattr(v, "value", v)  # noqa: E731
+    return f"{option_flag(name)} {show(given)} (the run has {show(saved)})"
 
 
 SANITY_CHECKS = ("data", "init_loss", "overfit", "gradcheck", "gradient_flow", "modes", "cost", "lr_find")
@@ -208,7 +290,8 @@ class SanityConfig:
     optimizer: Optimizer | None = None
     img_size: int | None = None
     batch_size: int = 16  # the overfit subset: one batch drawn across classes
-    overfit_steps: int = 300
+    overfit_steps: int = 300  # always run (unless memorised sooner); more while the loss falls clearly (overfit.py)
+    overfit_seconds: float = 120.0  # no more steps past this, beyond overfit_steps
     overfit_loss: float = 0.05
     gradcheck_size: int = 32  # input side for the float64 finite-difference check
     val_split: float = 0.2

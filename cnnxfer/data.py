@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .config import DEFAULT_MAX_IMAGE_PIXELS  # noqa: F401  (re-exported: data.DEFAULT_MAX_IMAGE_PIXELS)
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,6 @@ PIL_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM", "HEIF"
 IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db"})
 IGNORED_DIRS = frozenset({"__macosx", "@eadir", "$recycle.bin"})
 VAL_DIR_NAMES = ("val", "valid", "validation")
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default: ~ a 9459 x 9459 image
 
 
 @dataclass
@@ -135,26 +135,33 @@ def scan_class_folders(root: Path, classes: Sequence[str] | None = None) -> Imag
     """ImageFolder layout: one subfolder per class, images anywhere below it.
 
     `classes` fixes the class list (e.g. the training classes when reading a validation folder).
+    A class folder without images is not a class: it is left out with a warning (a model trained
+    with it would learn a class it never saw, offer it in predictions, and count it in averages).
+    With a fixed `classes` list an empty folder of a known class only gets the warning.
     """
     root = Path(root)
-    names = [d.name for d in _class_dirs(root)]
+    found, ignored, notes = {}, 0, []
+    for folder in _class_dirs(root):
+        files, n_ignored = _walk_images(folder)
+        ignored += n_ignored
+        if files:
+            found[folder.name] = files
+        else:
+            left_out = " (left out of the classes)" if classes is None else ""
+            notes.append(f"class folder '{folder}' holds no images{left_out}")
     if classes is None:
-        classes = names
+        classes = list(found)
+        if not classes and not notes:
+            raise DataError(f"{root}: no class folders found (expected one subfolder per class)")
     else:
-        unknown = sorted(set(names) - set(classes))
+        unknown = sorted(set(found) - set(classes))
         if unknown:
             raise DataError(f"{root}: class folder(s) {', '.join(unknown)} are not among the training classes")
     index = {name: i for i, name in enumerate(classes)}
-    paths, labels, ignored, notes = [], [], 0, []
-    for name in names:
-        files, n_ignored = _walk_images(root / name)
-        ignored += n_ignored
-        if not files:
-            notes.append(f"class folder '{root / name}' holds no images")
+    paths, labels = [], []
+    for name, files in found.items():
         paths += files
         labels += [index[name]] * len(files)
-    if not classes:
-        raise DataError(f"{root}: no class folders found (expected one subfolder per class)")
     return ImageList(paths, labels, list(classes), root, ignored, notes)
 
 
@@ -202,19 +209,45 @@ def discover(path: Path, labelled: bool | None = None, classes: Sequence[str] | 
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
+    if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+        if labelled:
+            raise DataError(f"{path} is one image, without a label: give a folder with one subfolder per class, or a "
+                            "CSV manifest with path,label")
+        return ImageList([path], [None], [], path.parent)
     if path.is_file():
         if path.suffix.lower() != ".csv":
-            raise DataError(f"{path}: expected a folder of images or a .csv manifest")
+            raise DataError(f"{path}: expected an image, a folder of images or a .csv manifest")
         images = read_manifest(path, classes)
         if labelled and not images.labelled:
             raise DataError(f"{path}: manifest has no 'label' for every row")
     elif labelled is False or (labelled is None and _has_top_level_images(path)):
         images = scan_flat_folder(path)
+    elif labelled is None and not _class_dirs(path):
+        # extract and predict take a flat folder too: "no class folders" would say only half of it
+        raise DataError(f"{path}: no images found (looked for images in it, or in one subfolder per class)")
     else:
         images = scan_class_folders(path, classes)
     if not images.paths:
         raise DataError(f"{path}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     return images
+
+
+def fingerprint(images: ImageList) -> str:
+    """A digest of which images `images` holds: paths relative to its root, labels and file sizes
+    (not times: a copied folder keeps them). A resumed run checks its data against it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path, label in zip(images.paths, images.labels):
+        path = Path(path)
+        name = path.relative_to(images.root) if path.is_relative_to(images.root) else path
+        try:
+            size = os.stat(path).st_size
+        except OSError:  # a dangling link: skipped at decode, still part of the list
+            size = -1
+        label_name = images.classes[label] if label is not None else ""
+        digest.update(f"{name}\t{label_name}\t{size}\n".encode())
+    return digest.hexdigest()
 
 
 def find_split_folders(root: Path) -> tuple[Path, Path] | None:

@@ -6,12 +6,15 @@ from (`weights`) and which parameters train (`strategy`). The loop itself is tor
 cosine schedule with warmup, gradient clipping, early stopping, a NaN guard, an OOM hint, and a
 frozen-backbone feature cache for the linear strategy.
 
-Determinism: every epoch reseeds torch/numpy/random from (seed, epoch) and the DataLoader's
-shuffle generator likewise, so a run resumed from its last epoch checkpoint repeats exactly
-what the uninterrupted run would have done (same machine and versions).
+Determinism: every epoch reseeds torch/numpy/random from (seed, epoch) and the training
+loader's order (shuffle, or the balanced sampler's draw) and augmentation likewise through
+`Loader.set_epoch`, so a run resumed from its last epoch checkpoint repeats exactly what the
+uninterrupted run would have done (same machine and versions). `resume_config` gives a resumed
+run its own settings back; a run with no finished epoch starts again from the beginning.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -25,7 +28,7 @@ import torch
 from torch import nn
 
 from . import data, device as dev, loader as loaders, models
-from .config import CacheImages, Optimizer, Strategy, TrainConfig
+from .config import CacheImages, Optimizer, Strategy, TrainConfig, resumed_config
 from .preprocess import Augment, Normalize, Preprocess
 from .errors import TrainingError
 from .signals import check_signals, deferred_signals
@@ -61,9 +64,55 @@ class StepContext:
 
 BatchHook = Callable[[int, int, float], None]  # (step in epoch, steps in epoch, loss)
 FEW_STEPS = 100  # fewer optimizer steps in a whole run than this gets a note
+BEST_RULE = "the lowest validation loss"  # how the best epoch is chosen (is_new_best), as the summary says it
 
 
 # ---------------------------------------------------------------- hyperparameters
+
+def auto_batch_size(n_train: int) -> int:
+    """BATCH_SIZE when the training images fill 8 such batches; else about an eighth of them (at
+    least 4), in equal batches that leave fewer images out of an epoch than there are batches.
+
+    64 on 15 images made one optimizer step per epoch (a ragged last batch takes none); 15 images
+    now give 3 batches of 5.
+    """
+    from .config import BATCH_SIZE
+
+    if n_train >= 8 * BATCH_SIZE:
+        return BATCH_SIZE
+    batches = max(1, n_train // max(4, n_train // 8))
+    return max(1, n_train // batches)
+
+
+def auto_epochs(n_train: int, batch_size: int, from_scratch: bool) -> int:
+    """FINETUNE_EPOCHS (TRAIN_EPOCHS from scratch), or more when that is under MIN_STEPS optimizer
+    steps: a small dataset needs more passes for the same number of updates."""
+    from .config import FINETUNE_EPOCHS, MIN_STEPS, TRAIN_EPOCHS
+
+    return max(TRAIN_EPOCHS if from_scratch else FINETUNE_EPOCHS, math.ceil(MIN_STEPS / epoch_steps(n_train, batch_size)))
+
+
+def resolve_schedule(config: TrainConfig, n_train: int) -> tuple[TrainConfig, str | None]:
+    """The config with --batch-size and --epochs chosen from the number of training images where
+    the user left them out, and a note saying so when the choice is not the large-dataset default.
+    The run saves this config, so --resume continues with exactly these values."""
+    import dataclasses
+
+    from .config import BATCH_SIZE, FINETUNE_EPOCHS, TRAIN_EPOCHS
+
+    from_scratch = config.weights == models.NONE
+    batch_size = config.batch_size or auto_batch_size(n_train)
+    epochs = config.epochs or auto_epochs(n_train, batch_size, from_scratch)
+    chosen = {"--batch-size": batch_size} if config.batch_size is None and batch_size != BATCH_SIZE else {}
+    if config.epochs is None and epochs != (TRAIN_EPOCHS if from_scratch else FINETUNE_EPOCHS):
+        chosen["--epochs"] = epochs
+    note = None
+    if chosen:
+        steps = epochs * epoch_steps(n_train, batch_size)
+        note = (f"{n_train} training images: {' and '.join(f'{k} {v}' for k, v in chosen.items())} chosen "
+                f"({steps} optimizer steps in all); set {' and '.join(chosen)} to choose otherwise")
+    return dataclasses.replace(config, batch_size=batch_size, epochs=epochs), note
+
 
 def resolve_hparams(config: TrainConfig) -> dict:
     """Defaults that depend on the run: SGD for training from scratch, AdamW for fine-tuning."""
@@ -166,8 +215,13 @@ def train_step(ctx: StepContext, inputs: torch.Tensor, targets: torch.Tensor) ->
 
 def steps_per_epoch(loader) -> int:
     """Optimisation steps in one pass: the batches, less a ragged last one (see train_one_epoch)."""
-    n, bs = loader.num_samples, loader.batch_size
-    return len(loader) - (1 if len(loader) > 1 and n % bs else 0)
+    return epoch_steps(loader.num_samples, loader.batch_size)
+
+
+def epoch_steps(n: int, batch_size: int) -> int:
+    """Optimisation steps in one pass over `n` images: a ragged last batch takes none unless it is
+    the only one."""
+    return min(n, 1) if n <= batch_size else n // batch_size
 
 
 def train_one_epoch(ctx: StepContext, loader, on_batch: BatchHook | None = None) -> EpochStats:
@@ -266,6 +320,7 @@ class FitHooks:
     on_batch: BatchHook | None = None
     on_epoch: Callable[[dict], None] | None = None
     on_message: Callable[[str], None] | None = None
+    on_start: Callable[[TrainConfig], None] | None = None  # the run's config, epochs and batch size resolved
 
 
 @dataclass
@@ -284,6 +339,8 @@ class FitResult:
     skipped_file: Path | None
     hparams: dict
     notes: list[str] = field(default_factory=list)
+    class_counts: dict[str, dict[str, int]] = field(default_factory=dict)  # class -> readable {"train": n, "val": n}
+    best_rule: str = BEST_RULE
 
 
 class LinearProbe(nn.Module):
@@ -319,22 +376,49 @@ class FeatureDataset:
 
 
 def split_data(config: TrainConfig) -> tuple[data.ImageList, data.ImageList]:
-    """train/ and val/ folders when DATA has them, else a stratified, seeded --val-split."""
+    """train/ and val/ folders when DATA has them, else a stratified, seeded --val-split.
+
+    The train list's warnings (shown as notes) name the empty class folders left out and the
+    classes too small to validate or to split in proportion.
+    """
     folders = data.find_split_folders(config.data)
     if folders:
         train = data.discover(folders[0], labelled=True)
         val = data.discover(folders[1], labelled=True, classes=train.classes)
-        val.warnings = train.warnings + val.warnings
+        train.warnings += val.warnings
+        unseen = [c for c, n in val.class_counts().items() if not n]
+        if unseen:
+            train.warnings.append(f"{folders[1]} holds no image of class(es) {', '.join(unseen)}: validation never sees them")
         return train, val
     images = data.discover(config.data, labelled=True)
     if len(images.classes) < 2:
         from .errors import DataError
 
-        raise DataError(f"{config.data}: found {len(images.classes)} class; classification needs at least 2")
+        found = f"{len(images.classes)} class with images ({', '.join(images.classes)})" if images.classes else "no class"
+        raise DataError(f"{config.data}: found {found}; classification needs at least 2")
     train_idx, val_idx = data.stratified_split(images.labels, config.val_split, config.seed)
     train, val = images.subset(train_idx), images.subset(val_idx)
-    train.warnings, train.ignored = images.warnings, images.ignored
+    train.warnings, train.ignored = images.warnings + _small_classes(images, val, config.val_split), images.ignored
     return train, val
+
+
+def _small_classes(images: data.ImageList, val: data.ImageList, val_split: float) -> list[str]:
+    """A note naming the classes with too few images to hold out `val_split` of them: one image
+    trains and validation never sees the class; a few have one held out, more than their share."""
+    if not val_split:
+        return []  # no validation asked for
+    totals, held = images.class_counts(), val.class_counts()
+    small = []
+    for name, n in totals.items():
+        if held[name] == 0:
+            small.append(f"{name} ({n} image{'s' if n > 1 else ''}: none held out, so validation never sees it)")
+        elif round(n * val_split) == 0:  # rounded down to none, yet one is held out: not `val_split` of it
+            small.append(f"{name} ({n} images: {held[name]} held out)")
+    if not small:
+        return []
+    split = f"{(1 - val_split) * 100:.0f}/{val_split * 100:.0f}"
+    return [f"class(es) too small to split {split} for validation: {', '.join(small)}; add images or give train/ and "
+            f"val/ folders"]
 
 
 def auto_img_size(images: data.ImageList, sample: int = 64) -> int | None:
@@ -362,16 +446,23 @@ class _Run:
     def __init__(self, config: TrainConfig, hooks: FitHooks):
         from . import checkpoint
 
-        self.config, self.hooks = config, hooks
+        self.hooks = hooks
         self.run_dir = Path(config.out)
         checkpoint.prepare_output(self.run_dir, config.overwrite, config.resume)
         self.runtime = dev.resolve_runtime(config.device, config.precision, config.num_workers)
         self.device, self.dtype, self.channels_last = self.runtime.device, self.runtime.dtype, self.runtime.channels_last
+        # a resumed run takes its weights from state.pt: the original --weights need not exist any more
+        models.check_model_options(config.model, models.NONE if config.resume else config.weights)
         self.train_images, self.val_images = split_data(config)
+        self.data_fingerprint = data.fingerprint(self.train_images) + data.fingerprint(self.val_images)
         self.classes = self.train_images.classes
         self.notes: list[str] = []
         for warning in self.train_images.warnings:
             self.note(warning)
+        self.config, chosen = resolve_schedule(config, len(self.train_images))
+        config = self.config
+        if chosen:
+            self.note(chosen)
         self.img_size = config.img_size or (auto_img_size(self.train_images) if config.weights == models.NONE else None)
         if self.img_size and not config.img_size:
             self.note(f"small images: training at {self.img_size} px (set --img-size to change)")
@@ -392,9 +483,8 @@ class _Run:
 
     # -- model and modules
     def build_model(self, weights: str | None) -> None:
-        loaded = models.load_model(self.config.model, weights, len(self.classes), drop_rate=self.config.dropout, img_size=self.img_size)
-        if loaded.classes and loaded.classes != self.classes and weights == self.config.weights:
-            self.note(f"new head for {len(self.classes)} classes (the weights' run had {len(loaded.classes)})")
+        loaded = models.load_model(self.config.model, weights, len(self.classes), drop_rate=self.config.dropout,
+                                   img_size=self.img_size, classes=self.classes)
         self.loaded, self.arch = loaded, loaded.arch
         for note in loaded.notes:
             self.note(note)
@@ -460,11 +550,14 @@ class _Run:
                 self.note(f"the decoded images would take about {size / 2**30:.1f} GiB: reading them from disk "
                           f"every epoch (--cache-images on holds them anyway)")
                 return None
-        n = len(self.train_images) + len(self.val_images)
-        self.note(f"decoding {n} images once into memory (--cache-images off reads them from disk every epoch)")
         threads = self.runtime.decode_threads
-        return (loaders.decode_all(self.train_images, train_pre, threads),
-                loaders.decode_all(self.val_images, val_pre, threads))
+        decoded = (loaders.decode_all(self.train_images, train_pre, threads),
+                   loaders.decode_all(self.val_images, val_pre, threads))
+        unreadable = sum(isinstance(item, str) for part in decoded for item in part)  # a reason, not an image
+        readable = len(decoded[0]) + len(decoded[1]) - unreadable
+        also = f" ({unreadable} unreadable file(s) skipped)" if unreadable else ""
+        self.note(f"{readable} images decoded once into memory{also}; --cache-images off reads them from disk every epoch")
+        return decoded
 
     def _balanced_weights(self) -> list[float]:
         """Sampling weights that draw every class equally often (--balance sampler)."""
@@ -586,12 +679,10 @@ class _Run:
                    "val_loss": val.loss, "val_accuracy": val.accuracy, "lr": self.optimizer.param_groups[-1]["lr"],
                    "seconds": time.perf_counter() - start}
             history.append(row)
-            validated = len(self.val_images) > 0  # --val-split 0: keep the last epoch, never stop early
-            improved = not best or not validated or _better(row, best)
+            improved = is_new_best(row, best, validated=len(self.val_images) > 0)
             if improved:
                 best = {k: row[k] for k in ("epoch", "val_loss", "val_accuracy", "train_loss", "train_accuracy")}
-            loss_improved = len(history) == 1 or _finite(val.loss) < min(_finite(h["val_loss"]) for h in history[:-1]) - 1e-4
-            bad_epochs = 0 if loss_improved or not validated else bad_epochs + 1
+            bad_epochs = 0 if improved else bad_epochs + 1
             self.save_epoch(epoch, history, best, bad_epochs, improved)
             if self.hooks.on_epoch:
                 self.hooks.on_epoch(row)
@@ -655,21 +746,55 @@ class _Run:
         self.pending_best = self.pending_state = None
         self.last_save = time.monotonic()
 
-    def write_config(self, best: dict, final: dict | None = None) -> None:
+    def start_run_dir(self) -> None:
+        """A new run's directory: a previous run's files gone (--overwrite), then config.json, so that
+        an interrupt from here on leaves a run that --resume can start again."""
+        from . import checkpoint
+
+        if self.config.overwrite:
+            checkpoint.clear_run(self.run_dir)
+        self.write_config({})
+
+    def write_config(self, best: dict, final: dict | None = None, status: str = "running") -> None:
         import timm
 
         from . import checkpoint
-        from .config import to_dict
 
+        counts = self.class_counts()
         checkpoint.atomic_write_json(self.run_dir / checkpoint.CONFIG_FILE, {
             "model": self.arch, "classes": self.classes, "num_classes": len(self.classes),
             "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.loaded.data_config.items()},
             "weights_source": self.loaded.weights if not self.config.resume else self.saved.get("weights_source"),
-            "hparams": self.hp, "best": best, "final": final, "train_images": len(self.train_images),
-            "val_images": len(self.val_images), "precision": str(self.dtype).replace("torch.", "") if self.dtype else "float32",
+            "hparams": self.hp, "best": best, "best_rule": BEST_RULE, "final": final, "status": status,
+            "train_images": sum(c["train"] for c in counts.values()), "val_images": sum(c["val"] for c in counts.values()),
+            "class_counts": counts, "data_fingerprint": self.data_fingerprint,
+            "precision": str(self.dtype).replace("torch.", "") if self.dtype else "float32",
             "device": str(self.device), "versions": {"torch": torch.__version__, "timm": timm.__version__},
-            "train_config": to_dict(self.config),
+            "train_config": self.recorded_config(),
         })
+
+    def recorded_config(self) -> dict:
+        """The TrainConfig as config.json keeps it, to rebuild this run on --resume from any folder:
+        the architecture actually built (also when --weights named a run directory, which leaves
+        --model out) and absolute paths for the data, the weights and a model file."""
+        from .config import to_dict
+
+        values = to_dict(self.config)
+        values.update(model=models.absolute_spec(self.arch), data=str(Path(self.config.data).resolve()))
+        if self.config.weights not in (models.HUB, models.NONE):
+            values["weights"] = str(Path(self.config.weights).resolve())
+        for name in ("resume", "overwrite"):  # how this command was called, not a setting of the run
+            values.pop(name)
+        return values
+
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        """Readable images per class in the training and validation sets (unreadable files are
+        known once decoded: before that, every file counts)."""
+        counts = {name: {"train": 0, "val": 0} for name in self.classes}
+        for split, images in (("train", self.train_images), ("val", self.val_images)):
+            for label, (total, skipped) in _counts_by_label(images, self.skipped).items():
+                counts[self.classes[label]][split] = total - skipped
+        return counts
 
     def restore_model(self) -> dict:
         """The interrupted run's state; its weights go into the model now, before setup_strategy
@@ -704,13 +829,14 @@ def _finite(x: float) -> float:
     return x if x == x and math.isfinite(x) else float("inf")
 
 
-def _better(row: dict, best: dict) -> bool:
-    """Best model: higher validation accuracy, then lower validation loss; without a validation
-    set (--val-split 0) the latest epoch."""
-    if row["val_accuracy"] != row["val_accuracy"]:  # NaN: nothing to validate on
+def is_new_best(row: dict, best: dict, validated: bool = True) -> bool:
+    """The one rule for the best epoch and for --patience: an epoch is the new best when its
+    validation loss is lower than every earlier epoch's; --patience N stops after N epochs with no
+    new best. Loss rather than accuracy: it moves with every image, where accuracy on a small
+    validation set ties or jumps by whole images. Without a validation set (--val-split 0) every
+    epoch is the new best: the last one is kept and the run never stops early."""
+    if not best or not validated:
         return True
-    if row["val_accuracy"] != best["val_accuracy"]:
-        return _finite(-row["val_accuracy"]) < _finite(-best["val_accuracy"])
     return _finite(row["val_loss"]) < _finite(best["val_loss"])
 
 
@@ -725,36 +851,84 @@ def write_metrics_csv(path: Path, history: list[dict]) -> None:
 def fit(config: TrainConfig, hooks: FitHooks | None = None) -> FitResult:
     """Train a classifier on `config.data` into the run directory `config.out` (finetune and train).
 
-    With `config.resume`, `config.out` must be an interrupted run: its saved TrainConfig is used
-    and training continues after the last finished epoch.
+    With `config.resume` (a config from `resume_config`), `config.out` is an interrupted run: it
+    continues after its last saved epoch, or starts again when no epoch had finished.
     """
     from . import checkpoint
-    from .config import resumed_config
 
     start = time.perf_counter()
-    saved = {}
+    saved, restart = {}, False
     if config.resume:
         saved = _resumable_run(Path(config.out))
-        config = resumed_config(saved["train_config"], config.out)
-    run = _Run(config, hooks or FitHooks())
+        config = resume_config(config.out, **_differences(config, resumed_config(saved, config.out)))
+        restart = checkpoint.resume_point(config.out) == "start"
+        if restart:  # nothing to continue from: the same run from its beginning
+            config = dataclasses.replace(config, resume=False, overwrite=True)
+    hooks = hooks or FitHooks()
+    run = _Run(config, hooks)
     run.saved = saved
-    if config.resume and saved.get("classes") and saved["classes"] != run.classes:
-        from .errors import DataError
-
-        raise DataError(f"--resume {config.out}: {config.data} now holds classes {run.classes}, the run was "
-                        f"trained on {saved['classes']}")
+    if restart:
+        run.note("no epoch of the interrupted run had finished: it starts again from the beginning")
+    if hooks.on_start:
+        hooks.on_start(run.config)
+    if config.resume:
+        _check_same_data(run, saved)
     seed_everything(config.seed)  # the random initialisation of the model and head
     run.build_model(models.NONE if config.resume else config.weights)
     if config.resume:
         run.loaded.data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["data_config"].items()}
+    else:
+        run.start_run_dir()
     with deferred_signals():
         history, best, stopped = _train(run)
         final = finish_run(run, best)
     (run.run_dir / checkpoint.STATE_FILE).unlink(missing_ok=True)  # complete: nothing left to resume
     skipped_file = data.write_skipped(run.run_dir / "skipped.csv", sorted(run.skipped.items()))
+    counts = run.class_counts()
     return FitResult(run.run_dir, run.classes, history, dict(best, **final), stopped, time.perf_counter() - start,
                      str(run.device), str(run.dtype).replace("torch.", "") if run.dtype else "float32",
-                     len(run.train_images), len(run.val_images), len(run.skipped), skipped_file, run.hp, run.notes)
+                     sum(c["train"] for c in counts.values()), sum(c["val"] for c in counts.values()), len(run.skipped),
+                     skipped_file, run.hp, run.notes, counts)
+
+
+def resume_config(run_dir: Path | str, **given) -> TrainConfig:
+    """The TrainConfig to pass to `fit` to continue the interrupted run in `run_dir`.
+
+    Args:
+        given: options given beside --resume, as TrainConfig fields (device="cpu", num_workers=2):
+            those that say where and how to run apply (config.RUN_FIELDS; `data` where the same
+            images are now; `precision` when it trains in the run's own dtype); any other that
+            differs from the run's own setting raises UsageError naming it.
+    """
+    saved = _resumable_run(Path(run_dir))
+    config = resumed_config(saved, Path(run_dir), given)
+    trained = saved.get("precision")
+    now = dev.resolve_runtime(config.device, config.precision, config.num_workers).precision
+    if trained and now != trained:
+        from .errors import UsageError
+
+        raise UsageError(f"--precision {config.precision.value} trains in {now} on this device; the run trained in "
+                         f"{trained}: leave --precision out to resume in {trained}")
+    return config
+
+
+def _differences(config: TrainConfig, ours: TrainConfig) -> dict:
+    """The fields of `config` that differ from the run's own settings `ours`: what was given. None
+    is never given: it means "choose for me" (--batch-size, --epochs), and the run has chosen."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if getattr(config, f.name) is not None and getattr(config, f.name) != getattr(ours, f.name)}
+
+
+def _check_same_data(run: _Run, saved: dict) -> None:
+    """A resumed run must read the images it was trained on: same classes, same files."""
+    from .errors import DataError
+
+    where = f"--resume {run.run_dir}: {run.config.data}"
+    if saved.get("classes") and saved["classes"] != run.classes:
+        raise DataError(f"{where} now holds classes {run.classes}, the run was trained on {saved['classes']}")
+    if saved.get("data_fingerprint") and saved["data_fingerprint"] != run.data_fingerprint:
+        raise DataError(f"{where} does not hold the images the run was trained on (files were added, removed or "
+                        f"changed since it started); a resumed run must read the same images")
 
 
 def _train(run: _Run) -> tuple[list, dict, bool]:
@@ -765,8 +939,6 @@ def _train(run: _Run) -> tuple[list, dict, bool]:
         state = run.restore_model() if run.config.resume else None
         run.setup_strategy()
         start_epoch, history, best, bad = run.restore(state) if state else (0, history, {}, 0)
-        if not run.config.resume:
-            run.write_config(best)
         try:
             return run.run_epochs(start_epoch, history, best, bad)
         finally:  # also on Ctrl-C, SIGTERM and a non-finite loss: the last finished epoch on disk
@@ -786,13 +958,14 @@ def _last_good(run: _Run, history: list) -> str:
 
 
 def _resumable_run(run_dir: Path) -> dict:
+    """The config.json of an unfinished run (see checkpoint.resume_point), else UsageError."""
     from . import checkpoint
     from .errors import UsageError
 
     if not (run_dir / checkpoint.CONFIG_FILE).is_file():
         raise UsageError(f"--resume {run_dir}: not a cnnxfer run directory (no config.json)")
-    if not (run_dir / checkpoint.STATE_FILE).is_file():
-        raise UsageError(f"--resume {run_dir}: nothing to resume (the run finished, or no epoch completed)")
+    if checkpoint.resume_point(run_dir) is None:
+        raise UsageError(f"--resume {run_dir}: nothing to resume: the run finished (--overwrite starts it again)")
     return checkpoint.load_run_config(run_dir)
 
 
@@ -804,10 +977,10 @@ def finish_run(run: _Run, best: dict) -> dict:
     run.model.load_state_dict(state)
     stats, probs, targets, _ = evaluate(run.model, run.val_loader, run.ctx.loss_fn, run.device, run.dtype, run.channels_last,
                                         run.normalizer)
-    if len(targets) == 0:
-        return {}
-    result = ev.summarize(probs, targets, run.classes, stats.loss)
-    ev.save_reports(run.run_dir, result)
-    final = {"final_val_accuracy": result.accuracy, "final_val_loss": result.loss}
-    run.write_config(best, final)
+    final = {}
+    if len(targets):  # --val-split 0: nothing to report on
+        result = ev.summarize(probs, targets, run.classes, stats.loss)
+        ev.save_reports(run.run_dir, result)
+        final = {"final_val_accuracy": result.accuracy, "final_val_loss": result.loss}
+    run.write_config(best, final or None, status="finished")
     return final

@@ -1,6 +1,7 @@
 """Predictions, accuracy, confusion matrix and per-class report; `predict` and `evaluate` commands."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +26,13 @@ class Evaluation:
     skipped: int = 0
     skipped_file: Path | None = None
     data: Path | None = None  # the folder evaluated (DATA's val/ when DATA holds train/ and val/)
+    warnings: list[str] = field(default_factory=list)  # e.g. empty class folders
+    trained_on: int = 0  # images evaluated that the run trained on: the accuracy is optimistic
 
     def to_dict(self) -> dict:
         return {
             "accuracy": self.accuracy, "loss": self.loss, "images": self.images, "skipped": self.skipped,
-            "data": str(self.data) if self.data else None,
+            "data": str(self.data) if self.data else None, "trained_on": self.trained_on,
             "classes": self.classes, "confusion_matrix": self.confusion.tolist(),
             "per_class": self.report.to_dict(orient="records"),
         }
@@ -148,9 +151,7 @@ def run_classes(weights: str) -> list[str]:
 def write_predictions(pred: Predictions, out: Path, top_k: int = 5) -> Path:
     """One row per readable image: path, predicted class and probability, then the top-k; CSV or
     Parquet by the extension of `out`."""
-    suffix = Path(out).suffix.lower()
-    if suffix not in (".csv", ".parquet"):
-        raise UsageError(f"--out {out}: use a .csv or .parquet file name")
+    suffix = _check_out_suffix(out)
     k = max(1, min(top_k, len(pred.classes)))
     top_p, top_i = pred.probs.topk(k, dim=1)
     rows = {"path": [str(pred.images.paths[i]) for i in pred.indices.tolist()]}
@@ -167,6 +168,13 @@ def write_predictions(pred: Predictions, out: Path, top_k: int = 5) -> Path:
     return Path(out)
 
 
+def _check_out_suffix(out: Path) -> str:
+    suffix = Path(out).suffix.lower()
+    if suffix not in (".csv", ".parquet"):
+        raise UsageError(f"--out {out}: use a .csv or .parquet file name")
+    return suffix
+
+
 def skipped_file_for(out: Path) -> Path:
     from .features import skipped_path
 
@@ -177,6 +185,8 @@ def predict_folder(images_path: Path, weights: str, out: Path, *, top_k: int = 5
                    strict: bool = False, **kwargs) -> Predictions:
     """`cnnxfer predict`: top-k classes per image to CSV/Parquet, unreadable files listed beside it."""
     checkpoint.prepare_output(out, overwrite)
+    _check_out_suffix(out)  # options first: a bad one is named before any image is read
+    run_classes(weights)
     images = data.discover(images_path, labelled=None, classes=None)
     pred = predict(images, weights, **kwargs)
     write_predictions(pred, out, top_k)
@@ -187,8 +197,13 @@ def predict_folder(images_path: Path, weights: str, out: Path, *, top_k: int = 5
 
 
 def evaluate_folder(data_path: Path, weights: str, *, json_path: Path | None = None, strict: bool = False,
-                    **kwargs) -> Evaluation:
-    """`cnnxfer evaluate`: accuracy, per-class report and confusion matrix on a labelled folder."""
+                    skipped_path: Path | None = None, **kwargs) -> Evaluation:
+    """`cnnxfer evaluate`: accuracy, per-class report and confusion matrix on a labelled folder.
+
+    Args:
+        skipped_path: where unreadable images are listed (default: beside `json_path`, else
+            evaluate.skipped.csv in the current folder, like sanity-check's list).
+    """
     classes = run_classes(weights)
     split = data.find_split_folders(Path(data_path))
     if split and "train" not in classes:  # a train/ + val/ dataset, as finetune takes it: score val/
@@ -202,11 +217,35 @@ def evaluate_folder(data_path: Path, weights: str, *, json_path: Path | None = N
         raise DataError(f"{data_path}: no image could be read")
     loss = float(torch.nn.functional.nll_loss(pred.probs.clamp_min(1e-12).log(), targets))
     result = summarize(pred.probs, targets, classes, loss)
-    result.skipped, result.data = len(pred.skipped), Path(data_path)
+    result.skipped, result.data, result.warnings = len(pred.skipped), Path(data_path), images.warnings
+    result.trained_on = trained_on(images, pred.indices.tolist(), weights)
+    if pred.skipped:
+        default = skipped_file_for(json_path) if json_path else Path("evaluate.skipped.csv")
+        result.skipped_file = data.write_skipped(Path(skipped_path or default), pred.skipped)
     if json_path:
         checkpoint.atomic_write_json(Path(json_path), result.to_dict())
-        if pred.skipped:
-            result.skipped_file = data.write_skipped(skipped_file_for(json_path), pred.skipped)
     if strict and pred.skipped:
-        raise StrictModeError(f"--strict: {len(pred.skipped)} unreadable image(s) skipped")
+        raise StrictModeError(f"--strict: {len(pred.skipped)} unreadable image(s) skipped; see {result.skipped_file}")
     return result
+
+
+def trained_on(images: data.ImageList, indices: list[int], weights: str) -> int:
+    """How many of the evaluated images (`indices` into `images`) the run in `weights` trained on.
+
+    The run's training images are its data folder less the validation split, which is seeded and
+    so can be drawn again from its config.json. 0 when that folder is gone or moved (a relative
+    path recorded from another working directory cannot be found either).
+    """
+    from .config import TrainConfig
+    from .engine import split_data
+
+    saved = checkpoint.load_run_config(Path(weights)).get("train_config") or {}
+    if not saved.get("data") or not Path(saved["data"]).exists():
+        return 0
+    try:
+        train, _ = split_data(TrainConfig(data=Path(saved["data"]), out=Path(weights), val_split=saved.get("val_split", 0.2),
+                                          seed=saved.get("seed", 0)))
+    except Exception:  # the folder changed beyond reading (a class removed...): nothing to compare with
+        return 0
+    seen = {os.path.realpath(p) for p in train.paths}
+    return sum(os.path.realpath(images.paths[i]) in seen for i in indices)

@@ -152,8 +152,9 @@ def _open_manifest(config: ExtractConfig, parts_dir: Path, fingerprint: dict) ->
             raise OutputExistsError(f"an interrupted extraction is in {parts_dir}; pass --resume to continue it or --overwrite to start over")
         manifest = checkpoint.read_json(path) if path.exists() else {"fingerprint": fingerprint, "parts": {}}
         if manifest.get("fingerprint") != fingerprint:
-            changed = [k for k in fingerprint if manifest.get("fingerprint", {}).get(k) != fingerprint[k]]
-            raise DataError(f"cannot resume {config.out}: {', '.join(changed)} changed since the interrupted run; use --overwrite")
+            changed = _changes(manifest.get("fingerprint", {}), fingerprint)
+            raise DataError(f"cannot resume {config.out}: {'; '.join(changed)} changed since the interrupted run; "
+                            "run it again with the same options, or use --overwrite to start over")
         return manifest
     shutil.rmtree(parts_dir, ignore_errors=True)
     parts_dir.mkdir(parents=True)
@@ -162,10 +163,36 @@ def _open_manifest(config: ExtractConfig, parts_dir: Path, fingerprint: dict) ->
     return manifest
 
 
+_OPTION_NAMES = {"layers": "--layers", "pool": "--pool", "tta": "--tta", "precision": "--precision",
+                 "data_config": "preprocessing (--img-size)", "model": "--model", "weights": "--weights",
+                 "part_size": "part size", "inputs": "the input images"}
+
+
+def _changes(old: dict, new: dict) -> list[str]:
+    """What differs between two fingerprints, named as the user set it: "--tta none -> flip"."""
+    out = []
+    for key in new:
+        if key == "options":
+            out += _changes(old.get("options") or {}, new["options"])
+        elif old.get(key) != new[key]:
+            name = _OPTION_NAMES.get(key, key)
+            out.append(name if key in ("inputs", "data_config") else
+                       f"{name} {_shown(key, old.get(key))} -> {_shown(key, new[key])}")
+    return out
+
+
+def _shown(key: str, value) -> str:
+    if key == "layers" and isinstance(value, list):  # the columns: embedding, embedding_<layer>...
+        value = [v.removeprefix("embedding_") for v in value if v != column_name(None)]
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "(none)"
+    return str(value)
+
+
 def extract_features(config: ExtractConfig, progress: Progress | None = None) -> ExtractSummary:
     """Run level 1: embeddings of every image in `config.data` to the Parquet file `config.out`."""
     out = Path(config.out)
-    parts_dir = out.with_name(out.name + ".parts")
+    parts_dir = checkpoint.parts_dir(out)
     if out.exists() and not config.overwrite:
         if config.resume and not parts_dir.exists():
             raise OutputExistsError(f"{out} is already complete; pass --overwrite to extract again")
@@ -173,6 +200,7 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None) ->
             raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
     start = time.perf_counter()
     runtime = dev.resolve_runtime(config.device, config.precision, config.num_workers)
+    models.check_model_options(config.model, config.weights)  # before the data scan: a bad option is named first
     images = data.discover(config.data)
     loaded = models.load_model(config.model, config.weights, None, img_size=config.img_size)
     model = loaded.model.eval().to(runtime.device)

@@ -64,6 +64,15 @@ def is_custom_spec(spec: str) -> bool:
     return ":" in spec
 
 
+def absolute_spec(spec: str | None) -> str | None:
+    """`file.py:factory` with the file's absolute path (what a run records, so that it resumes from
+    any folder); timm names and `package.module:factory` as they are."""
+    if spec is None or not is_custom_spec(spec):
+        return spec
+    target, _, name = spec.rpartition(":")
+    return f"{Path(target).resolve()}:{name}" if target.endswith(".py") else spec
+
+
 def _load_factory(spec: str) -> Callable[..., nn.Module]:
     target, _, name = spec.rpartition(":")
     if not target or not name:
@@ -324,6 +333,35 @@ def create_pretrained(name: str, num_classes: int | None, drop_rate: float = 0.0
 
 # ---------------------------------------------------------------- one entry point
 
+def _model_required(weights: str) -> str:
+    # `train` has no --weights (it always starts from none): only name it where it can be given
+    if weights == NONE:
+        return "--model is required: a timm architecture (resnet50) or path/to/file.py:factory"
+    return "--model is required unless --weights is a cnnxfer run directory"
+
+
+def check_model_options(spec: str | None, weights: str | None) -> None:
+    """Fail fast on --model and --weights, before any image is read: a missing or unknown model,
+    a weights path that does not exist or a folder that is not a run directory."""
+    weights = weights or HUB
+    if weights not in (HUB, NONE):
+        path = Path(weights)
+        if checkpoint.is_run_dir(path):
+            return  # it names its own architecture (load_model checks a --model beside it)
+        if not path.exists():
+            raise WeightsError(f"weights file {path} does not exist")
+        if path.is_dir():
+            raise WeightsError(f"{path} is a folder but not a cnnxfer run directory (needs config.json and model.safetensors)")
+    if spec is None:
+        raise UsageError(_model_required(weights))
+    if is_custom_spec(spec):
+        target = spec.rpartition(":")[0]
+        if target.endswith(".py") and not Path(target).is_file():
+            raise ModelError(f"custom model file {target} does not exist")
+    else:
+        _check_timm_name(spec)
+
+
 def load_model(
     spec: str | None,
     weights: str | None,
@@ -331,13 +369,18 @@ def load_model(
     *,
     drop_rate: float = 0.0,
     img_size: int | None = None,
+    classes: list[str] | None = None,
 ) -> LoadedModel:
-    """The model for any command. `num_classes=None` keeps the weights' own head (extract)."""
+    """The model for any command. `num_classes=None` keeps the weights' own head (extract).
+
+    `classes` (the names behind `num_classes`) gives a run directory's model a new head when its
+    run had other classes, even as many: its head's rows belong to those classes.
+    """
     weights = weights or HUB
     if weights not in (HUB, NONE) and checkpoint.is_run_dir(weights):
-        return _load_run_dir(Path(weights), spec, num_classes, drop_rate, img_size)
+        return _load_run_dir(Path(weights), spec, num_classes, drop_rate, img_size, classes)
     if spec is None:
-        raise UsageError("--model is required unless --weights is a cnnxfer run directory")
+        raise UsageError(_model_required(weights))
     notes: list[str] = []
     if weights == HUB and not is_custom_spec(spec):
         model, source = create_pretrained(spec, num_classes, drop_rate)
@@ -354,7 +397,7 @@ def load_model(
     return LoadedModel(model, spec, source, resolve_data_config(model, img_size), notes=notes)
 
 
-def _load_run_dir(run_dir: Path, spec, num_classes, drop_rate, img_size) -> LoadedModel:
+def _load_run_dir(run_dir: Path, spec, num_classes, drop_rate, img_size, new_classes=None) -> LoadedModel:
     config = checkpoint.load_run_config(run_dir)
     arch = config.get("model")
     if not arch:
@@ -366,19 +409,30 @@ def _load_run_dir(run_dir: Path, spec, num_classes, drop_rate, img_size) -> Load
     state = read_weights_file(run_dir / checkpoint.MODEL_FILE)
     load_weights(model, state, str(run_dir))
     notes = []
-    if num_classes is not None and num_classes != len(classes):
+    other = num_classes is not None and (num_classes != len(classes) or (new_classes and list(new_classes) != classes))
+    if other:
         model = replace_classifier(model, arch, num_classes, drop_rate)
-        notes.append(f"classifier re-initialised for {num_classes} classes (the run had {len(classes)})")
+        notes.append(f"new classifier for {_names(new_classes) if new_classes else f'{num_classes} classes'} (the run's "
+                     f"was for {_names(classes)})")
     data_config = dict(config.get("data_config") or resolve_data_config(model))
     if img_size:
         data_config = resolve_data_config(model, img_size, data_config)
     return LoadedModel(model, arch, str(run_dir.resolve()), data_config, classes, config, notes)
 
 
+def _names(classes: list[str], most: int = 5) -> str:
+    shown = ", ".join(classes[:most]) + (f" ... ({len(classes)})" if len(classes) > most else "")
+    return f"classes {shown}"
+
+
 def replace_classifier(model: nn.Module, arch: str, num_classes: int, drop_rate: float = 0.0) -> nn.Module:
-    """A model of the same architecture with a new `num_classes` head and every other weight kept."""
+    """A model of the same architecture with a new `num_classes` head and every other weight kept.
+    The head is new even when it has the old one's shape (other classes, as many)."""
     fresh = build_architecture(arch, num_classes, drop_rate)
+    heads = tuple(f"{n}." for n in classifier_names(fresh))
+    new_head = {k: v.clone() for k, v in fresh.state_dict().items() if k.startswith(heads)}
     load_weights(fresh, model.state_dict(), "the previous model")
+    fresh.load_state_dict(new_head, strict=False)
     return fresh
 
 

@@ -29,32 +29,67 @@ def info_line(message: str) -> None:
     console.print(message, highlight=False, soft_wrap=True)
 
 
+# Without a terminal (a file, CI, nohup, a cluster job) progress is written as plain lines: one at
+# each tenth of the work when PROGRESS_MIN_GAP seconds have passed since the last, and at least every
+# PROGRESS_MAX_GAP seconds; a run of a few seconds writes none (its summary follows at once).
+PROGRESS_MIN_GAP = 5.0
+PROGRESS_MAX_GAP = 60.0
+
+
+def progress_due(state: dict, done: int, total: int, now: float) -> bool:
+    """Whether a progress line is due at time `now` (seconds); `state` starts as {} at time 0."""
+    last, tenth = state.setdefault("last", 0.0), state.setdefault("tenth", 0)
+    reached = int(10 * done / total) if total else 0
+    if now - last >= PROGRESS_MAX_GAP or (reached > tenth and now - last >= PROGRESS_MIN_GAP):
+        state.update(last=now, tenth=reached)
+        return True
+    return False
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else (
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
+
+
 @contextlib.contextmanager
 def image_progress(description: str) -> Iterator:
-    """A progress bar with images/s; yields a callback (done, total)."""
+    """A progress bar with images/s on a terminal, throttled plain lines otherwise; yields a
+    callback (done, total)."""
+    import time
+
+    terminal = err_console.is_terminal
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=err_console, transient=False, disable=not err_console.is_terminal,
+        console=err_console, transient=False, disable=not terminal,
     )
-    task = None
-    start = [None]
+    task, start, due = None, None, {}
 
     def update(done: int, total: int) -> None:
-        import time
-
-        nonlocal task
+        nonlocal task, start
         now = time.perf_counter()
-        if task is None:
-            task = progress.add_task(description, total=total, completed=done, rate="")
-            start[0] = (now, done)
+        if start is None:
+            start = (now, done)
+            if terminal:
+                task = progress.add_task(description, total=total, completed=done, rate="")
             return
-        t0, d0 = start[0]
+        t0, d0 = start
         rate = (done - d0) / (now - t0) if now > t0 else 0.0
-        progress.update(task, completed=done, total=total, rate=f"{rate:,.1f} img/s")
+        if terminal:
+            progress.update(task, completed=done, total=total, rate=f"{rate:,.1f} img/s")
+        elif progress_due(due, done, total, now - t0):
+            left = f", about {_duration((total - done) / rate)} left" if rate > 0 and done < total else ""
+            _plain(f"{description}: {done:,}/{total:,} images ({done / max(total, 1):.0%}), {rate:,.1f} img/s, "
+                   f"{_duration(now - t0)} elapsed{left}")
 
     with progress:
         yield update
+
+
+def _plain(line: str) -> None:
+    """One log line on stderr, never wrapped, without markup."""
+    err_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def table(title: str, rows: list[tuple], headers: tuple = ("", "")) -> Table:
@@ -98,37 +133,63 @@ def extract_summary(s) -> None:
     show(table("extract", rows))
 
 
+def epoch_line(row: dict, epochs: int) -> str:
+    """One finished epoch in under 80 columns, so that it neither wraps in an 80-column terminal
+    nor leaves its time on a line of its own in a log file; greppable: `grep ^epoch`."""
+    width = len(str(epochs))
+    val = row["val_loss"]
+    val_text = f"val {val:.4f} {row['val_accuracy']:6.1%}" if val == val else "val -"  # NaN: no validation set
+    return (f"epoch {row['epoch']:>{width}}/{epochs}  train {row['train_loss']:.4f} {row['train_accuracy']:6.1%}  "
+            f"{val_text}  lr {row['lr']:.1e}  {row['seconds']:.1f}s")
+
+
 @contextlib.contextmanager
-def fit_progress(epochs: int) -> Iterator[tuple]:
-    """Yields (on_batch, on_epoch, on_message) callbacks: a bar per epoch and one line per finished epoch."""
+def fit_progress() -> Iterator[tuple]:
+    """Yields (on_batch, on_epoch, on_message, on_start) callbacks, in engine.FitHooks' order: one
+    line per finished epoch (and a line when the trainable part changes), with a bar for the epoch
+    in progress on a terminal, or a plain line at most every PROGRESS_MAX_GAP seconds without one.
+    The number of epochs comes with on_start (the run may choose it)."""
+    import time
+
+    terminal = err_console.is_terminal
     progress = Progress(
-        TextColumn("[bold]epoch {task.fields[epoch]}/" + str(epochs)), BarColumn(), MofNCompleteColumn(),
+        TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
-        console=err_console, transient=True, disable=not err_console.is_terminal,
+        console=err_console, transient=True, disable=not terminal,
     )
-    state = {"task": None, "epoch": 1}
+    state = {"task": None, "epoch": 1, "phase": "all", "start": None, "due": {}}
+    epochs = 0
+
+    def on_start(config) -> None:
+        nonlocal epochs
+        epochs = config.epochs
 
     def on_batch(step: int, steps: int, loss: float) -> None:
-        if state["task"] is None:
-            state["task"] = progress.add_task("train", total=steps, epoch=state["epoch"], loss="")
-        progress.update(state["task"], completed=step, total=steps, loss=f"{loss:.4f}")
+        if terminal:
+            if state["task"] is None:
+                state["task"] = progress.add_task("train", total=steps, epoch=state["epoch"], epochs=epochs, loss="")
+            progress.update(state["task"], completed=step, total=steps, loss=f"{loss:.4f}")
+            return
+        now = time.perf_counter()
+        state["start"] = state["start"] or now
+        if now - state["start"] >= PROGRESS_MAX_GAP and progress_due(state["due"], 0, 0, now - state["start"]):
+            _plain(f"epoch {state['epoch']}/{epochs}  batch {step}/{steps}  loss {loss:.4f}")
 
     def on_epoch(row: dict) -> None:
         if state["task"] is not None:
             progress.remove_task(state["task"])
-            state["task"] = None
-        state["epoch"] = row["epoch"] + 1
-        progress.console.print(
-            f"epoch {row['epoch']:>3} [{row['phase']}]  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f}"
-            f"  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f}  lr {row['lr']:.2e}  {row['seconds']:.1f}s",
-            highlight=False,
-        )
+        state.update(task=None, epoch=row["epoch"] + 1, start=None, due={})
+        if row["phase"] != state["phase"]:  # gradual unfreezing: say what trains from this epoch on
+            state["phase"] = row["phase"]
+            progress.console.print(f"training {row['phase']} from epoch {row['epoch']}", markup=False, highlight=False,
+                                   soft_wrap=True)
+        progress.console.print(epoch_line(row, epochs), markup=False, highlight=False, soft_wrap=True)
 
     def on_message(message: str) -> None:
         progress.console.print(f"[cyan]note:[/] {message}", highlight=False, soft_wrap=True)
 
     with progress:
-        yield on_batch, on_epoch, on_message
+        yield on_batch, on_epoch, on_message, on_start
 
 
 def fit_summary(result, notes_shown: bool = False) -> None:
@@ -140,15 +201,36 @@ def fit_summary(result, notes_shown: bool = False) -> None:
     rows = [
         ("run directory", result.run_dir),
         ("classes", f"{len(result.classes)}: {', '.join(result.classes[:10])}{' ...' if len(result.classes) > 10 else ''}"),
-        ("images", f"{result.train_images:,} train / {result.val_images:,} val"),
+        ("images", f"{result.train_images:,} train / {result.val_images:,} val (readable)"),
         ("skipped", f"{result.skipped:,}" + (f" (listed in {result.skipped_file})" if result.skipped_file else "")),
-        ("best epoch", f"{best.get('epoch')} of {len(result.history)}" + (" (stopped early)" if result.stopped_early else "")),
+        ("best epoch", f"{best.get('epoch')} of {len(result.history)}, by {result.best_rule}"
+                       + (" (stopped early: --patience epochs without a new best)" if result.stopped_early else "")),
         ("val accuracy", _metric(best.get("val_accuracy"))),
         ("val loss", _metric(best.get("val_loss"))),
         ("optimizer", f"{result.hparams['optimizer']} lr {result.hparams['lr']:.3g} wd {result.hparams['weight_decay']:.3g}"),
         ("time", f"{result.seconds:.1f} s on {result.device} / {result.precision}"),
     ]
     show(table("fit", rows))
+    if result.class_counts:
+        show(class_counts_table(result.class_counts))
+
+
+MAX_CLASS_ROWS = 30
+
+
+def class_counts_table(counts: dict) -> Table:
+    """Readable training and validation images per class; with many classes, the smallest (the
+    ones a user must look at), the rest counted in config.json."""
+    names = list(counts)
+    if len(names) > MAX_CLASS_ROWS:
+        names = sorted(names, key=lambda n: (counts[n]["val"], counts[n]["train"], n))[:MAX_CLASS_ROWS]
+    title = "per class" if len(names) == len(counts) else f"per class: the {len(names)} smallest of {len(counts)}"
+    t = Table(title=title, title_justify="left")
+    for col in ("class", "train", "val"):
+        t.add_column(col, justify="left" if col == "class" else "right")
+    for name in names:
+        t.add_row(name, f"{counts[name]['train']:,}", f"{counts[name]['val']:,}")
+    return t
 
 
 def _metric(value) -> str:
@@ -159,52 +241,72 @@ def save_run_plots(run_dir) -> list:
     """curves.png (loss and accuracy per epoch) and confusion_matrix.png from a run directory's CSVs."""
     from pathlib import Path
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import pandas as pd
-
-    from .checkpoint import atomic_path
 
     run_dir, written = Path(run_dir), []
     if (run_dir / "metrics.csv").exists():
-        m = pd.read_csv(run_dir / "metrics.csv")
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, metric in zip(axes, ("loss", "accuracy")):
-            ax.plot(m["epoch"], m[f"train_{metric}"], "o-", label="train")
-            ax.plot(m["epoch"], m[f"val_{metric}"], "o-", label="val")
-            ax.set_xlabel("epoch"), ax.set_ylabel(metric), ax.grid(alpha=0.3), ax.legend()
-        written.append(_save_fig(fig, run_dir / "curves.png", atomic_path))
+        written.append(_save_fig(curves_figure(pd.read_csv(run_dir / "metrics.csv")), run_dir / "curves.png"))
     if (run_dir / "confusion_matrix.csv").exists():
         cm = pd.read_csv(run_dir / "confusion_matrix.csv", index_col=0)
-        n = len(cm)
-        fig, ax = plt.subplots(figsize=(max(4, 0.5 * n + 2), max(3.5, 0.5 * n + 1.5)))
-        ax.imshow(cm.values, cmap="Blues")
-        ax.set_xticks(range(n), cm.columns, rotation=45, ha="right"), ax.set_yticks(range(n), cm.index)
-        ax.set_xlabel("predicted"), ax.set_ylabel("true")
-        if n <= 30:
-            for i in range(n):
-                for j in range(n):
-                    ax.text(j, i, int(cm.values[i, j]), ha="center", va="center", fontsize=8)
-        written.append(_save_fig(fig, run_dir / "confusion_matrix.png", atomic_path))
+        written.append(_save_fig(confusion_figure(cm), run_dir / "confusion_matrix.png"))
     return written
 
 
-def _save_fig(fig, path, atomic_path):
-    import matplotlib.pyplot as plt
+def _figure(figsize):
+    """A figure that renders straight to files. Built from matplotlib.figure, not pyplot: pyplot would
+    need a backend switch (matplotlib.use), which changes the backend of whoever imported cnnxfer,
+    a notebook's inline plots included, and keeps figures in a global registry."""
+    from matplotlib.figure import Figure
 
-    fig.tight_layout()
+    return Figure(figsize=figsize, layout="tight")
+
+
+def curves_figure(metrics):
+    """Loss and accuracy per epoch, train and val. The loss axis is logarithmic: a first-epoch
+    validation loss of 30 (BatchNorm statistics not settled yet) above a curve near 0.5 would
+    otherwise flatten the rest of the curve against the bottom of a linear axis."""
+    fig = _figure((10, 4))
+    for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy")):
+        for split in ("train", "val"):
+            ax.plot(metrics["epoch"], metrics[f"{split}_{metric}"], "o-", label=split)
+        if metric == "loss":
+            ax.set_yscale("log")
+        ax.set_xlabel("epoch"), ax.set_ylabel(metric + (" (log scale)" if metric == "loss" else "")), ax.grid(alpha=0.3)
+        ax.legend()
+    return fig
+
+
+def confusion_figure(cm):
+    n = len(cm)
+    fig = _figure((max(4, 0.5 * n + 2), max(3.5, 0.5 * n + 1.5)))
+    ax = fig.subplots()
+    ax.imshow(cm.values, cmap="Blues")
+    ax.set_xticks(range(n), cm.columns, rotation=45, ha="right"), ax.set_yticks(range(n), cm.index)
+    ax.set_xlabel("predicted"), ax.set_ylabel("true")
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(cm.values[i, j]), ha="center", va="center", fontsize=8)
+    return fig
+
+
+def _save_fig(fig, path):
+    from .checkpoint import atomic_path
+
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
     return path
 
 
 def evaluation_summary(result, title: str = "evaluate") -> None:
+    for w in getattr(result, "warnings", []):
+        warn(w)
     rows = [("data", str(result.data))] if getattr(result, "data", None) else []
     rows += [("accuracy", f"{result.accuracy:.4f}"), ("images", f"{result.images:,}"),
             ("skipped", f"{result.skipped:,}" + (f" (listed in {result.skipped_file})" if result.skipped_file else ""))]
+    if getattr(result, "trained_on", 0):
+        warn(f"{result.trained_on:,} of the {result.images:,} images evaluated trained this run: the accuracy is "
+             f"optimistic; evaluate on images it never saw for a fair estimate")
     show(table(title, rows))
     per_class = Table(title="per class", title_justify="left")
     for col in ("class", "precision", "recall", "f1", "support"):
@@ -215,6 +317,8 @@ def evaluation_summary(result, title: str = "evaluate") -> None:
 
 
 def predictions_summary(pred, out, skipped_file) -> None:
+    for w in pred.images.warnings:
+        warn(w)
     counts = {}
     for i in pred.probs.argmax(1).tolist():
         counts[pred.classes[i]] = counts.get(pred.classes[i], 0) + 1
@@ -227,16 +331,22 @@ def predictions_summary(pred, out, skipped_file) -> None:
 
 @contextlib.contextmanager
 def status(description: str) -> Iterator:
-    """A spinner naming the step in progress; yields a callback(step name)."""
+    """A spinner naming the step in progress on a terminal, a line per step otherwise; yields a
+    callback(step name)."""
+    if not err_console.is_terminal:
+        yield lambda step: _plain(f"{description}: {step}")
+        return
     with err_console.status(description) as spinner:
         yield lambda step: spinner.update(f"{description}: {step}")
 
 
-_STYLE = {"PASS": "green", "WARN": "yellow", "FAIL": "bold red", "SKIP": "dim"}
+_STYLE = {"PASS": "green", "WARN": "yellow", "FAIL": "bold red", "SKIP": "dim", "ERROR": "bold magenta"}
 
 
 def sanity_report(result) -> None:
     """One row per check: status, the measured figure, and what to look at on WARN/FAIL."""
+    for w in result.warnings:
+        warn(w)
     if result.lr_plot:
         lr = next((c for c in result.checks if c.name == "lr_find"), None)
         if lr and lr.details.get("lrs"):
@@ -245,34 +355,27 @@ def sanity_report(result) -> None:
     for col in ("check", "status", "result", "look at"):
         t.add_column(col, overflow="fold")
     for c in result.checks:
-        t.add_row(c.name, f"[{_STYLE.get(c.status, '')}]{c.status}[/]", c.summary, c.hint if c.status in ("WARN", "FAIL") else "")
+        t.add_row(c.name, f"[{_STYLE.get(c.status, '')}]{c.status}[/]", c.summary, c.hint if c.status in ("WARN", "FAIL", "ERROR") else "")
     show(t)
     counts = result.to_dict()["counts"]
     info_line(f"{counts['PASS']} passed, {counts['WARN']} warned, {counts['FAIL']} failed"
+              + (f", {counts['ERROR']} raised an error" if counts.get("ERROR") else "")
               + (f"; unreadable files listed in {result.skipped_file}" if result.skipped_file else "")
               + (f"; lr plot in {result.lr_plot}" if result.lr_plot else ""))
 
 
 def save_lr_plot(details: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .checkpoint import atomic_path
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = _figure((6, 4))
+    ax = fig.subplots()
     ax.plot(details["lrs"], details["losses"])
     ax.set_xscale("log"), ax.set_xlabel("learning rate"), ax.set_ylabel("loss (smoothed)"), ax.grid(alpha=0.3)
     if details.get("suggested_lr"):
         ax.axvline(details["suggested_lr"], color="green", linestyle="--", label=f"suggested {details['suggested_lr']:.2g}")
     if details.get("configured_lr"):
         ax.axvline(details["configured_lr"], color="red", linestyle=":", label=f"configured {details['configured_lr']:.2g}")
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    if ax.get_legend_handles_labels()[1]:  # an empty legend() warns on stderr
+        ax.legend()
+    _save_fig(fig, path)
 
 
 # ---------------------------------------------------------------- inspect: files
@@ -312,27 +415,17 @@ def save_json(obj, path):
     return Path(path)
 
 
-def _figure(*args, **kwargs):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(*args, **kwargs)
-
-
 def _save(fig, path):
     from pathlib import Path
 
-    from .checkpoint import atomic_path
-
-    return _save_fig(fig, Path(path), atomic_path)
+    return _save_fig(fig, Path(path))
 
 
 def save_filters_comparison(result, path):
     """The filter grids of --compare (before) and the inspected weights (after), side by side,
     and the relative weight change per stage."""
-    fig, axes = _figure(1, 3, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1, 1, 1.2]})
+    fig = _figure((13, 4.2))
+    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.2]})
     for ax, grid, title in ((axes[0], result.compare_grid, f"before: {_short(result.compare)}"),
                             (axes[1], result.grid, f"after: {_short(result.weights)}")):
         ax.imshow(grid, interpolation="nearest")
@@ -351,7 +444,8 @@ def _short(text, width: int = 40) -> str:
 def save_patches_figure(result, path):
     """The patches grid (a row per unit, best first) with the unit numbers beside the rows."""
     grid = result.grid()
-    fig, ax = _figure(figsize=(min(16, 1.0 + grid.shape[1] / 60), min(40, 0.6 + grid.shape[0] / 60)))
+    fig = _figure((min(16, 1.0 + grid.shape[1] / 60), min(40, 0.6 + grid.shape[0] / 60)))
+    ax = fig.subplots()
     ax.imshow(grid, interpolation="nearest")
     row = grid.shape[0] / max(1, len(result.units))
     ax.set_yticks([row * (k + 0.5) for k in range(len(result.units))], [f"unit {u}" for u in result.units])
@@ -369,7 +463,8 @@ def save_image_grid(images, captions, path, cols: int = 5):
     n = len(images)
     cols = min(cols, n)
     rows = math.ceil(n / cols)
-    fig, axes = _figure(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
+    fig = _figure((2.2 * cols, 2.5 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k < n:
@@ -384,7 +479,8 @@ def save_embedding_map(result, path):
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
     methods = list(result.coords)
-    fig, axes = _figure(1, len(methods), figsize=(7 * len(methods), 6.5), squeeze=False)
+    fig = _figure((7 * len(methods), 6.5))
+    axes = fig.subplots(1, len(methods), squeeze=False)
     labels = np.asarray([str(l) for l in result.labels])
     names = sorted(set(labels), key=lambda v: (len(v), v))
     colours = {name: _colour(k, len(names)) for k, name in enumerate(names)}
@@ -420,7 +516,8 @@ def save_invariance_chart(result, path):
     """Per stage, the percentage of invariant units, one bar per transform."""
     import numpy as np
 
-    fig, ax = _figure(figsize=(max(5, 1.2 * len(result.layers) + 2), 4))
+    fig = _figure((max(5, 1.2 * len(result.layers) + 2), 4))
+    ax = fig.subplots()
     width = 0.8 / len(result.transforms)
     x = np.arange(len(result.layers))
     for k, t in enumerate(result.transforms):
@@ -440,7 +537,8 @@ def save_errors_figure(result, path, cols: int = 4):
     n = len(result.rows)
     cols = min(cols, n)
     rows = math.ceil(n / cols)
-    fig, axes = _figure(rows, 2 * cols, figsize=(3.2 * cols, 1.9 * rows + 0.3), squeeze=False)
+    fig = _figure((3.2 * cols, 1.9 * rows + 0.3))
+    axes = fig.subplots(rows, 2 * cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for k, (row, picture, cam) in enumerate(zip(result.rows, result.pictures, result.heatmaps)):

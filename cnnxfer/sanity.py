@@ -6,8 +6,9 @@ the learning-rate range test) work on a deep copy; the others restore the modes 
 touch and take gradients with `torch.autograd.grad`, which never writes `.grad`. Checks also run
 under a forked RNG so that calling them does not shift the caller's random stream.
 
-The gradient check lives in gradcheck.py; `run_checks` at the end wires every check to a
-data folder and a model (the overfit check trains through the engine's own training step).
+The gradient check lives in gradcheck.py and the overfit check in overfit.py (it trains through
+the engine's own training step); `run_checks` at the end wires every check to a data folder and a
+model, and reports a check that raises as an ERROR naming the exception.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activations import Activations
-from .check_result import FAIL, PASS, SKIP, WARN, CheckResult, _model_device, _restored, _timed, _to_model
+from .check_result import ERROR, FAIL, PASS, SKIP, WARN, CheckResult, _model_device, _restored, _timed, _to_model
 from .device import autocast
-from .errors import UsageError
+from .errors import CnnxferError, UsageError
 from .gradcheck import check_gradients
+from .overfit import Budget, check_overfit, check_overfit_result
 
 __all__ = [
     "CheckResult", "SanityReport", "check_cost", "check_data", "check_gradient_flow", "check_gradients", "check_init_loss",
@@ -459,35 +462,6 @@ def _judge_lr(lrs, losses, smoothed, diverged_at, configured_lr, optimizer) -> C
     return CheckResult("lr_find", PASS, summary, details=details)
 
 
-# --------------------------------------------------------------------------- overfit
-
-
-def check_overfit_result(losses: list[float], accuracies: list[float], *, loss_target=0.05) -> CheckResult:
-    """Judge a finished run that tried to overfit a tiny subset: it must reach 100% and low loss.
-
-    Args:
-        losses: train loss per step (or per epoch) of the overfit run.
-        accuracies: train accuracy per step, as fractions in [0, 1].
-    """
-    hint = ("check data and preprocessing (labels aligned with images?), model capacity, "
-            "learning rate")
-    if not losses or not accuracies:
-        return CheckResult("overfit", FAIL, "the overfit run recorded no steps", hint=hint)
-    loss, accuracy = float(losses[-1]), float(accuracies[-1])
-    details = {"steps": len(losses), "final_loss": loss, "final_accuracy": accuracy,
-               "best_loss": min(losses), "loss_target": loss_target,
-               "losses": [float(v) for v in losses], "accuracies": [float(v) for v in accuracies]}
-    summary = (f"after {len(losses)} steps: train accuracy {accuracy:.1%}, loss {loss:.3g} "
-               f"(target 100% and <= {loss_target:g})")
-    if accuracy >= 1.0 and loss <= loss_target:
-        return CheckResult("overfit", PASS, summary, details=details)
-    if not math.isfinite(loss):
-        hint = "the loss became non-finite: lower the learning rate; then " + hint
-    elif len(losses) > 1 and loss >= losses[0]:
-        hint = "the loss never fell: are the parameters trainable and the lr non-zero? Also " + hint
-    return CheckResult("overfit", FAIL, summary, hint=hint, details=details)
-
-
 # ---------------------------------------------------------------- running the checks on a setup
 
 @dataclass
@@ -503,16 +477,18 @@ class SanityReport:
     classes: list[str]
     skipped_file: str | None = None
     lr_plot: str | None = None
+    warnings: list[str] = field(default_factory=list)  # about the data as scanned (empty class folders...)
 
     @property
     def failed(self) -> bool:
-        return any(c.status == "FAIL" for c in self.checks)
+        return any(c.status in (FAIL, ERROR) for c in self.checks)
 
     def to_dict(self) -> dict:
-        counts = {s: sum(c.status == s for c in self.checks) for s in ("PASS", "WARN", "FAIL", "SKIP")}
+        counts = {s: sum(c.status == s for c in self.checks) for s in (PASS, WARN, FAIL, SKIP, ERROR)}
         return {"passed": not self.failed, "counts": counts, "model": self.model, "weights": self.weights,
                 "device": self.device, "precision": self.precision, "data": self.data, "classes": self.classes,
-                "skipped_file": self.skipped_file, "lr_plot": self.lr_plot, "checks": [c.to_dict() for c in self.checks]}
+                "skipped_file": self.skipped_file, "lr_plot": self.lr_plot, "warnings": self.warnings,
+                "checks": [c.to_dict() for c in self.checks]}
 
 
 def run_checks(config, progress=None) -> SanityReport:
@@ -531,15 +507,16 @@ def run_checks(config, progress=None) -> SanityReport:
     runtime = dev.resolve_runtime(config.device, config.precision, config.num_workers)
     device, dtype = runtime.device, runtime.dtype
     train_cfg = _as_train_config(config)
+    models.check_model_options(config.model, config.weights)  # before the data scan: a bad option is named first
     train_images, val_images = engine.split_data(train_cfg)
     classes = train_images.classes
     img_size = config.img_size or (engine.auto_img_size(train_images) if config.weights == models.NONE else None)
     torch.manual_seed(config.seed)
-    loaded = models.load_model(config.model, config.weights, len(classes), img_size=img_size)
+    loaded = models.load_model(config.model, config.weights, len(classes), img_size=img_size, classes=classes)
     model = loaded.model.to(device)
     out_dir = Path(config.out_dir or (Path(config.json_path).parent if config.json_path else Path(".")))
     report = SanityReport([], loaded.arch, loaded.weights, str(device), str(dtype).replace("torch.", "") if dtype else "float32",
-                          str(config.data), classes)
+                          str(config.data), classes, warnings=list(train_images.warnings))
     results, batch = {}, None
     if "data" in selected:
         results["data"], skipped = check_data(train_images, val_images, config, loaded.data_config, runtime.decode_threads)
@@ -551,7 +528,7 @@ def run_checks(config, progress=None) -> SanityReport:
     for name in needs_batch:
         if progress:
             progress(name)
-        results[name] = _run_one(name, model, x, y, classes, config, device, dtype, train_cfg, loaded, out_dir, report)
+        results[name] = _run_guarded(name, model, x, y, classes, config, device, dtype, train_cfg, loaded, out_dir, report)
     report.checks = [results[c] for c in selected if c in results]
     if config.json_path:
         from .checkpoint import atomic_write_json
@@ -568,11 +545,33 @@ def _as_train_config(config):
                        batch_size=config.batch_size, device=config.device, precision=config.precision)
 
 
+def _run_guarded(name, *args) -> CheckResult:
+    """Run one check; one that raises is reported as an ERROR naming the exception and where it
+    was raised (a crash is not a finding about the setup: it is not a FAIL). Errors in the user's
+    input or options (CnnxferError) still end the command with their own message and exit code."""
+    start = time.perf_counter()
+    try:
+        return _run_one(name, *args)
+    except CnnxferError:
+        raise
+    except Exception as exc:
+        log.debug("check %s raised", name, exc_info=True)
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        where = f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}"
+        message = (str(exc).splitlines() or [""])[0][:300]
+        return CheckResult(name, ERROR, f"the check raised {type(exc).__name__}: {message} ({where})",
+                           hint="the check could not run: fix the error (a bug in the model, or a setup it cannot "
+                                "run) and re-run", details={"exception": type(exc).__name__, "message": str(exc),
+                                                           "where": where},
+                           seconds=time.perf_counter() - start)
+
+
 def _run_one(name, model, x, y, classes, config, device, dtype, train_cfg, loaded, out_dir, report) -> CheckResult:
-    from . import engine
+    from . import engine, overfit
 
     if name == "overfit":
-        return check_overfit(model, x, y, config, device, dtype)
+        budget = Budget(config.overfit_steps, config.overfit_seconds, config.overfit_loss)
+        return check_overfit(model, overfit.repeat(x, y), device, dtype, lr=config.lr, budget=budget)
     if name == "gradcheck":
         small = torch.nn.functional.interpolate(x[:2], size=(config.gradcheck_size,) * 2, mode="bilinear", align_corners=False)
         return check_gradients(model, small, y[:2])
@@ -619,43 +618,6 @@ def _overfit_batch(images, data_config: dict, config) -> tuple[torch.Tensor, tor
     return preprocess.normalizer()(torch.stack(xs)), torch.tensor(ys, dtype=torch.long)
 
 
-def check_overfit(model, x, y, config, device, dtype) -> CheckResult:
-    """Overfit one batch with augmentation, dropout and weight decay off, through the engine's
-    own training step: a sound setup reaches 100% train accuracy and a loss near zero."""
-    import copy
-
-    from . import device as dev, engine
-
-    start = time.perf_counter()
-    net = copy.deepcopy(model).to(device).train()
-    for module in net.modules():  # dropout and stochastic depth off: the check is about fitting
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        for attr in ("drop_rate", "drop_prob"):
-            if isinstance(getattr(module, attr, None), float):
-                setattr(module, attr, 0.0)
-    hp = {"optimizer": "adamw", "lr": config.lr or 1e-3, "weight_decay": 0.0, "backbone_lr_mult": 1.0}
-    optimizer = engine.build_optimizer(net, {n for n, _ in net.named_parameters()}, hp, 0.9)
-    ctx = engine.StepContext(net, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), None,
-                             nn.CrossEntropyLoss(), device, dtype, channels_last=dev.use_channels_last(device))
-    losses, accuracies = [], []
-    try:
-        for _ in range(config.overfit_steps):
-            loss, correct = engine.train_step(ctx, x, y)
-            losses.append(loss)
-            accuracies.append(correct / len(y))
-            if accuracies[-1] == 1.0 and loss <= config.overfit_loss:
-                break
-    except Exception as exc:  # a non-finite loss is itself the finding
-        losses.append(float("nan"))
-        accuracies.append(accuracies[-1] if accuracies else 0.0)
-        log.debug("overfit stopped: %s", exc)
-    result = check_overfit_result(losses, accuracies, loss_target=config.overfit_loss)
-    result.details.update({"images": len(y), "steps": len(losses), "classes": int(y.unique().numel())})
-    result.seconds = time.perf_counter() - start
-    return result
-
-
 def check_data(train, val, config, data_config: dict, threads: int = 0) -> tuple[CheckResult, list[tuple[str, str]]]:
     """Class counts and imbalance, unreadable files, exact duplicates across train and val
     (content hash), and the spread of image sizes against the model's input size."""
@@ -667,14 +629,12 @@ def check_data(train, val, config, data_config: dict, threads: int = 0) -> tuple
     readable = {c: 0 for c in train.classes}
     for (path, reason, *_), label in zip(probes[:n_train], train.labels):
         readable[train.classes[label]] += reason is None
-    problems, fails = [], [c for c, n in readable.items() if counts[c] and n == 0]
-    empty = [c for c, n in counts.items() if n == 0]
+    # the scan's warnings: empty class folders (left out of the classes), classes too small to validate
+    problems, fails = list(train.warnings), [c for c, n in readable.items() if counts[c] and n == 0]
     nonzero = [n for n in counts.values() if n]
     ratio = max(nonzero) / max(1, min(nonzero)) if nonzero else 0.0
     if ratio >= 10:
-        problems.append(f"class imbalance {ratio:.0f}:1 (consider --balance loss or --balance sampler)")
-    if empty:
-        problems.append(f"empty class folder(s): {', '.join(empty)}")
+        problems.append(f"class imbalance {ratio:.0f}:1 (train with --balance loss or --balance sampler)")
     if skipped:
         problems.append(f"{len(skipped)} unreadable file(s)")
     dupes = _cross_duplicates(probes[:n_train], probes[n_train:])

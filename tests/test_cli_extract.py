@@ -65,6 +65,55 @@ def test_every_command_has_help_with_an_example(cli_runner):
         assert "Example: cnnxfer " + " ".join(words) in " ".join(result.stdout.split()), words
 
 
+HEAVY = ("torch", "numpy", "PIL", "pandas", "pyarrow", "matplotlib", "timm")
+_PROBE = """
+import sys
+from cnnxfer.cli import app
+try:
+    app(sys.argv[1:], prog_name="cnnxfer")
+except SystemExit as exc:
+    code = exc.code
+print(code, *[m for m in {heavy!r} if m in sys.modules], file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args, code", [(["--help"], 0), (["extract", "--help"], 0), (["train", "--help"], 0),
+                                        (["sanity-check", "--help"], 0), (["extract"], 2), (["train", "--epochs", "x"], 2)])
+def test_help_and_usage_errors_do_not_import_torch(args, code):
+    """Help, usage and option errors answer in a fraction of a second: torch, numpy, Pillow and
+    pandas are imported by the commands that run, not by the CLI module."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", _PROBE.format(heavy=HEAVY), *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stderr.strip().splitlines()[-1].split() == [str(code)], proc.stderr
+
+
+def test_the_python_api_loads_on_first_use():
+    code = ("import sys, cnnxfer\n"
+            "assert 'torch' not in sys.modules\n"
+            "from cnnxfer import fit, TrainConfig, extract_features, CnnxferError\n"
+            "assert 'torch' in sys.modules and callable(fit)\n"
+            "assert all(getattr(cnnxfer, name) is not None for name in cnnxfer.__all__)\n"
+            "assert set(cnnxfer.__all__) <= set(dir(cnnxfer))\n"
+            "try:\n    cnnxfer.no_such_name\nexcept AttributeError as exc:\n    print(exc)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "no attribute 'no_such_name'" in proc.stdout
+
+
+def test_every_option_has_help_and_arguments_read_alike(cli_runner):
+    """Every option says what it does, and the usage line writes arguments one way: DATA when
+    required, [DATA] when it may be left out."""
+    for name, command in _commands().items():
+        assert [p.opts[0] for p in command.params if not p.help] == [], name
+        usage = " ".join(cli_runner.invoke(app, [name, "--help"]).stdout.split()[:6])
+        assert "{" not in usage and ("[DATA]" in usage) == (name in ("train", "finetune")), usage
+    assert "IMAGES" in cli_runner.invoke(app, ["predict", "--help"]).stdout
+    train_model = next(p for p in _commands()["train"].params if p.name == "model")
+    assert train_model.help.startswith("Required, except with --resume")
+
+
 def test_no_arguments_shows_help(cli_runner):
     result = cli_runner.invoke(app, [])
     assert "extract" in result.output and result.exit_code in (0, 2)
@@ -331,3 +380,34 @@ def test_signal_exit_code_then_resume(tmp_path, make_images, resnet10t_weights, 
                                  env=_offline_env(tmp_path, True), timeout=120, check=False)
         assert resumed.returncode == 0, resumed.stderr
         assert len(read_features(out)[0]) == 32 and not parts.exists()
+
+
+# ---------------------------------------------------------------- messages a new user tripped on
+
+def test_an_empty_folder_says_no_images_not_no_class_folders(cli_runner, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = cli_runner.invoke(app, ["extract", str(tmp_path / "empty"), "--model", "test_resnet", "--weights", "none",
+                                     "--out", str(tmp_path / "f.parquet")])
+    assert result.exit_code == 2 and "no images found" in result.stderr and "class folders" not in result.stderr
+
+
+def test_a_resume_with_other_options_names_them(tmp_path, make_images, test_resnet_weights, cli_runner):
+    from cnnxfer.config import ExtractConfig
+    from cnnxfer.features import extract_features
+
+    make_images(tmp_path / "ds", {"a": 4, "b": 4})
+    out = tmp_path / "f.parquet"
+
+    def interrupt(done, total):
+        if done >= 4:
+            raise KeyboardInterrupt  # after the first part of 4 images
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(ExtractConfig(data=tmp_path / "ds", out=out, model="test_resnet", weights=str(test_resnet_weights),
+                                       img_size=32, num_workers=0, batch_size=2, part_size=4, precision="fp32"), interrupt)
+    assert (tmp_path / "f.parquet.parts" / "manifest.json").exists()
+    result = cli_runner.invoke(app, ["extract", str(tmp_path / "ds"), *_fast(test_resnet_weights, out, "--resume",
+                                                                              "--tta", "flip", "--layers", "layer1")])
+    assert result.exit_code == 2, result.stderr
+    message = " ".join(result.stderr.split())
+    assert "--tta none -> flip" in message and "--layers (none) -> layer1" in message and "--pool" not in message

@@ -34,7 +34,7 @@ def _decode_all(images: data.ImageList, max_pixels: int, threads: int = 0):
 
 def test_dirty_folder_scan_finds_classes_and_candidates(dirty_folder):
     images = data.discover(dirty_folder.root)
-    assert images.classes == ["cats", "dogs", "empty"]  # no .ipynb_checkpoints / __MACOSX class
+    assert images.classes == ["cats", "dogs"]  # no .ipynb_checkpoints / __MACOSX class, no empty one
     found = set(images.paths)
     assert found == set(dirty_folder.valid) | set(dirty_folder.skipped)  # broken ones are found, judged at decode
     assert not found & set(dirty_folder.ignored)
@@ -44,8 +44,7 @@ def test_dirty_folder_scan_finds_classes_and_candidates(dirty_folder):
     for path, label in zip(images.paths, images.labels):
         assert images.classes[label] == path.relative_to(dirty_folder.root).parts[0]
     assert images.ignored == len(dirty_folder.ignored)
-    assert any("empty" in w and "holds no images" in w for w in images.warnings)
-    assert images.class_counts()["empty"] == 0
+    assert images.warnings == [f"class folder '{dirty_folder.root / 'empty'}' holds no images (left out of the classes)"]
 
 
 @pytest.mark.parametrize("threads", [0, 2])
@@ -78,13 +77,15 @@ def test_empty_and_missing_inputs_are_data_errors(tmp_path):
         data.discover(tmp_path / "missing")
     (tmp_path / "nothing").mkdir()
     with pytest.raises(DataError, match="no class folders"):
-        data.discover(tmp_path / "nothing")
+        data.discover(tmp_path / "nothing", labelled=True)
+    with pytest.raises(DataError, match=r"no images found \(looked for images in it, or in one subfolder per class\)"):
+        data.discover(tmp_path / "nothing")  # extract and predict take flat folders too
     (tmp_path / "only_empty" / "a").mkdir(parents=True)
     (tmp_path / "only_empty" / "a" / "readme.txt").write_text("x")
     with pytest.raises(DataError, match="no images found"):
         data.discover(tmp_path / "only_empty")
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(DataError, match="expected a folder of images or a .csv"):
+    with pytest.raises(DataError, match="expected an image, a folder of images or a .csv"):
         data.discover(tmp_path / "notes.txt")
 
 
@@ -100,6 +101,11 @@ def test_fixed_class_list_for_validation_folders(tmp_path, make_images):
     make_images(tmp_path / "val", {"b": 1, "a": 1})
     images = data.scan_class_folders(tmp_path / "val", classes=["a", "b", "c"])
     assert images.classes == ["a", "b", "c"] and images.labels == [0, 1]
+    (tmp_path / "val" / "c").mkdir()  # a known class without images: still a class of the model
+    (tmp_path / "val" / "unknown_but_empty").mkdir()  # holds nothing to label: no error
+    images = data.scan_class_folders(tmp_path / "val", classes=["a", "b", "c"])
+    assert images.classes == ["a", "b", "c"] and images.labels == [0, 1]
+    assert [w.split("'")[1] for w in images.warnings] == [str(tmp_path / "val" / n) for n in ("c", "unknown_but_empty")]
     make_images(tmp_path / "val", {"zebra": 1})
     with pytest.raises(DataError, match="zebra"):
         data.scan_class_folders(tmp_path / "val", classes=["a", "b", "c"])

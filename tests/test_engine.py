@@ -7,6 +7,7 @@ the test saved itself, a second run that takes another code path, or an uninterr
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -205,7 +206,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(colours, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         fit(colours, tmp_path / "cut", engine.FitHooks(on_epoch=stop_after_two), checkpoint_every=3600, **common)
     assert (tmp_path / "cut" / "state.pt").is_file() and len(read_metrics(tmp_path / "cut")) == 2
-    resumed = engine.fit(TrainConfig(data=Path("ignored"), out=tmp_path / "cut", resume=True))
+    resumed = engine.fit(engine.resume_config(tmp_path / "cut"))
     assert len(resumed.history) == 3
     assert without_seconds(read_metrics(tmp_path / "cut")) == without_seconds(read_metrics(tmp_path / "whole"))
     a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
@@ -226,11 +227,31 @@ def test_resumed_finetune_equals_uninterrupted(colours, test_resnet_3, tmp_path,
 
     with pytest.raises(KeyboardInterrupt):
         fit(colours, tmp_path / "cut", engine.FitHooks(on_epoch=stop_after_one), **common)
-    engine.fit(TrainConfig(data=colours, out=tmp_path / "cut", resume=True))
+    engine.fit(engine.resume_config(tmp_path / "cut"))
     assert without_seconds(read_metrics(tmp_path / "cut")) == without_seconds(read_metrics(tmp_path / "whole"))
     a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
+
+
+def test_balanced_sampling_resumes_exactly(tmp_path):
+    """--balance sampler draws each epoch's batches from (seed, epoch): a resumed run draws what the
+    uninterrupted one drew (the sampler's generator was seeded once per run, so a resume re-drew
+    epoch 1's batches in epoch 2)."""
+    data = write_colour_folder(tmp_path / "data", {"blue": 16, "green": 5, "red": 5})
+    common = dict(model="test_resnet", weights="none", epochs=3, balance=Balance.sampler, augment=False)
+    fit(data, tmp_path / "whole", **common)
+
+    def stop_after_one(row):
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(data, tmp_path / "cut", engine.FitHooks(on_epoch=stop_after_one), **common)
+    engine.fit(engine.resume_config(tmp_path / "cut"))
+    assert without_seconds(read_metrics(tmp_path / "cut")) == without_seconds(read_metrics(tmp_path / "whole"))
+    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("every", [0, 3600])
@@ -257,10 +278,10 @@ def test_checkpoints_are_written_every_epoch_or_kept_in_memory_until_due(colours
 def test_resume_refuses_a_finished_run_and_a_missing_one(colours, tmp_path):
     fit(colours, tmp_path / "run", model="test_resnet", weights="none", epochs=1)
     with pytest.raises(UsageError, match="nothing to resume"):
-        engine.fit(TrainConfig(data=colours, out=tmp_path / "run", resume=True))
+        engine.resume_config(tmp_path / "run")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="not a cnnxfer run directory"):
-        engine.fit(TrainConfig(data=colours, out=tmp_path / "empty", resume=True))
+        engine.resume_config(tmp_path / "empty")
 
 
 def test_resume_refuses_a_data_folder_whose_classes_changed(tmp_path):
@@ -273,7 +294,7 @@ def test_resume_refuses_a_data_folder_whose_classes_changed(tmp_path):
         fit(data, tmp_path / "run", engine.FitHooks(on_epoch=stop), model="test_resnet", weights="none", epochs=2)
     (data / "red").rename(data / "purple")
     with pytest.raises(DataError, match="the run was trained on"):
-        engine.fit(TrainConfig(data=data, out=tmp_path / "run", resume=True))
+        engine.fit(engine.resume_config(tmp_path / "run"))
 
 
 def test_existing_run_dir_is_untouched_without_overwrite(colours, tmp_path):
@@ -334,7 +355,8 @@ def test_class_imbalance_options_run(balance, tmp_path):
 
 def test_balanced_loss_weights_and_sampler(tmp_path):
     data = write_colour_folder(tmp_path / "data", {"blue": 20, "green": 5, "red": 5})
-    run = engine._Run(TrainConfig(data=data, out=tmp_path / "run", balance=Balance.loss, val_split=0.2), engine.FitHooks())
+    run = engine._Run(TrainConfig(data=data, out=tmp_path / "run", model="test_resnet", balance=Balance.loss, val_split=0.2),
+                      engine.FitHooks())
     weight = run.loss_fn().weight  # n / (classes * count): blue 16 -> 24/48, green/red 4 -> 2
     torch.testing.assert_close(weight, torch.tensor([0.5, 2.0, 2.0]))
     from cnnxfer.loader import Loader
@@ -391,7 +413,7 @@ def test_images_held_in_memory_train_exactly_like_images_read_every_epoch(colour
 
 def test_cache_images_auto_streams_what_does_not_fit_and_what_is_read_once(colours, tmp_path, monkeypatch):
     result = fit(colours, tmp_path / "fits", model="test_resnet", weights="none", epochs=2)
-    assert any("decoding 36 images once into memory" in n for n in result.notes)
+    assert "36 images decoded once into memory; --cache-images off reads them from disk every epoch" in result.notes
     result = fit(colours, tmp_path / "one_epoch", model="test_resnet", weights="none", epochs=1)
     assert not any("into memory" in n for n in result.notes)
     monkeypatch.setattr("cnnxfer.loader.CACHE_MAX_BYTES", 1000)  # 36 images of 32x32x3 bytes do not fit
@@ -417,6 +439,54 @@ def test_a_run_with_few_optimizer_steps_says_so_as_it_starts(colours, tmp_path):
     assert shown == result.notes  # every note reaches the hook as it is made
     result = fit(colours, tmp_path / "enough", model="test_resnet", weights="none", epochs=7, batch_size=2)  # 15 x 7 = 105
     assert not [n for n in result.notes if "optimizer step" in n]
+
+@pytest.mark.parametrize("n, weights, expected", [
+    (15, "hub", (5, 100)),  # the demo's 3 labels x 5 digits: 3 steps per epoch, 300 in all
+    (15, "none", (5, 100)),
+    (120, "none", (15, 38)),
+    (900, "hub", (64, 22)),  # 14 steps per epoch: 10 epochs would be 140 steps
+    (900, "none", (64, 30)),
+    (5000, "hub", (64, 10)),  # a large dataset keeps the usual defaults
+])
+def test_left_out_batch_size_and_epochs_are_chosen_from_the_dataset_size(n, weights, expected):
+    config, note = engine.resolve_schedule(TrainConfig(data=Path("."), out=Path("o"), weights=weights), n)
+    assert (config.batch_size, config.epochs) == expected
+    steps = config.epochs * (1 if n <= config.batch_size else n // config.batch_size)
+    assert steps >= 300 and n - (n // config.batch_size) * config.batch_size < max(1, n // config.batch_size)
+    assert (note is None) == (expected in ((64, 10), (64, 30)))
+
+
+def test_the_users_batch_size_and_epochs_are_kept():
+    config, note = engine.resolve_schedule(TrainConfig(data=Path("."), out=Path("o"), batch_size=16), 15)
+    assert (config.batch_size, config.epochs) == (16, 300) and "--epochs 300" in note and "--batch-size" not in note
+    config, note = engine.resolve_schedule(TrainConfig(data=Path("."), out=Path("o"), batch_size=64, epochs=2), 15)
+    assert (config.batch_size, config.epochs, note) == (64, 2, None)
+
+
+def test_a_small_dataset_with_default_options_gets_enough_steps_and_resumes_exactly(tmp_path):
+    """32 images, --batch-size and --epochs left out: 8 batches of 4 for 38 epochs (304 steps),
+    said once, recorded in config.json; a run interrupted at epoch 20 resumes to the same result."""
+    data = write_colour_folder(tmp_path / "data", {"blue": 16, "red": 16})
+    common = dict(model="test_resnet", weights="none", val_split=0.0, batch_size=None)
+    shown = []
+    whole = fit(data, tmp_path / "whole", engine.FitHooks(on_message=shown.append), **common)
+    assert [n for n in shown if "chosen" in n] == [
+        "32 training images: --batch-size 4 and --epochs 38 chosen (304 optimizer steps in all); set --batch-size and "
+        "--epochs to choose otherwise"]
+    saved = json.loads((whole.run_dir / "config.json").read_text())["train_config"]
+    assert (saved["batch_size"], saved["epochs"]) == (4, 38) and len(whole.history) == 38
+
+    def stop_at_20(row):
+        if row["epoch"] == 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(data, tmp_path / "cut", engine.FitHooks(on_epoch=stop_at_20), **common)
+    started = []
+    engine.fit(engine.resume_config(tmp_path / "cut"), engine.FitHooks(on_start=started.append))
+    assert (started[0].batch_size, started[0].epochs) == (4, 38)
+    assert without_seconds(read_metrics(tmp_path / "cut")) == without_seconds(read_metrics(tmp_path / "whole"))
+
 
 def test_a_class_with_only_unreadable_images_is_named(tmp_path):
     data = write_colour_folder(tmp_path / "data", {"blue": 6, "green": 6})

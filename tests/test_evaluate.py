@@ -223,3 +223,38 @@ def test_run_directory_loads_in_plain_timm_with_identical_logits(trained):
         assert torch.equal(ours(x), theirs(x))
         assert not torch.equal(ours(x), headless(x))  # the backbone alone: a new random head
         torch.testing.assert_close(ours.forward_features(x), headless.forward_features(x), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- what a new user tripped on
+
+def test_predict_takes_a_single_image(trained, cli_runner, tmp_path):
+    run, test = trained
+    image = sorted((test / "red").glob("*.png"))[0]
+    invoke(cli_runner, "predict", image, "--weights", run, "--out", tmp_path / "one.csv", "--workers", 0)
+    df = pd.read_csv(tmp_path / "one.csv")
+    assert df["path"].tolist() == [str(image)] and df["prediction"].iloc[0] in COLOURS
+    result = cli_runner.invoke(app, ["evaluate", str(image), "--weights", str(run)])  # no label to score against
+    assert result.exit_code == 2 and "one image, without a label" in result.stderr
+
+
+def test_evaluate_lists_skipped_images_without_json(trained, cli_runner, tmp_path, monkeypatch):
+    run, test = trained
+    data = tmp_path / "test"
+    write_colour_folder(data, dict.fromkeys(COLOURS, 2), seed=9)
+    (data / "red" / "broken.png").write_text("not a png")
+    monkeypatch.chdir(tmp_path)
+    result = invoke(cli_runner, "evaluate", data, "--weights", run, "--workers", 0)
+    listed = pd.read_csv(tmp_path / "evaluate.skipped.csv")
+    assert [Path(p).name for p in listed["path"]] == ["broken.png"]
+    assert "evaluate.skipped.csv" in " ".join(result.stdout.split())
+
+
+def test_evaluate_on_the_runs_own_training_images_says_the_score_is_optimistic(trained, cli_runner, tmp_path):
+    run, test = trained
+    data = Path(json.loads((run / "config.json").read_text())["train_config"]["data"])
+    result = invoke(cli_runner, "evaluate", data, "--weights", run, "--json", tmp_path / "train.json", "--workers", 0)
+    assert json.loads((tmp_path / "train.json").read_text())["trained_on"] == 24  # 30 images less a 20% val split
+    assert "24 of the 30 images evaluated trained this run" in " ".join(result.stderr.split())
+    assert "optimistic" in result.stderr
+    result = invoke(cli_runner, "evaluate", test, "--weights", run, "--json", tmp_path / "test.json", "--workers", 0)
+    assert json.loads((tmp_path / "test.json").read_text())["trained_on"] == 0 and "optimistic" not in result.stderr

@@ -273,10 +273,10 @@ def test_resume_refuses_changed_inputs_and_options(tmp_path, make_images, test_r
     with pytest.raises(KeyboardInterrupt):
         _extract(tmp_path, data_root, "r.parquet", _interrupt_after(9)[0], **common)
     manifest = (tmp_path / "r.parquet.parts" / "manifest.json").read_bytes()
-    with pytest.raises(DataError, match="options changed"):
+    with pytest.raises(DataError, match="--pool model -> max changed"):  # named, with both values
         _extract(tmp_path, data_root, "r.parquet", resume=True, pool="max", **common)
     write_image(data_root / "b" / "img3.jpg", seed=999)  # same name, new content
-    with pytest.raises(DataError, match="inputs changed"):
+    with pytest.raises(DataError, match="the input images changed"):
         _extract(tmp_path, data_root, "r.parquet", resume=True, **common)
     assert (tmp_path / "r.parquet.parts" / "manifest.json").read_bytes() == manifest
     summary = _extract(tmp_path, data_root, "r.parquet", overwrite=True, **common)

@@ -332,7 +332,7 @@ def test_embedding_of_the_trained_digits_run_separates_the_classes(digits_subjec
     from cnnxfer.config import resumed_config
     from cnnxfer import checkpoint
 
-    _, val = split_data(resumed_config(checkpoint.load_run_config(digits_run)["train_config"], Path(".")))
+    _, val = split_data(resumed_config(checkpoint.load_run_config(digits_run), Path(".")))
     x, paths, labels = features_from_images(digits_subject, val, 256)
     result = embed(x, paths, labels, ["pca", "tsne"])
     assert len(paths) == len(val) and result.dim == 64

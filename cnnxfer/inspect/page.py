@@ -109,7 +109,7 @@ def _report_images(config: InspectConfig, run: dict, subject: subj.Subject) -> t
                             "embedding and invariance are left out"]
     from ..engine import split_data
 
-    train, val = split_data(resumed_config(saved, Path(".")))
+    train, val = split_data(resumed_config(run, Path(".")))
     images = val if len(val) else train
     which = "validation" if len(val) else "training (the run has no validation split)"
     images = _as_classes(images, classes)
