@@ -440,6 +440,202 @@ def sanity_check(
         raise typer.Exit(1)
 
 
+# ---------------------------------------------------------------- inspect and report
+
+inspect_app = _Typer(
+    help="What did the network learn? Filters, top patches, class models, embedding maps, invariance, layers, "
+         "worst errors; each writes PNG + CSV/JSON and prints a table.\n\nExample: cnnxfer inspect filters --weights runs/photos",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+app.add_typer(inspect_app, name="inspect")
+
+_I = cfg.InspectConfig.__dataclass_fields__
+Images = Annotated[Path, typer.Argument(exists=True, help="Images: class subfolders, a flat folder or a CSV manifest.")]
+InspectWeights = Annotated[Optional[str], typer.Option("--weights", "-w", help="A cnnxfer run directory, a .safetensors/.pth file (with --model), hub or none.")]
+InspectOut = Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the files (default: RUN_DIR/inspect/<view> for a run directory, else inspect/<view>).")]
+MaxImages = Annotated[Optional[int], typer.Option("--max-images", min=1, help="Use at most this many images, drawn evenly across classes (--seed).")]
+Layer = Annotated[Optional[str], typer.Option("--layer", help="A stage name or index (e.g. layer3 or -1), or any module name; default the last stage.")]
+Top = Annotated[int, typer.Option("--top", "-k", min=1, help="How many images to show.")]
+InspectOverwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the files of an earlier run in --out.")]
+
+
+def _inspect(view: str, summary: str, **fields) -> None:
+    """Build the InspectConfig, run one view of cnnxfer.inspect, print its table."""
+    import importlib
+
+    from . import report
+
+    config = cfg.InspectConfig(**fields)
+    module, run = view.split(":")
+    with report.status(f"inspect {summary}"):
+        result = getattr(importlib.import_module(f".inspect.{module}", __package__), run)(config)
+    getattr(report, f"{summary}_summary")(result)
+    report.skipped_images(result.skipped)
+
+
+@inspect_app.command("filters")
+@handle_errors
+def inspect_filters(
+    weights: InspectWeights = None, model: ModelOpt = None,
+    compare: Annotated[Optional[str], typer.Option("--compare", help="Other weights of the same architecture (e.g. hub, before fine-tuning): grids side by side and the relative weight change per stage.")] = None,
+    scale: Annotated[cfg.FilterScale, typer.Option("--scale", help="filter: each filter to its own largest weight; layer: one scale, magnitudes compare.")] = cfg.FilterScale.filter,
+    img_size: ImgSize = None, out: InspectOut = None, device: Device = "auto", overwrite: InspectOverwrite = False,
+) -> None:
+    """The first layer's filters as an image grid (0 = grey), and what fine-tuning changed with --compare.
+
+    Example: cnnxfer inspect filters --weights runs/photos --compare hub
+    """
+    _inspect("filters:run_filters", "filters", weights=weights, model=model, compare=compare, filter_scale=scale,
+             img_size=img_size, out=out, device=device, overwrite=overwrite)
+
+
+@inspect_app.command("patches")
+@handle_errors
+def inspect_patches(
+    data: Images, weights: InspectWeights = None, model: ModelOpt = None, layer: Layer = None,
+    units: Annotated[Optional[str], typer.Option("--units", help="Unit (channel) numbers, comma-separated (default: the first 8).")] = None,
+    top: Top = _default(_I, "top"), max_images: MaxImages = None, img_size: ImgSize = None,
+    batch_size: BatchSize = _default(_I, "batch_size"), workers: Workers = None, max_image_pixels: MaxPixels = DEFAULT_MAX_IMAGE_PIXELS,
+    out: InspectOut = None, device: Device = "auto", precision: PrecisionOpt = cfg.Precision.auto, overwrite: InspectOverwrite = False,
+) -> None:
+    """The image patches that most activate each unit of a layer, cropped to the unit's measured receptive field.
+
+    Receptive fields are measured by backpropagating from one unit; "global" means it sees the whole image.
+    Example: cnnxfer inspect patches photos/ --weights runs/photos --layer layer3 --units 0,5,9 --top 8
+    """
+    _inspect("patches:run_patches", "patches", data=data, weights=weights, model=model, layer=layer, units=units or (),
+             top=top, max_images=max_images, img_size=img_size, batch_size=batch_size, num_workers=workers,
+             max_image_pixels=max_image_pixels, out=out, device=device, precision=precision, overwrite=overwrite)
+
+
+@inspect_app.command("class-model")
+@handle_errors
+def inspect_class_model(
+    weights: InspectWeights = None, model: ModelOpt = None,
+    class_name: Annotated[Optional[str], typer.Option("--class", help="Class name(s) or output number(s), comma-separated (default: the first 10 classes).")] = None,
+    layer: Annotated[Optional[str], typer.Option("--layer", help="Maximise a unit of this layer instead of a class score.")] = None,
+    unit: Annotated[Optional[int], typer.Option("--unit", min=0, help="The unit (channel) of --layer (default 0).")] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1)] = _default(_I, "steps"),
+    lr: Annotated[float, typer.Option("--lr", help="Adam step size, in normalised input units.")] = _default(_I, "lr"),
+    l2: Annotated[float, typer.Option("--l2", help="lambda of S_c(I) - lambda ||I||^2 (mean square of the normalised image).")] = _default(_I, "l2"),
+    jitter: Annotated[int, typer.Option("--jitter", min=0, help="Random shift in pixels per step (with a 0.95-1.05 random scale).")] = _default(_I, "jitter"),
+    blur_every: Annotated[int, typer.Option("--blur-every", min=0, help="Blur lightly every N steps (0: never).")] = _default(_I, "blur_every"),
+    seed: Seed = 0, img_size: ImgSize = None, out: InspectOut = None, device: Device = "auto", overwrite: InspectOverwrite = False,
+) -> None:
+    """The input that maximises a class score, argmax_I S_c(I) - lambda ||I||^2, regularised (jitter, scale, blur).
+
+    Optimised in the model's own input normalisation; --layer/--unit maximise one unit instead.
+    Example: cnnxfer inspect class-model --weights runs/digits --class 3,7 --steps 300
+    """
+    _inspect("class_model:run_class_model", "class_model", weights=weights, model=model, class_name=class_name, layer=layer,
+             unit=unit, steps=steps, lr=lr, l2=l2, jitter=jitter, blur_every=blur_every, seed=seed, img_size=img_size,
+             out=out, device=device, overwrite=overwrite)
+
+
+@inspect_app.command("embedding")
+@handle_errors
+def inspect_embedding(
+    source: Annotated[Path, typer.Argument(exists=True, help="FEATURES.parquet from `cnnxfer extract`, or images (with --weights).")],
+    weights: InspectWeights = None, model: ModelOpt = None,
+    method: Annotated[cfg.Method, typer.Option("--method", help="pca, tsne (scikit-learn) or both.")] = cfg.Method.both,
+    perplexity: Annotated[float, typer.Option("--perplexity", min=1.0)] = _default(_I, "perplexity"),
+    knn: Annotated[int, typer.Option("--knn", min=1, help="k of the leave-one-out k-NN accuracy.")] = _default(_I, "knn"),
+    thumbnails: Annotated[int, typer.Option("--thumbnails", min=0, help="At most this many image thumbnails on the map.")] = _default(_I, "thumbnails"),
+    max_images: Annotated[Optional[int], typer.Option("--max-images", min=3, help="Use at most this many images (default 2000), evenly across classes.")] = None,
+    seed: Seed = 0, img_size: ImgSize = None, batch_size: BatchSize = _default(_I, "batch_size"), workers: Workers = None,
+    out: InspectOut = None, device: Device = "auto", precision: PrecisionOpt = cfg.Precision.auto, overwrite: InspectOverwrite = False,
+) -> None:
+    """A 2-D map (PCA, t-SNE) of the penultimate-layer features, coloured by label with thumbnails, and k-NN accuracy.
+
+    Example: cnnxfer inspect embedding features.parquet --method tsne
+    """
+    parquet = source.suffix.lower() == ".parquet"
+    _inspect("embedding:run_embedding", "embedding", features=source if parquet else None, data=None if parquet else source,
+             weights=weights, model=model, method=method, perplexity=perplexity, knn=knn, thumbnails=thumbnails,
+             max_images=max_images, seed=seed, img_size=img_size, batch_size=batch_size, num_workers=workers, out=out,
+             device=device, precision=precision, overwrite=overwrite)
+
+
+@inspect_app.command("invariance")
+@handle_errors
+def inspect_invariance(
+    data: Images, weights: InspectWeights = None, model: ModelOpt = None,
+    threshold: Annotated[float, typer.Option("--threshold", help="A unit is invariant when r(response to x, response to g(x)) >= this.")] = _default(_I, "threshold"),
+    layers: Annotated[Optional[str], typer.Option("--layers", help="Stages or modules, comma-separated (default: every stage).")] = None,
+    transforms: Annotated[str, typer.Option("--transforms", help="Comma-separated subset of hflip, vflip, scale, rot90.")] = ",".join(cfg.INVARIANCE_TRANSFORMS),
+    max_images: Annotated[Optional[int], typer.Option("--max-images", min=3, help="Use at most this many images (default 500), evenly across classes.")] = None,
+    seed: Seed = 0, img_size: ImgSize = None, batch_size: BatchSize = _default(_I, "batch_size"), workers: Workers = None,
+    out: InspectOut = None, device: Device = "auto", precision: PrecisionOpt = cfg.Precision.auto, overwrite: InspectOverwrite = False,
+) -> None:
+    """Per stage, units invariant to hflip, vflip, scale 2^-1/2 and rot90 (count, %).
+
+    A unit's response to an image is its activation averaged over positions; it is invariant to g when the
+    Pearson correlation, over the images, of its responses to x and to g(x) is >= --threshold (0.9).
+    Units whose response never varies count as constant. Example: cnnxfer inspect invariance photos/ --weights runs/photos
+    """
+    _inspect("invariance:run_invariance", "invariance", data=data, weights=weights, model=model, threshold=threshold,
+             layers=layers or (), transforms=transforms, max_images=max_images, seed=seed, img_size=img_size,
+             batch_size=batch_size, num_workers=workers, out=out, device=device, precision=precision, overwrite=overwrite)
+
+
+@inspect_app.command("layers")
+@handle_errors
+def inspect_layers(
+    data: Annotated[Optional[Path], typer.Argument(exists=True, help="Optional images: adds the fraction of dead units per stage.")] = None,
+    weights: InspectWeights = None, model: ModelOpt = None, max_images: MaxImages = None, img_size: ImgSize = None,
+    batch_size: BatchSize = _default(_I, "batch_size"), workers: Workers = None, out: InspectOut = None, device: Device = "auto",
+    precision: PrecisionOpt = cfg.Precision.auto, overwrite: InspectOverwrite = False,
+) -> None:
+    """Per stage: output shape, stride, measured receptive field, parameters, FLOPs, and on DATA the dead units.
+
+    A unit is dead when it is never positive on any image at any position. Example: cnnxfer inspect layers --model resnet50 --weights none
+    """
+    _inspect("layers:run_layers", "layers", data=data, weights=weights, model=model, max_images=max_images, img_size=img_size,
+             batch_size=batch_size, num_workers=workers, out=out, device=device, precision=precision, overwrite=overwrite)
+
+
+@inspect_app.command("errors")
+@handle_errors
+def inspect_errors(
+    data: Annotated[Path, typer.Argument(exists=True, help="Labelled images (class subfolders named like the model's classes).")],
+    weights: InspectWeights = None, model: ModelOpt = None, top: Top = _default(_I, "top"),
+    layer: Annotated[Optional[str], typer.Option("--layer", help="Where Grad-CAM looks (default: the last stage with a spatial map).")] = None,
+    max_images: MaxImages = None, img_size: ImgSize = None, batch_size: BatchSize = _default(_I, "batch_size"), workers: Workers = None,
+    out: InspectOut = None, device: Device = "auto", precision: PrecisionOpt = cfg.Precision.auto, overwrite: InspectOverwrite = False,
+) -> None:
+    """The images the model gets most wrong (highest loss): true and predicted class, probability, Grad-CAM heat map.
+
+    Example: cnnxfer inspect errors test_photos/ --weights runs/photos --top 16
+    """
+    _inspect("worst:run_errors", "errors", data=data, weights=weights, model=model, top=top, layer=layer, max_images=max_images,
+             img_size=img_size, batch_size=batch_size, num_workers=workers, out=out, device=device, precision=precision,
+             overwrite=overwrite)
+
+
+@app.command("report")
+@handle_errors
+def report_page(
+    run_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="A cnnxfer run directory (from finetune or train).")],
+    data: Annotated[Optional[Path], typer.Option("--data", exists=True, help="Labelled images for errors, embedding and invariance (default: the run's validation images, if its data folder is still there).")] = None,
+    max_images: Annotated[Optional[int], typer.Option("--max-images", min=3, help="Use at most this many images (default 500), evenly across classes.")] = None,
+    batch_size: BatchSize = _default(_I, "batch_size"), workers: Workers = None, device: Device = "auto",
+    precision: PrecisionOpt = cfg.Precision.auto, overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report.html.")] = False,
+) -> None:
+    """One offline page, RUN_DIR/report.html: summary, curves, confusion matrix, per-class table, worst errors, filters, embedding, invariance.
+
+    Images and tables are files beside it (RUN_DIR/report_files/), linked relatively: no network, no server.
+    Example: cnnxfer report runs/photos --data test_photos/
+    """
+    from . import report
+    from .inspect import page
+
+    config = cfg.InspectConfig(weights=str(run_dir), data=data, max_images=max_images, batch_size=batch_size,
+                               num_workers=workers, device=device, precision=precision, overwrite=overwrite)
+    with report.status("report") as progress:
+        result = page.write_report(config, progress)
+    report.page_summary(result)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

@@ -74,9 +74,26 @@ def _coerce(config) -> None:
                 raise UsageError(f"{f.name} '{value}' is not one of {', '.join(e.value for e in enum)}") from None
         elif Path in args and isinstance(value, str):
             value = Path(value)
-        elif f.name in ("layers", "only") and isinstance(value, (list, str)):
-            value = tuple(value.split(",")) if isinstance(value, str) else tuple(value)
+        elif f.name in ("layers", "only", "transforms") and isinstance(value, (list, str)):
+            value = tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else tuple(value)
+        elif f.name == "units" and isinstance(value, (list, str)):
+            value = _parse_units(value)
         object.__setattr__(config, f.name, value)
+
+
+def _parse_units(value) -> tuple[int, ...]:
+    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+    try:
+        units = tuple(int(v) for v in items)
+    except ValueError:
+        from .errors import UsageError
+
+        raise UsageError(f"--units takes unit (channel) numbers separated by commas, e.g. 0,3,7; got '{value}'") from None
+    if any(u < 0 for u in units):
+        from .errors import UsageError
+
+        raise UsageError(f"--units must be 0 or more; got '{value}'")
+    return units
 
 
 def to_dict(config) -> dict:
@@ -330,6 +347,69 @@ class SanityConfig:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     json_path: Path | None = None
     out_dir: Path | None = None  # where lr_find.png and the skipped list go (default: beside --json or cwd)
+
+    def __post_init__(self):
+        _coerce(self)
+
+
+class Method(str, Enum):
+    pca = "pca"
+    tsne = "tsne"
+    both = "both"
+
+
+class FilterScale(str, Enum):
+    filter = "filter"  # each filter to its own largest |weight|: every filter's shape shows
+    layer = "layer"  # one scale for the layer: filter magnitudes compare
+
+
+INVARIANCE_TRANSFORMS = ("hflip", "vflip", "scale", "rot90")
+
+
+@dataclass(frozen=True)
+class InspectConfig:
+    """`cnnxfer inspect ...` and `cnnxfer report`: which model, which images, where the views go,
+    and every view's options (each view reads the fields it needs)."""
+
+    model: str | None = None
+    weights: str | None = None  # a run directory, a weights file, hub or none
+    data: Path | None = None  # images (class folders, flat folder or CSV manifest)
+    out: Path | None = None  # None: <run dir>/inspect/<view> for a run directory, else inspect/<view>
+    img_size: int | None = None
+    batch_size: int = 64
+    max_images: int | None = None  # None: the view's own default (all images for patches, errors, layers)
+    num_workers: int | None = None
+    device: str = "auto"
+    precision: Precision = Precision.auto  # forward passes over images; gradients are always fp32
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    overwrite: bool = False
+    seed: int = 0
+    # filters
+    compare: str | None = None  # other weights of the same architecture (before fine-tuning)
+    filter_scale: FilterScale = FilterScale.filter
+    # patches (and class-model's --layer/--unit)
+    layer: str | None = None
+    units: tuple[int, ...] = ()  # empty: the first `max_units`
+    max_units: int = 8
+    top: int = 8
+    # class-model
+    class_name: str | None = None
+    unit: int | None = None
+    steps: int = 200
+    lr: float = 0.05
+    l2: float = 1e-3  # lambda in S_c(I) - lambda ||I||^2, on the normalised input
+    jitter: int = 4  # pixels of random shift per step (scaled to the input size)
+    blur_every: int = 4  # a light Gaussian blur every this many steps (0: never)
+    # embedding
+    features: Path | None = None  # a Parquet file from `cnnxfer extract` instead of DATA + weights
+    method: Method = Method.both
+    perplexity: float = 30.0
+    knn: int = 5
+    thumbnails: int = 120
+    # invariance
+    threshold: float = 0.9
+    layers: tuple[str, ...] = ()  # empty: the model's stages
+    transforms: tuple[str, ...] = INVARIANCE_TRANSFORMS
 
     def __post_init__(self):
         _coerce(self)

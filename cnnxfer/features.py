@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import torch
 
 from . import checkpoint, data, device as dev, distributed, loader as loaders, models
+from .activations import Activations
 from .preprocess import Preprocess
 from .config import ExtractConfig, to_dict
 from .errors import DataError, OutputExistsError, StrictModeError
@@ -65,7 +66,11 @@ def skipped_path(out: Path) -> Path:
 
 
 class Embedder:
-    """Model + options -> {column: (N, D) float32 features} for a batch of uint8 images."""
+    """Model + options -> {column: (N, D) float32 features} for a batch of uint8 images.
+
+    The `--layers` hooks are registered once, for every batch; `close()` (or a `with` block)
+    removes them.
+    """
 
     def __init__(self, model: torch.nn.Module, layers: list[str], pool: str | None, tta: str,
                  runtime: dev.Runtime, preprocess: Preprocess):
@@ -73,6 +78,17 @@ class Embedder:
         self.layer_pool = pool or "avg"
         self.device, self.dtype, self.channels_last = runtime.device, runtime.dtype, runtime.channels_last
         self.normalize = preprocess.normalizer().to(runtime.device)
+        self.taps = Activations(model, layers) if layers else None
+
+    def close(self) -> None:
+        if self.taps is not None:
+            self.taps.close()
+
+    def __enter__(self) -> "Embedder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -86,16 +102,13 @@ class Embedder:
         return out
 
     def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        taps = models.LayerTaps(self.model, self.layers) if self.layers else None
-        try:
-            with dev.autocast(self.device, self.dtype):
-                final = models.pre_logits(self.model, x)
-            out = {column_name(None): final.float().flatten(1)}
+        with dev.autocast(self.device, self.dtype):
+            final = models.pre_logits(self.model, x)
+        out = {column_name(None): final.float().flatten(1)}
+        if self.taps is not None:
             for layer in self.layers:
-                out[column_name(layer)] = models.pool_features(taps.outputs[layer].float(), self.layer_pool)
-        finally:
-            if taps:
-                taps.close()
+                out[column_name(layer)] = models.pool_features(self.taps.outputs[layer].float(), self.layer_pool)
+            self.taps.clear()
         return out
 
 
@@ -209,7 +222,7 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None) ->
         n_parts = -(-len(job.images) // config.part_size)
         mine = [p for p in range(n_parts) if p not in done and p % rank.world == rank.rank]
         resumed = sum(v["rows"] + len(v["skipped"]) for v in done.values())
-        with deferred_signals():
+        with deferred_signals(), job.embedder:  # the embedder's layer hooks come off at the end
             _run_parts(config, job, parts_dir, mine, runtime, resumed, progress if rank.is_main else None)
         distributed.barrier()  # every part written before rank 0 merges them
         if not rank.is_main:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
+from .activations import Activations
 from .check_result import FAIL, PASS, SKIP, CheckResult, _timed
 
 log = logging.getLogger(__name__)
@@ -298,7 +299,7 @@ def _summarise(rows) -> list[dict]:
 
 
 class _ActivationProbes:
-    """Zero leaf tensors added to each module's first input and its output through hooks.
+    """Zero leaf tensors added to each module's first input and its output (activations.Activations).
 
     dL/dprobe is the gradient with respect to that activation, and nudging one probe element
     perturbs exactly that activation, so both can be checked with finite differences. A separate
@@ -307,20 +308,17 @@ class _ActivationProbes:
 
     def __init__(self, model: nn.Module):
         self.probes: dict[tuple, torch.Tensor] = {}
-        self.order: list[str] = []
-        self.calls: dict[str, int] = {}
-        self.handles = []
-        for name, module in model.named_modules():
-            name = name or "<root>"
-            self.handles.append(module.register_forward_pre_hook(functools.partial(self._pre, name)))
-            self.handles.append(module.register_forward_hook(functools.partial(self._post, name)))
+        self.hooks = Activations(model, lambda name, module: True, keep=None, on_input=self._pre, on_output=self._post)
+
+    @property
+    def order(self) -> list[str]:
+        return self.hooks.order
 
     def reset(self):
-        self.calls = {}
+        self.hooks.clear()
 
     def remove(self):
-        for handle in self.handles:
-            handle.remove()
+        self.hooks.close()
 
     def _add(self, key, value):
         if not (torch.is_tensor(value) and value.is_floating_point()):
@@ -333,14 +331,10 @@ class _ActivationProbes:
     def _pre(self, name, module, args):
         if not args:
             return None
-        return (self._add((name, "in", self.calls.get(name, 0)), args[0]), *args[1:])
+        return (self._add((name, "in", self.hooks.calls.get(name, 0)), args[0]), *args[1:])
 
     def _post(self, name, module, args, output):
-        call = self.calls.get(name, 0)
-        self.calls[name] = call + 1
-        if name not in self.order:
-            self.order.append(name)
-        return self._add((name, "out", call), output)
+        return self._add((name, "out", self.hooks.calls[name] - 1), output)
 
 
 def _side_status(verdicts: list[str]) -> str:

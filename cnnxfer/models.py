@@ -1,5 +1,5 @@
 """Models and weights: timm names or `file.py:factory`, safe weight loading, heads, freezing,
-preprocessing, embeddings and intermediate-layer taps.
+preprocessing, embeddings and layer names (activations.py captures what layers compute).
 
 `--weights` takes one of: `hub` (timm's pretrained weights: download when online, the local
 cache offline), `none` (random initialisation), a `.safetensors` / `.pth` / `.pt` / `.bin` state
@@ -232,6 +232,25 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
         raise WeightsError(f"weights {source} do not fit the model; " + "; ".join(parts))
     model.load_state_dict(state, strict=False)
     return notes
+
+
+def weights_head_size(spec: str, path: Path) -> int | None:
+    """How many outputs the classifier in the weights file `path` has, for the architecture `spec`
+    (None when the file holds no classifier by that name). Reads shapes only where the format allows."""
+    names = classifier_names(build_architecture(spec, None))
+    keys = [f"{n}.weight" for n in names]
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                present = set(f.keys())
+                return next((int(f.get_slice(k).get_shape()[0]) for k in keys if k in present), None)
+        except Exception as exc:
+            raise WeightsError(f"corrupt weights file {path}: {exc}") from exc
+    state = read_weights_file(path)
+    return next((int(state[k].shape[0]) for k in keys if k in state), None)
 
 
 def model_num_classes(model: nn.Module) -> int | None:
@@ -468,13 +487,9 @@ def pre_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     names = classifier_names(model)
     if not names:
         raise ModelError("custom model has no nn.Linear classifier to take pre-logits features from")
-    captured = []
-    handle = model.get_submodule(names[0]).register_forward_pre_hook(lambda m, args: captured.append(args[0]))
-    try:
-        model(x)
-    finally:
-        handle.remove()
-    return captured[0].flatten(1)
+    from .activations import capture
+
+    return capture(model, x, names[:1], keep="input", detach=False)[names[0]].flatten(1)
 
 
 def available_layers(model: nn.Module) -> list[str]:
@@ -515,25 +530,6 @@ def pool_features(t: torch.Tensor, pool: str = "avg") -> torch.Tensor:
     if t.dim() == 3:
         return t.mean(dim=1) if pool == "avg" else t.amax(dim=1) if pool == "max" else 0.5 * (t.mean(1) + t.amax(1))
     return t.flatten(1)
-
-
-class LayerTaps:
-    """Forward hooks that keep the outputs of named modules during one forward pass."""
-
-    def __init__(self, model: nn.Module, layers: Sequence[str]):
-        self.outputs: dict[str, torch.Tensor] = {}
-        self._handles = [
-            model.get_submodule(name).register_forward_hook(self._keep(name)) for name in layers
-        ]
-
-    def _keep(self, name):
-        def hook(module, args, output):
-            self.outputs[name] = output[0] if isinstance(output, (tuple, list)) else output
-        return hook
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
 
 
 # ---------------------------------------------------------------- freezing

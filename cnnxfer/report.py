@@ -387,3 +387,281 @@ def save_lr_plot(details: dict, path) -> None:
     if ax.get_legend_handles_labels()[1]:  # an empty legend() warns on stderr
         ax.legend()
     _save_fig(fig, path)
+
+
+# ---------------------------------------------------------------- inspect: files
+
+def save_image(array, path):
+    """An (H, W, 3) uint8 array as a PNG, pixel for pixel, atomically."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from .checkpoint import atomic_path
+
+    with atomic_path(Path(path)) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG", optimize=True)
+    return Path(path)
+
+
+def save_table(rows, path):
+    """Rows (a list of dicts, or a dict of columns) as CSV, atomically."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), pd.DataFrame(rows).to_csv(index=False, float_format="%.6g"))
+    return Path(path)
+
+
+def save_json(obj, path):
+    from pathlib import Path
+
+    from .check_result import _jsonable
+    from .checkpoint import atomic_write_json
+
+    atomic_write_json(Path(path), _jsonable(obj))
+    return Path(path)
+
+
+def _save(fig, path):
+    from pathlib import Path
+
+    return _save_fig(fig, Path(path))
+
+
+def save_filters_comparison(result, path):
+    """The filter grids of --compare (before) and the inspected weights (after), side by side,
+    and the relative weight change per stage."""
+    fig = _figure((13, 4.2))
+    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.2]})
+    for ax, grid, title in ((axes[0], result.compare_grid, f"before: {_short(result.compare)}"),
+                            (axes[1], result.grid, f"after: {_short(result.weights)}")):
+        ax.imshow(grid, interpolation="nearest")
+        ax.set_title(title, fontsize=9), ax.axis("off")
+    changes = [c for c in result.changes if c["parameters"]]
+    axes[2].barh([c["stage"] for c in changes][::-1], [c["relative_change"] for c in changes][::-1], color="tab:blue")
+    axes[2].set_xlabel("relative weight change ||after - before|| / ||before||"), axes[2].grid(alpha=0.3, axis="x")
+    return _save(fig, path)
+
+
+def _short(text, width: int = 40) -> str:
+    text = str(text)
+    return text if len(text) <= width else "..." + text[-(width - 3):]
+
+
+def save_patches_figure(result, path):
+    """The patches grid (a row per unit, best first) with the unit numbers beside the rows."""
+    grid = result.grid()
+    fig = _figure((min(16, 1.0 + grid.shape[1] / 60), min(40, 0.6 + grid.shape[0] / 60)))
+    ax = fig.subplots()
+    ax.imshow(grid, interpolation="nearest")
+    row = grid.shape[0] / max(1, len(result.units))
+    ax.set_yticks([row * (k + 0.5) for k in range(len(result.units))], [f"unit {u}" for u in result.units])
+    ax.set_xticks([])
+    for side in ("top", "right", "bottom", "left"):
+        ax.spines[side].set_visible(False)
+    ax.set_title(f"{result.layer}: top {result.top} patches per unit (receptive field {result.field.label})", fontsize=9)
+    return _save(fig, path)
+
+
+def save_image_grid(images, captions, path, cols: int = 5):
+    """Images with a caption under each (class models)."""
+    import math
+
+    n = len(images)
+    cols = min(cols, n)
+    rows = math.ceil(n / cols)
+    fig = _figure((2.2 * cols, 2.5 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < n:
+            ax.imshow(images[k], interpolation="nearest")
+            ax.set_title(captions[k], fontsize=8)
+    return _save(fig, path)
+
+
+def save_embedding_map(result, path):
+    """Each method's 2-D map, points coloured by label, thumbnails spread over the last map."""
+    import numpy as np
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    methods = list(result.coords)
+    fig = _figure((7 * len(methods), 6.5))
+    axes = fig.subplots(1, len(methods), squeeze=False)
+    labels = np.asarray([str(l) for l in result.labels])
+    names = sorted(set(labels), key=lambda v: (len(v), v))
+    colours = {name: _colour(k, len(names)) for k, name in enumerate(names)}
+    for ax, method in zip(axes[0], methods):
+        xy = result.coords[method]
+        for name in names:
+            mask = labels == name
+            ax.scatter(xy[mask, 0], xy[mask, 1], s=8, color=colours[name], label=name, alpha=0.7)
+        knn = result.knn.get(method)
+        name = {"pca": "PCA", "tsne": "t-SNE"}.get(method, method)
+        ax.set_title(name + (f": {result.k}-NN accuracy {knn:.1%} in 2-D" if knn is not None else ""), fontsize=10)
+        ax.set_xticks([]), ax.set_yticks([])
+        if method == methods[-1]:
+            for i, thumb in result.thumbnails.items():
+                box = AnnotationBbox(OffsetImage(thumb, zoom=0.7), xy[i], frameon=True, pad=0.1,
+                                     bboxprops={"edgecolor": colours[labels[i]], "linewidth": 1.5})
+                ax.add_artist(box)
+    if len(names) <= 20:
+        axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, markerscale=2, frameon=False)
+    full = result.knn.get("full")
+    if full is not None:
+        fig.suptitle(f"{len(labels)} images; {result.k}-NN accuracy in the full {result.dim}-d space {full:.1%}", fontsize=10)
+    return _save(fig, path)
+
+
+def _colour(k: int, n: int):
+    import matplotlib
+
+    return matplotlib.colormaps["tab10" if n <= 10 else "tab20"](k % (10 if n <= 10 else 20))
+
+
+def save_invariance_chart(result, path):
+    """Per stage, the percentage of invariant units, one bar per transform."""
+    import numpy as np
+
+    fig = _figure((max(5, 1.2 * len(result.layers) + 2), 4))
+    ax = fig.subplots()
+    width = 0.8 / len(result.transforms)
+    x = np.arange(len(result.layers))
+    for k, t in enumerate(result.transforms):
+        values = [next(r["percent"] for r in result.table if r["stage"] == layer and r["transform"] == t) for layer in result.layers]
+        ax.bar(x + (k - (len(result.transforms) - 1) / 2) * width, values, width, label=t)
+    ax.set_xticks(x, result.layers, rotation=30, ha="right")
+    ax.set_ylabel(f"% of units with r >= {result.threshold:g}"), ax.set_ylim(0, 100), ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    ax.set_title(f"invariance over {result.images} images", fontsize=10)
+    return _save(fig, path)
+
+
+def save_errors_figure(result, path, cols: int = 4):
+    """The worst images, each beside its Grad-CAM heat map, captioned true / predicted / p."""
+    import math
+
+    n = len(result.rows)
+    cols = min(cols, n)
+    rows = math.ceil(n / cols)
+    fig = _figure((3.2 * cols, 1.9 * rows + 0.3))
+    axes = fig.subplots(rows, 2 * cols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k, (row, picture, cam) in enumerate(zip(result.rows, result.pictures, result.heatmaps)):
+        left, right = axes[k // cols][2 * (k % cols)], axes[k // cols][2 * (k % cols) + 1]
+        left.imshow(picture, interpolation="nearest")
+        right.imshow(picture, interpolation="nearest")
+        right.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
+        left.set_title(f"true {row['true']} / pred {row['predicted']}\np={row['probability']:.2f} loss {row['loss']:.2f}",
+                       fontsize=7, color="black" if row["correct"] else "firebrick")
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- inspect: summaries
+
+def _files_row(result) -> tuple:
+    return ("files", ", ".join(str(f) for f in result.files))
+
+
+def filters_summary(r) -> None:
+    rows = [("layer", f"{r.layer} {tuple(r.weight_shape)}"), ("scale", r.scale), ("weights", r.weights)]
+    if r.compare:
+        rows.append(("compared with", r.compare))
+        rows += [(f"change {c['stage']}", f"{c['relative_change']:.3g}") for c in r.changes if c["parameters"]]
+    show(table("inspect filters", rows + [_files_row(r)]))
+
+
+def patches_summary(r) -> None:
+    t = Table(title=f"inspect patches: {r.layer}, receptive field {r.field.label}, {r.images} images", title_justify="left")
+    for col in ("unit", "best activation", "top images (classes)"):
+        t.add_column(col)
+    for unit in r.units:
+        best = [x for x in r.rows if x["unit"] == unit]
+        t.add_row(str(unit), f"{best[0]['activation']:.3g}" if best else "-",
+                  ", ".join(str(x["label"]) for x in best if x["label"] is not None) or "-")
+    show(t)
+    info_line(", ".join(str(f) for f in r.files))
+
+
+def class_model_summary(r) -> None:
+    t = Table(title="inspect class-model", title_justify="left")
+    for col in ("target", "score", "predicted", "probability"):
+        t.add_column(col)
+    for k, (target, score, pred) in enumerate(zip(r.targets, r.scores, r.predicted)):
+        t.add_row(target, f"{score:.3g}", pred, f"{r.probabilities[k]:.3f}" if r.probabilities else "-")
+    show(t)
+    info_line(", ".join(str(f) for f in r.files))
+
+
+def embedding_summary(r) -> None:
+    rows = [("images", f"{len(r.paths):,}"), ("features", f"{r.dim}-d from {r.source}")]
+    names = {"full": "full space", "pca": "PCA map", "tsne": "t-SNE map"}
+    rows += [(f"{r.k}-NN accuracy ({names.get(m, m)})", "-" if v is None else f"{v:.1%}") for m, v in r.knn.items()]
+    show(table("inspect embedding", rows + [_files_row(r)]))
+
+
+def invariance_summary(r) -> None:
+    t = Table(title=f"inspect invariance: units with r >= {r.threshold:g} over {r.images} images (count, %)",
+              title_justify="left")
+    t.add_column("stage")
+    for tr in r.transforms:
+        t.add_column(tr, justify="right")
+    for layer in r.layers:
+        cells = [next(x for x in r.table if x["stage"] == layer and x["transform"] == tr) for tr in r.transforms]
+        t.add_row(f"{layer} ({cells[0]['units']})", *[f"{c['invariant']} ({c['percent']:.0f}%)" for c in cells])
+    show(t)
+    if r.scale_mode == "pad":
+        note("the model takes one input size only: for 'scale' the smaller image was centred on the mean colour")
+    info_line(", ".join(str(f) for f in r.files))
+
+
+def layers_summary(r) -> None:
+    t = Table(title=f"inspect layers: input {'x'.join(map(str, r.input_size))}"
+              + (f", dead units over {r.images} images" if r.images else ""), title_justify="left")
+    for col in ("stage", "output", "stride", "receptive field", "parameters", "FLOPs", "dead units"):
+        t.add_column(col, justify="left" if col in ("stage", "output") else "right")
+    for row in r.rows:
+        dead = row["dead_fraction"]
+        t.add_row(row["stage"], row["output_shape"], row["stride"], row["receptive_field"], f"{row['parameters']:,}",
+                  _flops(row["flops"]), "-" if dead is None else f"{dead:.1%}")
+    show(t)
+    info_line(", ".join(str(f) for f in r.files))
+
+
+def _flops(value: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return str(value)
+
+
+def errors_summary(r) -> None:
+    t = Table(title=f"inspect errors: accuracy {r.accuracy:.1%}, {r.mistakes} wrong of {r.images}; heat maps at {r.layer}",
+              title_justify="left")
+    for col in ("image", "true", "predicted", "p", "loss"):
+        t.add_column(col, overflow="fold")
+    for row in r.rows:
+        t.add_row(row["path"], row["true"], row["predicted"], f"{row['probability']:.3f}", f"{row['loss']:.3g}")
+    show(t)
+    info_line(", ".join(str(f) for f in r.files))
+
+
+def page_summary(r) -> None:
+    for message in r.notes:
+        warn(message)
+    rows = [("page", r.path), ("sections", ", ".join(r.sections)),
+            ("images", f"{r.images:,} from {r.data}" if r.data else "none (no --data, and the run's data folder is gone)"),
+            ("time", f"{r.seconds:.1f} s")]
+    show(table("report", rows))
+
+
+def skipped_images(skipped) -> None:
+    """One warning for the images no pass could read (each view lists them in its skipped.csv)."""
+    if skipped:
+        path, reason = skipped[0]
+        warn(f"{len(skipped)} unreadable image(s) skipped and listed in skipped.csv, e.g. {path}: {reason}")

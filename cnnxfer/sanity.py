@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .activations import Activations
 from .check_result import ERROR, FAIL, PASS, SKIP, WARN, CheckResult, _model_device, _restored, _timed, _to_model
 from .device import autocast
 from .errors import CnnxferError, UsageError
@@ -108,16 +109,12 @@ def check_gradient_flow(model, x, y) -> CheckResult:
 def _flow_pass(model, x, y, owners) -> tuple[float, list[dict], dict[str, float]]:
     """One train-mode forward/backward: loss, per-layer norms, dead fraction per ReLU."""
     counts: dict[str, list[int]] = {}
-    handles = [m.register_forward_hook(functools.partial(_count_dead, counts, name))
-               for name, m in model.named_modules() if _is_relu_like(m)]
-    try:
-        with _restored(model, buffers=True):  # train-mode BatchNorm updates running stats
-            model.train()
-            loss = F.cross_entropy(model(x), y)
-            grads = torch.autograd.grad(loss, [p for _, p in owners], allow_unused=True)
-    finally:
-        for handle in handles:
-            handle.remove()
+    relus = Activations(model, lambda name, m: _is_relu_like(m), keep=None,
+                        on_output=functools.partial(_count_dead, counts))
+    with relus, _restored(model, buffers=True):  # train-mode BatchNorm updates running stats
+        model.train()
+        loss = F.cross_entropy(model(x), y)
+        grads = torch.autograd.grad(loss, [p for _, p in owners], allow_unused=True)
     dead = {name: d / max(total, 1) for name, (d, total) in counts.items()}
     return loss.item(), _layer_norms(owners, grads), dead
 
@@ -287,18 +284,14 @@ def _activation_bytes(model, x, device, dtype) -> int:
     """Bytes of all leaf-module outputs in one forward: what training keeps for the backward."""
     total = [0]
 
-    def add(module, args, output):
+    def add(name, module, args, output):
         for t in output if isinstance(output, (tuple, list)) else (output,):
             if torch.is_tensor(t):
                 total[0] += t.numel() * t.element_size()
 
-    handles = [m.register_forward_hook(add) for m in model.modules() if not list(m.children())]
-    try:
-        with autocast(device, dtype):
-            model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
+    leaves = Activations(model, lambda name, m: not list(m.children()), keep=None, on_output=add)
+    with leaves, autocast(device, dtype):
+        model(x)
     return total[0]
 
 

@@ -6,7 +6,8 @@ so you can type the same against your own folders.
     python examples/demo.py --quick    # a short version (used by the tests)
 
 Task: a network learns digits 0-4 from all their images (the "pretraining"), then must learn
-digits 5-9 from only a few labelled images each; the rest of 5-9 is held out for testing. Which
+digits 5-9 from only a few labelled images each; the rest of 5-9 is held out for testing (and
+`cnnxfer report` writes a page on what the digits 0-4 network learned). Which
 few images you happen to label moves the accuracy of every method by several points, so the
 target task is repeated over several random draws of them and the table gives the mean and range.
 """
@@ -102,6 +103,10 @@ def main(argv=None) -> int:
     print("\n== level 3: train from scratch on digits 0-4 (the 'pretraining' task) ==")
     t = cnnxfer("train", str(source), "--epochs", str(plan["source_epochs"]), "--out", str(runs / "source"), *common)
     results.append(_row("digits 0-4", "level 3: train from scratch", n_source, [_val_accuracy(runs / "source")], [t], "val split"))
+
+    print("\n== what did it learn? one offline page: curves, errors with heat maps, filters, embedding, invariance ==")
+    cnnxfer("report", str(runs / "source"), "--overwrite")
+    print(f"open {runs / 'source' / 'report.html'} in a browser")
 
     per_method: dict[str, tuple[list, list]] = {}
 

@@ -29,3 +29,18 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# A small CNN for digits (32 px): three conv stages, max pooling, a linear head. A custom module
+# for `--model FILE:build`, quick to train in a test (~97% validation accuracy in 6 epochs).
+DIGITS_NET = '''
+from torch import nn
+
+
+def build(num_classes):
+    def stage(c_in, c_out):
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU())
+
+    return nn.Sequential(stage(3, 16), nn.MaxPool2d(2), stage(16, 32), nn.MaxPool2d(2), stage(32, 64),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
+'''

@@ -39,18 +39,30 @@ def _offline_env(tmp_path: Path, offline: bool) -> dict:
 
 # ---------------------------------------------------------------- help
 
+def _all_commands(group, prefix=()) -> list[tuple[tuple[str, ...], object]]:
+    """(words, command) for every command and group, sub-commands (`inspect filters`) included."""
+    out = []
+    for name, command in group.commands.items():
+        out.append(((*prefix, name), command))
+        if hasattr(command, "commands"):
+            out += _all_commands(command, (*prefix, name))
+    return out
+
+
 def test_every_command_has_help_with_an_example(cli_runner):
-    commands = _commands()
-    assert {"info", "extract"} <= set(commands)
+    commands = _all_commands(typer.main.get_command(app))
+    names = {" ".join(words) for words, _ in commands}
+    assert {"info", "extract", "report", "inspect", "inspect filters", "inspect errors"} <= names
     top = cli_runner.invoke(app, ["--help"])
     assert top.exit_code == 0
-    for name, command in commands.items():
-        assert name in top.stdout
-        result = cli_runner.invoke(app, [name, "--help"])
-        assert result.exit_code == 0, (name, result.output)
+    for words, command in commands:
+        parent = cli_runner.invoke(app, [*words[:-1], "--help"])
+        assert words[-1] in parent.stdout, words
+        result = cli_runner.invoke(app, [*words, "--help"])
+        assert result.exit_code == 0, (words, result.output)
         first_line = (command.help or "").strip().splitlines()[0]
-        assert len(first_line) > 20 and first_line[:30] in " ".join(result.stdout.split()), name
-        assert "Example: cnnxfer " + name in " ".join(result.stdout.split()), name
+        assert len(first_line) > 20 and first_line[:30] in " ".join(result.stdout.split()), words
+        assert "Example: cnnxfer " + " ".join(words) in " ".join(result.stdout.split()), words
 
 
 HEAVY = ("torch", "numpy", "PIL", "pandas", "pyarrow", "matplotlib", "timm")

@@ -30,8 +30,12 @@ def _row(results, method_prefix, task="digits 5-9"):
 def test_demo_prints_the_table_and_the_commands(demo):
     out, stdout, results = demo
     assert "test accuracy" in stdout and "labelled images" in stdout
-    for command in ("$ cnnxfer train", "$ cnnxfer extract", "$ cnnxfer finetune", "$ cnnxfer evaluate", "$ cnnxfer sanity-check"):
+    for command in ("$ cnnxfer train", "$ cnnxfer extract", "$ cnnxfer finetune", "$ cnnxfer evaluate", "$ cnnxfer sanity-check",
+                    "$ cnnxfer report"):
         assert command in stdout
+    page = (out / "runs" / "source" / "report.html").read_text()
+    for section in ("Worst errors", "First-layer filters", "Embedding map", "Invariance"):
+        assert f"<h2>{section}" in page
     assert {r["task"] for r in results} == {"digits 0-4", "digits 5-9", "textures"}
     assert all(0.0 <= r["test_accuracy"] <= 1.0 and r["seconds"] > 0 for r in results)
 

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cnnxfer import checkpoint, models
+from cnnxfer.activations import Activations
 from cnnxfer.errors import ModelError, UsageError, WeightsError
 
 CUSTOM_MODEL = """
@@ -357,10 +358,10 @@ def test_set_global_pool_keeps_the_trained_classifier(resnet10t_weights):
         assert torch.allclose(models.pre_logits(model, x), model.forward_features(x).amax(dim=(2, 3)), atol=1e-6)
 
 
-def test_layer_taps_match_forward_intermediates():
+def test_activations_match_forward_intermediates():
     torch.manual_seed(0)
     model = timm.create_model("test_efficientnet").eval()
-    taps = models.LayerTaps(model, ["blocks.1", "blocks.3"])
+    taps = Activations(model, ["blocks.1", "blocks.3"])
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         model(x)
