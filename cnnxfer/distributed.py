@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -193,11 +194,19 @@ def relaunch(nproc: int, argv: Sequence[str]) -> int:
     try:
         run(args)
     except ChildFailedError as exc:
-        first = exc.failures[min(exc.failures)]  # the lowest rank that failed
-        return 128 - first.exitcode if first.exitcode < 0 else first.exitcode
+        return _first_failure(exc.failures)
     except SignalException as exc:  # Ctrl-C or SIGTERM to the launcher: the workers had it too
         return 128 + int(exc.sigval)
     return 0
+
+
+def _first_failure(failures: dict) -> int:
+    """The exit code that names what went wrong: the lowest rank that failed on its own. When one
+    rank fails the launcher stops the others with SIGTERM (-15, or 143 from our own handler), and
+    which ranks it caught first is a race: those are the fallback, not the answer."""
+    codes = {rank: (128 - f.exitcode if f.exitcode < 0 else f.exitcode) for rank, f in failures.items()}
+    own = [rank for rank, code in codes.items() if code != 128 + signal.SIGTERM]
+    return codes[min(own or codes)]
 
 
 def without_option(argv: Sequence[str], name: str) -> list[str]:

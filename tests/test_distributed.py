@@ -252,6 +252,17 @@ def test_linear_with_cached_features_over_two_processes(tmp_path, odd_colours, t
     assert list(_metrics(tmp_path / "two")["epoch"]) == [1, 2, 3]
 
 
+def test_exit_code_is_the_rank_that_failed_not_the_one_the_launcher_stopped():
+    from types import SimpleNamespace as F
+
+    # rank 1 failed with 2; the launcher then stopped rank 0 (SIGTERM), which can be seen first
+    assert distributed._first_failure({0: F(exitcode=143), 1: F(exitcode=2)}) == 2
+    assert distributed._first_failure({0: F(exitcode=-15), 1: F(exitcode=2)}) == 2
+    assert distributed._first_failure({0: F(exitcode=2), 1: F(exitcode=1)}) == 2
+    assert distributed._first_failure({1: F(exitcode=-9), 0: F(exitcode=-15)}) == 137
+    assert distributed._first_failure({0: F(exitcode=143), 1: F(exitcode=143)}) == 143
+
+
 def test_batch_that_does_not_divide_is_refused_with_exit_2(tmp_path, odd_colours, net):
     cmd = [sys.executable, "-m", "cnnxfer", *map(str, _fit_args("train", odd_colours, tmp_path / "r", "--model", net,
                                                                  "--batch-size", "7", "--nproc", "2"))]
