@@ -5,6 +5,7 @@ import contextlib
 from typing import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -13,16 +14,17 @@ err_console = Console(stderr=True)
 
 
 def error(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # messages are text, not markup: "pip install 'cnnxfer[export]'" or a path like "photos [2]" must print as is
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def note(message: str) -> None:
     """Something about a run worth knowing (a choice made for the user, a hint), on stderr."""
-    err_console.print(f"[cyan]note:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[cyan]note:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def info_line(message: str) -> None:
@@ -186,7 +188,7 @@ def fit_progress() -> Iterator[tuple]:
         progress.console.print(epoch_line(row, epochs), markup=False, highlight=False, soft_wrap=True)
 
     def on_message(message: str) -> None:
-        progress.console.print(f"[cyan]note:[/] {message}", highlight=False, soft_wrap=True)
+        progress.console.print(f"[cyan]note:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
     with progress:
         yield on_batch, on_epoch, on_message, on_start
