@@ -971,7 +971,7 @@ def _resumable_run(run_dir: Path) -> dict:
 
 def finish_run(run: _Run, best: dict) -> dict:
     """Reload the best weights, evaluate them on the validation set and write the reports."""
-    from . import checkpoint, evaluate as ev
+    from . import checkpoint, metrics
 
     state = models.read_weights_file(run.run_dir / checkpoint.MODEL_FILE)
     run.model.load_state_dict(state)
@@ -979,8 +979,8 @@ def finish_run(run: _Run, best: dict) -> dict:
                                         run.normalizer)
     final = {}
     if len(targets):  # --val-split 0: nothing to report on
-        result = ev.summarize(probs, targets, run.classes, stats.loss)
-        ev.save_reports(run.run_dir, result)
+        result = metrics.summarize(probs.numpy(), targets.numpy(), run.classes, stats.loss)
+        metrics.save_reports(run.run_dir, result)
         final = {"final_val_accuracy": result.accuracy, "final_val_loss": result.loss}
     run.write_config(best, final or None, status="finished")
     return final

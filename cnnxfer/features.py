@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import torch
 
 from . import checkpoint, data, device as dev, loader as loaders, models
+from .predictor import flip_average
 from .preprocess import Preprocess
 from .config import ExtractConfig, to_dict
 from .errors import DataError, OutputExistsError, StrictModeError
@@ -74,11 +75,9 @@ class Embedder:
         x = self.normalize(images.to(self.device, non_blocking=True))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = self._forward(x)
         if self.tta == "flip":
-            flipped = self._forward(torch.flip(x, dims=[3]))
-            out = {k: 0.5 * (v + flipped[k]) for k, v in out.items()}
-        return out
+            return flip_average(self._forward, x)
+        return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         taps = models.LayerTaps(self.model, self.layers) if self.layers else None
