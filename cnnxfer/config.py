@@ -49,6 +49,11 @@ class CacheImages(str, Enum):
     off = "off"
 
 
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+    torchscript = "torchscript"
+
+
 class Balance(str, Enum):
     none = "none"
     loss = "loss"
@@ -285,6 +290,27 @@ class SanityConfig:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     json_path: Path | None = None
     out_dir: Path | None = None  # where lr_find.png and the skipped list go (default: beside --json or cwd)
+
+    def __post_init__(self):
+        _coerce(self)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """`cnnxfer export`: a run directory (or a model and its weights) to an ONNX or TorchScript file."""
+
+    run_dir: Path | None = None  # a cnnxfer run directory: model, weights, classes and preprocessing
+    format: ExportFormat = ExportFormat.onnx
+    out: Path | None = None  # None: model.onnx / model.pt in the current folder
+    model: str | None = None  # without a run directory: a timm name or file.py:factory ...
+    weights: str | None = None  # ... its weights (a file, hub or none) ...
+    classes: Path | None = None  # ... a text file with one class name per line (default: 0..C-1) ...
+    img_size: int | None = None  # ... and the input size (default: the model's own)
+    data: Path | None = None  # images to verify on (default: the run's data folder)
+    half: bool = False  # fp16 for GPUs (needs CUDA)
+    tolerance: float | None = None  # max abs logit difference to PyTorch (None: 1e-3 in fp32, 5e-2 in fp16)
+    overwrite: bool = False
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     def __post_init__(self):
         _coerce(self)

@@ -1,7 +1,8 @@
-"""`predict` and `evaluate`: a model behind the Predictor interface over a folder of images.
+"""`predict` and `evaluate`: any model behind the Predictor interface over a folder of images.
 
-A run directory runs in PyTorch (predictor.TorchPredictor), through the one batch loop
-(predictor.predict_images) and the numpy metrics (metrics.py).
+A run directory runs in PyTorch (predictor.TorchPredictor); a file written by `cnnxfer export`
+runs in onnxruntime or TorchScript (export.py) with the preprocessing it carries. Both go through
+the same batch loop (predictor.predict_images) and the same numpy metrics (metrics.py).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from .errors import DataError, StrictModeError, UsageError
 from .metrics import Evaluation, log_loss, softmax, summarize
 from .predictor import Predictor, TorchPredictor, predict_images
 
-WEIGHTS_HELP = "a cnnxfer run directory (from finetune or train)"
+WEIGHTS_HELP = "a cnnxfer run directory (from finetune or train) or a file from `cnnxfer export` (.onnx, TorchScript)"
 
 
 @dataclass
@@ -36,16 +37,20 @@ class Predictions:
 
 
 def load_predictor(weights: str, *, device: str = "auto", precision: str = "auto", tta: str = "none") -> Predictor:
-    """The Predictor for `--weights`: a run directory in PyTorch."""
+    """The Predictor for `--weights`: a run directory in PyTorch, an exported file in its runtime."""
     if checkpoint.is_run_dir(weights):
         return TorchPredictor.from_run(weights, dev.resolve_runtime(device, precision, 0), tta)
+    from . import export
+
+    if export.is_exported(weights):
+        return export.load_predictor(Path(weights), device=device, precision=precision, tta=tta)
     raise UsageError(f"--weights {weights} must be {WEIGHTS_HELP}")
 
 
 def predict(images: data.ImageList, weights: str, *, device: str = "auto", precision: str = "auto",
             batch_size: int = 64, num_workers: int | None = None, tta: str = "none", progress=None,
             max_image_pixels: int = data.DEFAULT_MAX_IMAGE_PIXELS) -> Predictions:
-    """Run a trained model (a run directory) over `images`."""
+    """Run a trained model (a run directory, or a file from `cnnxfer export`) over `images`."""
     start = time.perf_counter()
     if num_workers is not None and num_workers < 0:
         raise UsageError(f"--workers must be 0 or more (got {num_workers})")
@@ -59,12 +64,16 @@ def predict(images: data.ImageList, weights: str, *, device: str = "auto", preci
 
 
 def model_classes(weights: str) -> list[str]:
-    """The class names of `--weights` (a run directory), read without loading it."""
+    """The class names of `--weights` (a run directory or an exported file), read without loading it."""
     if checkpoint.is_run_dir(weights):
         classes = checkpoint.load_run_config(Path(weights)).get("classes") or []
         if not classes:
             raise UsageError(f"{weights}/config.json lists no classes")
         return classes
+    from . import export
+
+    if export.is_exported(weights):
+        return export.read_info(Path(weights)).classes
     raise UsageError(f"--weights {weights} must be {WEIGHTS_HELP}")
 
 
@@ -152,7 +161,7 @@ def trained_on(images: data.ImageList, indices: list[int], weights: str) -> int:
 
     The run's training images are its data folder less the validation split, which is seeded and
     so can be drawn again from its config.json. 0 when that folder is gone or moved (a relative
-    path recorded from another working directory cannot be found either).
+    path recorded from another working directory cannot be found either), and for an exported file.
     """
     from .config import TrainConfig
     from .engine import split_data

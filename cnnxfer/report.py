@@ -327,8 +327,33 @@ def predictions_summary(pred, out, skipped_file) -> None:
     rows = [("output", out), ("images", f"{len(pred.indices):,}"),
             ("skipped", f"{len(pred.skipped):,}" + (f" (listed in {skipped_file})" if pred.skipped else "")),
             ("predicted", ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))),
-            ("time", f"{pred.seconds:.1f} s on {pred.device}")]
+            ("time", f"{pred.seconds:.1f} s on {pred.device}" + (f" ({pred.backend})" if pred.backend != "pytorch" else ""))]
     show(table("predict", rows))
+
+
+def export_summary(result) -> None:
+    for message in result.notes:
+        note(message)
+    v, info = result.verification, result.info
+    c, h, w = info.input_size
+    rows = [
+        ("file", f"{result.out} ({result.bytes / 2**20:.1f} MiB)" + (f" + {result.sidecar}" if result.sidecar else "")),
+        ("format", result.format + (f", opset {info.opset}" if info.opset else "") + f", {info.precision}"),
+        ("input", f"images: uint8 (batch, {c}, {h}, {w}), RGB 0-255, normalised inside"),
+        ("output", f"logits: float32 (batch, {len(info.classes)})"),
+        ("classes", f"{len(info.classes)}: {', '.join(info.classes[:10])}{' ...' if len(info.classes) > 10 else ''}"),
+        ("preprocessing", f"resize {info.interpolation}, crop_pct {info.crop_pct:g} ({info.crop_mode}), "
+                          f"mean {_floats(info.mean)}, std {_floats(info.std)}"),
+        ("verified", f"{v.images} images from {v.source}, batch {' and '.join(map(str, v.batch_sizes))}"),
+        ("max |logit diff|", f"{v.max_abs_diff:.2e} (tolerance {v.tolerance:g}; logits up to {v.max_abs_logit:.3g})"),
+        ("top-1 agreement", f"{v.top1_agreement:.1%}"),
+        ("time", f"{result.seconds:.1f} s"),
+    ]
+    show(table("export", rows))
+
+
+def _floats(values) -> str:
+    return "(" + ", ".join(f"{x:.3f}" for x in values) + ")"
 
 
 @contextlib.contextmanager
