@@ -299,6 +299,10 @@ def _write_onnx(module: nn.Module, example: torch.Tensor, path: Path, info: Expo
     one its operator translations are written for; `info.opset` records it."""
     import onnx
 
+    size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    if size >= 2**31 - 2**24:  # protobuf's 2 GB, less room for the graph; weights beside the file are not written
+        raise ModelError(f"the model's weights take {size / 2**30:.1f} GiB, over the 2 GB an ONNX file can hold; "
+                         f"export --format torchscript")
     chatter = io.StringIO()  # on failure torch writes its whole traced graph to stderr: to the debug log instead
     try:
         with warnings.catch_warnings(), contextlib.redirect_stderr(chatter):
