@@ -10,10 +10,11 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "ExtractConfig": "config", "TrainConfig": "config", "SanityConfig": "config",
+    "ExtractConfig": "config", "TrainConfig": "config", "SanityConfig": "config", "ExportConfig": "config",
     "FitHooks": "training", "FitResult": "training", "fit": "training", "resume_config": "training",
     "CnnxferError": "errors",
     "evaluate_folder": "evaluate", "predict_folder": "evaluate",
+    "ExportResult": "export", "export_model": "export",
     "ExtractSummary": "features", "extract_features": "features", "read_features": "features",
     "load_model": "models",
     "Preprocess": "preprocess",

@@ -330,7 +330,7 @@ def train(
     _run_fit(ctx, values, resume)
 
 
-RunWeights = Annotated[str, typer.Option("--weights", "-w", help="A cnnxfer run directory (from finetune or train).")]
+RunWeights = Annotated[str, typer.Option("--weights", "-w", help="A cnnxfer run directory (from finetune or train), or a file from `cnnxfer export` (.onnx, TorchScript) with the preprocessing it carries.")]
 
 
 @app.command()
@@ -389,6 +389,40 @@ def evaluate(
                                     batch_size=batch_size, num_workers=workers, tta=tta.value, progress=progress,
                                     max_image_pixels=max_image_pixels)
     report.evaluation_summary(result)
+
+
+@app.command()
+@handle_errors
+def export(
+    run_dir: Annotated[Optional[Path], typer.Argument(exists=True, file_okay=False, metavar="RUN_DIR", help="A cnnxfer run directory (from finetune or train); or leave it out and give --model and --weights.")] = None,
+    fmt: Annotated[cfg.ExportFormat, typer.Option("--format", "-f", help="onnx (for onnxruntime and other ONNX runtimes; needs the export extra) or torchscript (torch.jit.load, no Python model code).")] = cfg.ExportFormat.onnx,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The file to write (default: model.onnx, or model.pt for torchscript, which also gets model.pt.json).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", exists=True, help="Images to verify the exported file on (default: the run's data folder; random images without one).")] = None,
+    tolerance: Annotated[Optional[float], typer.Option("--tolerance", help="Largest absolute logit difference to the PyTorch model allowed (default: 1e-3; 5e-2 with --half).")] = None,
+    half: Annotated[bool, typer.Option("--half", help="fp16 weights and compute, for GPUs: needs CUDA here (and onnxruntime-gpu to verify an ONNX file).")] = False,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Without RUN_DIR: a timm architecture or path/to/file.py:factory.")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", "-w", help="With --model: a .safetensors/.pth state dict, hub or none.")] = None,
+    classes: Annotated[Optional[Path], typer.Option("--classes", exists=True, dir_okay=False, help="With --model: a text file with one class name per line, in the order of the outputs (default: 0, 1, ...).")] = None,
+    img_size: Annotated[Optional[int], typer.Option("--img-size", help="With --model: the input size in pixels (default: the model's own).")] = None,
+    max_image_pixels: MaxPixels = DEFAULT_MAX_IMAGE_PIXELS,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+) -> None:
+    """Export a trained model to ONNX or TorchScript, verified against PyTorch, with its preprocessing.
+
+    The file takes uint8 RGB images (N, 3, H, W) and normalises inside; it carries the class names,
+    input size, mean/std, interpolation and crop, so `predict --weights FILE` needs nothing else.
+
+    Example: cnnxfer export runs/photos --format onnx --out photos.onnx
+    """
+    from . import export as exp, report
+
+    config = cfg.ExportConfig(run_dir=run_dir, format=fmt, out=out, model=model, weights=weights, classes=classes,
+                              img_size=img_size, data=data, half=half, tolerance=tolerance, overwrite=overwrite,
+                              max_image_pixels=max_image_pixels)
+    with report.status("export") as progress:
+        progress(f"{fmt.value}: export and verify")
+        result = exp.export_model(config)
+    report.export_summary(result)
 
 
 _S = cfg.SanityConfig.__dataclass_fields__

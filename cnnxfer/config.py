@@ -49,6 +49,11 @@ class CacheImages(str, Enum):
     off = "off"
 
 
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+    torchscript = "torchscript"
+
+
 class Balance(str, Enum):
     none = "none"
     loss = "loss"
@@ -251,11 +256,23 @@ def resumed_config(saved: "RunConfig", out: Path, given: dict | None = None) -> 
     return dataclasses.replace(run, **changes)
 
 
+def is_custom_spec(spec: str) -> bool:
+    """`file.py:factory` or `package.module:factory` name a user's model; anything else is timm."""
+    return ":" in spec
+
+
+def absolute_spec(spec: str | None) -> str | None:
+    """`file.py:factory` with the file's absolute path (what a run records, so that it resumes from
+    any folder); timm names and `package.module:factory` as they are."""
+    if spec is None or not is_custom_spec(spec):
+        return spec
+    target, _, name = spec.rpartition(":")
+    return f"{Path(target).resolve()}:{name}" if target.endswith(".py") else spec
+
+
 def _same(name: str, given, saved) -> bool:
     """Whether a given option is the run's own setting, however spelt (a relative path, say)."""
     if name == "model":
-        from .models import absolute_spec
-
         return absolute_spec(given) == absolute_spec(saved)
     paths = name == "out" or (name == "weights" and given not in ("hub", "none", None) and saved not in ("hub", "none", None))
     if paths:
@@ -410,6 +427,27 @@ class InspectConfig:
     threshold: float = 0.9
     layers: tuple[str, ...] = ()  # empty: the model's stages
     transforms: tuple[str, ...] = INVARIANCE_TRANSFORMS
+
+    def __post_init__(self):
+        _coerce(self)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """`cnnxfer export`: a run directory (or a model and its weights) to an ONNX or TorchScript file."""
+
+    run_dir: Path | None = None  # a cnnxfer run directory: model, weights, classes and preprocessing
+    format: ExportFormat = ExportFormat.onnx
+    out: Path | None = None  # None: model.onnx / model.pt in the current folder
+    model: str | None = None  # without a run directory: a timm name or file.py:factory ...
+    weights: str | None = None  # ... its weights (a file, hub or none) ...
+    classes: Path | None = None  # ... a text file with one class name per line (default: 0..C-1) ...
+    img_size: int | None = None  # ... and the input size (default: the model's own)
+    data: Path | None = None  # images to verify on (default: the run's data folder)
+    half: bool = False  # fp16 for GPUs (needs CUDA)
+    tolerance: float | None = None  # max abs logit difference to PyTorch (None: 1e-3 in fp32, 5e-2 in fp16)
+    overwrite: bool = False
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     def __post_init__(self):
         _coerce(self)

@@ -1,4 +1,9 @@
-"""Predictions, accuracy, confusion matrix and per-class report; `predict` and `evaluate` commands."""
+"""`predict` and `evaluate`: any model behind the Predictor interface over a folder of images.
+
+A run directory runs in PyTorch (predictor.TorchPredictor); a file written by `cnnxfer export`
+runs in onnxruntime or TorchScript (export.py) with the preprocessing it carries. Both go through
+the same batch loop (predictor.predict_images) and the same numpy metrics (metrics.py).
+"""
 from __future__ import annotations
 
 import os
@@ -8,69 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from . import checkpoint, data, device as dev, distributed, loader as loaders, models
-from .preprocess import Preprocess
-from .errors import StrictModeError, UsageError
+from . import checkpoint, data, device as dev, distributed
+from .errors import DataError, StrictModeError, UsageError
+from .metrics import Evaluation, log_loss, softmax, summarize
+from .predictor import Predictor, TorchPredictor, predict_images
 
-
-@dataclass
-class Evaluation:
-    accuracy: float
-    loss: float | None
-    classes: list[str]
-    confusion: np.ndarray  # rows: true class, columns: predicted class
-    report: pd.DataFrame  # class, precision, recall, f1, support
-    images: int = 0
-    skipped: int = 0
-    skipped_file: Path | None = None
-    data: Path | None = None  # the folder evaluated (DATA's val/ when DATA holds train/ and val/)
-    warnings: list[str] = field(default_factory=list)  # e.g. empty class folders
-    trained_on: int = 0  # images evaluated that the run trained on: the accuracy is optimistic
-
-    def to_dict(self) -> dict:
-        return {
-            "accuracy": self.accuracy, "loss": self.loss, "images": self.images, "skipped": self.skipped,
-            "data": str(self.data) if self.data else None, "trained_on": self.trained_on,
-            "classes": self.classes, "confusion_matrix": self.confusion.tolist(),
-            "per_class": self.report.to_dict(orient="records"),
-        }
-
-
-def confusion_matrix(preds: np.ndarray, targets: np.ndarray, num_classes: int) -> np.ndarray:
-    return np.bincount(targets * num_classes + preds, minlength=num_classes**2).reshape(num_classes, num_classes)
-
-
-def per_class_report(cm: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    """Precision, recall, F1 and support per class, plus macro and weighted averages."""
-    tp = np.diag(cm).astype(float)
-    support = cm.sum(1)
-    precision = np.divide(tp, cm.sum(0), out=np.zeros_like(tp), where=cm.sum(0) > 0)
-    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=(precision + recall) > 0)
-    df = pd.DataFrame({"class": classes, "precision": precision, "recall": recall, "f1": f1, "support": support})
-    w = support / max(support.sum(), 1)
-    averages = pd.DataFrame({
-        "class": ["macro avg", "weighted avg"],
-        "precision": [precision.mean(), (precision * w).sum()], "recall": [recall.mean(), (recall * w).sum()],
-        "f1": [f1.mean(), (f1 * w).sum()], "support": [support.sum(), support.sum()],
-    })
-    return pd.concat([df, averages], ignore_index=True)
-
-
-def summarize(probs: torch.Tensor, targets: torch.Tensor, classes: list[str], loss: float | None = None) -> Evaluation:
-    preds, y = probs.argmax(1).numpy(), targets.numpy()
-    cm = confusion_matrix(preds, y, len(classes))
-    return Evaluation(float((preds == y).mean()), loss, classes, cm, per_class_report(cm, classes), len(y))
-
-
-def save_reports(folder: Path, result: Evaluation, prefix: str = "") -> None:
-    """confusion_matrix.csv (rows true, columns predicted) and report.csv, atomically."""
-    cm = pd.DataFrame(result.confusion, index=result.classes, columns=result.classes)
-    cm.index.name = "true\\predicted"
-    checkpoint.atomic_write_text(Path(folder) / f"{prefix}confusion_matrix.csv", cm.to_csv())
-    checkpoint.atomic_write_text(Path(folder) / f"{prefix}report.csv", result.report.to_csv(index=False, float_format="%.4f"))
+WEIGHTS_HELP = "a cnnxfer run directory (from finetune or train) or a file from `cnnxfer export` (.onnx, TorchScript)"
 
 
 @dataclass
@@ -78,94 +27,72 @@ class Predictions:
     """Class probabilities for the readable images of a folder."""
 
     images: data.ImageList
-    probs: torch.Tensor
-    indices: torch.Tensor
+    probs: np.ndarray  # (N, C), rows in the order of `indices`
+    indices: np.ndarray  # index of each row's image in `images`
     classes: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     device: str = "cpu"
+    backend: str = "pytorch"
+
+
+def load_predictor(weights: str, *, device: str = "auto", precision: str = "auto", tta: str = "none") -> Predictor:
+    """The Predictor for `--weights`: a run directory in PyTorch, an exported file in its runtime."""
+    if checkpoint.is_run_dir(weights):
+        return TorchPredictor.from_run(weights, dev.resolve_runtime(device, precision, 0), tta)
+    from . import export
+
+    if export.is_exported(weights):
+        return export.load_predictor(Path(weights), device=device, precision=precision, tta=tta)
+    raise UsageError(f"--weights {weights} must be {WEIGHTS_HELP}")
 
 
 def predict(images: data.ImageList, weights: str, *, device: str = "auto", precision: str = "auto",
             batch_size: int = 64, num_workers: int | None = None, tta: str = "none", progress=None,
             max_image_pixels: int = data.DEFAULT_MAX_IMAGE_PIXELS) -> Predictions:
-    """Run a trained model (a run directory, or a model file with classes) over `images`."""
-    from .engine import evaluate as run_eval
-
+    """Run a trained model (a run directory, or a file from `cnnxfer export`) over `images`."""
     start = time.perf_counter()
-    runtime = dev.resolve_runtime(device, precision, num_workers)
-    if not checkpoint.is_run_dir(weights):
-        raise UsageError(f"--weights {weights} must be a cnnxfer run directory (from finetune or train)")
-    loaded = models.load_model(None, weights)
-    model = loaded.model.eval().to(runtime.device)
-    if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if tta == "flip":
-        model = _FlipAverage(model)
-    preprocess = Preprocess.from_data_config(loaded.data_config, max_pixels=max_image_pixels)
+    if num_workers is not None and num_workers < 0:
+        raise UsageError(f"--workers must be 0 or more (got {num_workers})")
+    predictor = load_predictor(weights, device=device, precision=precision, tta=getattr(tta, "value", tta))
     rank = distributed.current()  # under torchrun: this process's slice of every batch, then all gathered
-    loader = loaders.Loader(loaders.ImageDataset(images, preprocess), batch_size, threads=runtime.decode_threads,
-                            ahead=runtime.ahead, pin_memory=runtime.pin_memory,
-                            shard=(rank.rank, rank.world) if rank.enabled else None)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    stats, probs, _, indices = run_eval(model, _Progress(loader, progress, len(images), rank.world), loss_fn,
-                                        runtime.device, runtime.dtype, runtime.channels_last,
-                                        preprocess.normalizer().to(runtime.device))
-    probs, indices, skipped_at = _gathered(probs, indices, stats.skipped)
+    threads = dev.usable_cores() if num_workers is None else num_workers
+    out = predict_images(predictor, images, batch_size=batch_size, threads=threads, max_pixels=max_image_pixels,
+                         progress=progress, shard=(rank.rank, rank.world) if rank.enabled else None)
+    logits, indices, skipped_at = _gathered(out.logits, out.indices, out.skipped)
     skipped = [(str(images.paths[i]), reason) for i, reason in skipped_at]
-    return Predictions(images, probs, indices, loaded.classes, skipped, time.perf_counter() - start, str(runtime.device))
+    return Predictions(images, softmax(logits), indices, predictor.classes, skipped, time.perf_counter() - start,
+                       predictor.device, predictor.backend)
 
 
-class _FlipAverage(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
+def model_classes(weights: str) -> list[str]:
+    """The class names of `--weights` (a run directory or an exported file), read without loading it."""
+    if checkpoint.is_run_dir(weights):
+        from .config import RunConfig
 
-    def forward(self, x):
-        return 0.5 * (self.model(x) + self.model(torch.flip(x, dims=[3])))
+        classes = RunConfig.from_dict(checkpoint.load_run_config(Path(weights))).classes
+        if not classes:
+            raise UsageError(f"{weights}/config.json lists no classes")
+        return classes
+    from . import export
+
+    if export.is_exported(weights):
+        return export.read_info(Path(weights)).classes
+    raise UsageError(f"--weights {weights} must be {WEIGHTS_HELP}")
 
 
-def _gathered(probs: torch.Tensor, indices: torch.Tensor, skipped: list):
-    """Every process's predictions in image order, and every skipped image (one process: as they are)."""
+def _gathered(logits: np.ndarray, indices: np.ndarray, skipped: list):
+    """Every process's logits in image order, and every skipped image (one process: as they are)."""
     if not distributed.current().enabled:
-        return probs, indices, skipped
-    parts = distributed.all_gather((probs, indices, skipped))
+        return logits, indices, skipped
+    parts = distributed.all_gather((logits, indices, skipped))
     rows = [p for p in parts if len(p[1])]
     skipped = sorted(s for p in parts for s in p[2])
     if not rows:
-        return probs, indices, skipped
-    probs, indices = torch.cat([p[0] for p in rows]), torch.cat([p[1] for p in rows])
-    order = torch.argsort(indices)
-    return probs[order], indices[order], skipped
-
-
-class _Progress:
-    """Wrap a loader to report progress (rank 0's share counts for the whole job's under torchrun)."""
-
-    def __init__(self, loader, progress, total, scale: int = 1):
-        self.loader, self.progress, self.total, self.scale = loader, progress, total, scale
-
-    def __iter__(self):
-        done = 0
-        for batch in self.loader:
-            done += (len(batch.indices) + len(batch.skipped)) * self.scale
-            if self.progress:
-                self.progress(min(done, self.total), self.total)
-            yield batch
-
-    def __len__(self):
-        return len(self.loader)
-
-
-def run_classes(weights: str) -> list[str]:
-    if not checkpoint.is_run_dir(weights):
-        raise UsageError(f"--weights {weights} must be a cnnxfer run directory (from finetune or train)")
-    from .config import RunConfig
-
-    classes = RunConfig.from_dict(checkpoint.load_run_config(Path(weights))).classes
-    if not classes:
-        raise UsageError(f"{weights}/config.json lists no classes")
-    return classes
+        return logits, indices, skipped
+    logits, indices = np.concatenate([p[0] for p in rows]), np.concatenate([p[1] for p in rows])
+    order = np.argsort(indices, kind="stable")
+    return logits[order], indices[order], skipped
 
 
 def write_predictions(pred: Predictions, out: Path, top_k: int = 5) -> Path:
@@ -173,7 +100,8 @@ def write_predictions(pred: Predictions, out: Path, top_k: int = 5) -> Path:
     Parquet by the extension of `out`."""
     suffix = _check_out_suffix(out)
     k = max(1, min(top_k, len(pred.classes)))
-    top_p, top_i = pred.probs.topk(k, dim=1)
+    top_i = np.argsort(-pred.probs, axis=1, kind="stable")[:, :k]
+    top_p = np.take_along_axis(pred.probs, top_i, axis=1)
     rows = {"path": [str(pred.images.paths[i]) for i in pred.indices.tolist()]}
     if pred.images.labelled:
         rows["label"] = [pred.images.classes[pred.images.labels[i]] for i in pred.indices.tolist()]
@@ -206,7 +134,7 @@ def predict_folder(images_path: Path, weights: str, out: Path, *, top_k: int = 5
     """`cnnxfer predict`: top-k classes per image to CSV/Parquet, unreadable files listed beside it."""
     checkpoint.prepare_output(out, overwrite)
     _check_out_suffix(out)  # options first: a bad one is named before any image is read
-    run_classes(weights)
+    model_classes(weights)
     images = data.discover(images_path, labelled=None, classes=None)
     with distributed.session(dev.resolve_runtime(kwargs.get("device", "auto")).device.type) as rank:
         pred = predict(images, weights, **kwargs)
@@ -226,20 +154,17 @@ def evaluate_folder(data_path: Path, weights: str, *, json_path: Path | None = N
         skipped_path: where unreadable images are listed (default: beside `json_path`, else
             evaluate.skipped.csv in the current folder, like sanity-check's list).
     """
-    classes = run_classes(weights)
+    classes = model_classes(weights)
     split = data.find_split_folders(Path(data_path))
     if split and "train" not in classes:  # a train/ + val/ dataset, as finetune takes it: score val/
         data_path = split[1]
     images = data.discover(data_path, labelled=True, classes=classes)
     with distributed.session(dev.resolve_runtime(kwargs.get("device", "auto")).device.type) as rank:
         pred = predict(images, weights, **kwargs)
-    targets = torch.tensor([images.labels[i] for i in pred.indices.tolist()], dtype=torch.long)
+    targets = np.array([images.labels[i] for i in pred.indices.tolist()], dtype=np.int64)
     if len(targets) == 0:
-        from .errors import DataError
-
         raise DataError(f"{data_path}: no image could be read")
-    loss = float(torch.nn.functional.nll_loss(pred.probs.clamp_min(1e-12).log(), targets))
-    result = summarize(pred.probs, targets, classes, loss)
+    result = summarize(pred.probs, targets, classes, log_loss(pred.probs, targets))
     result.skipped, result.data, result.warnings = len(pred.skipped), Path(data_path), images.warnings
     result.trained_on = trained_on(images, pred.indices.tolist(), weights)
     if pred.skipped:
@@ -259,11 +184,13 @@ def trained_on(images: data.ImageList, indices: list[int], weights: str) -> int:
 
     The run's training images are its data folder less the validation split, which is seeded and
     so can be drawn again from its config.json. 0 when that folder is gone or moved (a relative
-    path recorded from another working directory cannot be found either).
+    path recorded from another working directory cannot be found either), and for an exported file.
     """
     from .config import RunConfig, TrainConfig
     from .recipe import split_data
 
+    if not checkpoint.is_run_dir(weights):
+        return 0
     saved = RunConfig.from_dict(checkpoint.load_run_config(Path(weights))).train_config
     if not saved.get("data") or not Path(saved["data"]).exists():
         return 0

@@ -26,6 +26,7 @@ import torch
 
 from . import checkpoint, data, device as dev, distributed, loader as loaders, models
 from .activations import Activations
+from .predictor import flip_average
 from .preprocess import Preprocess
 from .config import ExtractConfig, to_dict
 from .errors import DataError, OutputExistsError, StrictModeError
@@ -95,11 +96,9 @@ class Embedder:
         x = self.normalize(images.to(self.device, non_blocking=True))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = self._forward(x)
         if self.tta == "flip":
-            flipped = self._forward(torch.flip(x, dims=[3]))
-            out = {k: 0.5 * (v + flipped[k]) for k, v in out.items()}
-        return out
+            return flip_average(self._forward, x)
+        return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         with dev.autocast(self.device, self.dtype):

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
+from .config import absolute_spec, is_custom_spec  # noqa: F401 (models.absolute_spec is used by training)
 from .errors import ModelError, UsageError, WeightsError
 
 log = logging.getLogger(__name__)
@@ -58,20 +59,6 @@ class LoadedModel:
 
 
 # ---------------------------------------------------------------- architectures
-
-def is_custom_spec(spec: str) -> bool:
-    """`file.py:factory` or `package.module:factory` name a user's model; anything else is timm."""
-    return ":" in spec
-
-
-def absolute_spec(spec: str | None) -> str | None:
-    """`file.py:factory` with the file's absolute path (what a run records, so that it resumes from
-    any folder); timm names and `package.module:factory` as they are."""
-    if spec is None or not is_custom_spec(spec):
-        return spec
-    target, _, name = spec.rpartition(":")
-    return f"{Path(target).resolve()}:{name}" if target.endswith(".py") else spec
-
 
 def _load_factory(spec: str) -> Callable[..., nn.Module]:
     target, _, name = spec.rpartition(":")

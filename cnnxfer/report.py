@@ -5,6 +5,7 @@ import contextlib
 from typing import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -24,16 +25,16 @@ def for_process(rank: int, world: int) -> None:
 
 
 def error(message: str) -> None:
-    _errors.print(f"[bold red]error:[/] {_who}{message}", highlight=False, soft_wrap=True)
+    _errors.print(f"[bold red]error:[/] {_who}{escape(message)}", highlight=False, soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def note(message: str) -> None:
     """Something about a run worth knowing (a choice made for the user, a hint), on stderr."""
-    err_console.print(f"[cyan]note:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[cyan]note:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def info_line(message: str) -> None:
@@ -197,7 +198,7 @@ def fit_progress() -> Iterator[tuple]:
         progress.console.print(epoch_line(row, epochs), markup=False, highlight=False, soft_wrap=True)
 
     def on_message(message: str) -> None:
-        progress.console.print(f"[cyan]note:[/] {message}", highlight=False, soft_wrap=True)
+        progress.console.print(f"[cyan]note:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
     with progress:
         yield on_batch, on_epoch, on_message, on_start
@@ -336,8 +337,33 @@ def predictions_summary(pred, out, skipped_file) -> None:
     rows = [("output", out), ("images", f"{len(pred.indices):,}"),
             ("skipped", f"{len(pred.skipped):,}" + (f" (listed in {skipped_file})" if pred.skipped else "")),
             ("predicted", ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))),
-            ("time", f"{pred.seconds:.1f} s on {pred.device}")]
+            ("time", f"{pred.seconds:.1f} s on {pred.device}" + (f" ({pred.backend})" if pred.backend != "pytorch" else ""))]
     show(table("predict", rows))
+
+
+def export_summary(result) -> None:
+    for message in result.notes:
+        note(message)
+    v, info = result.verification, result.info
+    c, h, w = info.input_size
+    rows = [
+        ("file", f"{result.out} ({result.bytes / 2**20:.1f} MiB)" + (f" + {result.sidecar}" if result.sidecar else "")),
+        ("format", result.format + (f", opset {info.opset}" if info.opset else "") + f", {info.precision}"),
+        ("input", f"images: uint8 (batch, {c}, {h}, {w}), RGB 0-255, normalised inside"),
+        ("output", f"logits: float32 (batch, {len(info.classes)})"),
+        ("classes", f"{len(info.classes)}: {', '.join(info.classes[:10])}{' ...' if len(info.classes) > 10 else ''}"),
+        ("preprocessing", f"resize {info.interpolation}, crop_pct {info.crop_pct:g} ({info.crop_mode}), "
+                          f"mean {_floats(info.mean)}, std {_floats(info.std)}"),
+        ("verified", f"{v.images} images from {v.source}, batch {' and '.join(map(str, v.batch_sizes))}"),
+        ("max |logit diff|", f"{v.max_abs_diff:.2e} (tolerance {v.tolerance:g}; logits up to {v.max_abs_logit:.3g})"),
+        ("top-1 agreement", f"{v.top1_agreement:.1%}"),
+        ("time", f"{result.seconds:.1f} s"),
+    ]
+    show(table("export", rows))
+
+
+def _floats(values) -> str:
+    return "(" + ", ".join(f"{x:.3f}" for x in values) + ")"
 
 
 @contextlib.contextmanager

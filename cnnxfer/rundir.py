@@ -74,9 +74,9 @@ class RunDir:
 
     def save_reports(self, evaluation) -> None:
         if self.writer:
-            from . import evaluate
+            from . import metrics
 
-            evaluate.save_reports(self.path, evaluation)
+            metrics.save_reports(self.path, evaluation)
 
 
 def write_metrics_csv(path: Path, history: list[dict]) -> None:

@@ -557,14 +557,14 @@ class _Trainer:
     # -- the end
     def finish(self, best: dict) -> dict:
         """Reload the best weights, evaluate them on the validation set and write the reports."""
-        from . import evaluate as ev
+        from . import metrics
 
         distributed.barrier()  # rank 0 wrote model.safetensors
         self.model.load_state_dict(self.rundir.best_weights())
         stats, probs, targets, _ = self._evaluate(self.model, self.val_loader)
         final = {}
         if len(targets):  # --val-split 0: nothing to report on
-            result = ev.summarize(probs, targets, self.classes, stats.loss)
+            result = metrics.summarize(probs.numpy(), targets.numpy(), self.classes, stats.loss)
             self.rundir.save_reports(result)
             final = {"final_val_accuracy": result.accuracy, "final_val_loss": result.loss}
         self.rundir.write_config(self.run_config(best, final or None, status="finished"))

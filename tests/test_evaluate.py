@@ -1,5 +1,5 @@
-"""Predictions and reports (cnnxfer/evaluate.py), and a run directory's round trip through
-`predict`, `evaluate`, `extract` and plain timm.
+"""`predict` and `evaluate` (cnnxfer/evaluate.py; the metrics themselves in test_metrics.py), and a
+run directory's round trip through `predict`, `evaluate`, `extract` and plain timm.
 
 One small run is trained per module; everything a user can do with it is checked against an
 independent reference: scikit-learn's metrics, the model's own forward, timm's loader.
@@ -17,8 +17,6 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 from safetensors.torch import load_file
-from sklearn.metrics import confusion_matrix as sk_confusion_matrix
-from sklearn.metrics import precision_recall_fscore_support
 
 from helpers import COLOURS, write_colour_folder
 
@@ -47,35 +45,6 @@ def invoke(cli_runner, *args: str):
     result = cli_runner.invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.stderr or result.output
     return result
-
-
-# ---------------------------------------------------------------- metrics against scikit-learn
-
-def test_confusion_matrix_and_per_class_report_match_sklearn():
-    rng = np.random.default_rng(0)
-    targets, preds = rng.integers(0, 4, 200), rng.integers(0, 4, 200)
-    preds[:5] = 3  # a class nobody predicts keeps a defined (zero) precision below
-    targets[targets == 2] = 1  # class 2 has no support
-    cm = evaluate.confusion_matrix(preds, targets, 4)
-    np.testing.assert_array_equal(cm, sk_confusion_matrix(targets, preds, labels=range(4)))
-    report = evaluate.per_class_report(cm, ["a", "b", "c", "d"])
-    p, r, f, s = precision_recall_fscore_support(targets, preds, labels=range(4), zero_division=0)
-    np.testing.assert_allclose(report["precision"][:4], p)
-    np.testing.assert_allclose(report["recall"][:4], r)
-    np.testing.assert_allclose(report["f1"][:4], f)
-    np.testing.assert_array_equal(report["support"][:4], s)
-    pm, rm, fm, _ = precision_recall_fscore_support(targets, preds, labels=range(4), average="macro", zero_division=0)
-    assert report.iloc[4][["precision", "recall", "f1"]].tolist() == pytest.approx([pm, rm, fm])
-    pw, rw, fw, _ = precision_recall_fscore_support(targets, preds, labels=range(4), average="weighted", zero_division=0)
-    assert report.iloc[5][["precision", "recall", "f1"]].tolist() == pytest.approx([pw, rw, fw])
-
-
-def test_summarize_accuracy():
-    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
-    result = evaluate.summarize(probs, torch.tensor([0, 1, 1, 1]), ["x", "y"], loss=0.5)
-    assert result.accuracy == 0.75 and result.images == 4
-    assert result.confusion.tolist() == [[1, 0], [1, 2]]
-    assert json.loads(json.dumps(result.to_dict()))["accuracy"] == 0.75
 
 
 # ---------------------------------------------------------------- predict

@@ -91,3 +91,18 @@ def test_progress_lines_without_a_terminal_come_at_a_sensible_rate():
     assert all(b - a >= report.PROGRESS_MIN_GAP for (a, _), (b, _) in zip(lines, lines[1:]))
     fast = {}
     assert not any(report.progress_due(fast, d, 1000, d / 1000) for d in range(0, 1001, 10))  # 1 s in all: no line
+
+
+def test_messages_print_as_text_not_markup(monkeypatch):
+    """A message holding square brackets (an extra to install, a folder named "photos [2]") prints
+    as it is: rich would take "[export]" for a style and drop it."""
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    monkeypatch.setattr(report, "err_console", console)
+    monkeypatch.setattr(report, "_errors", console)  # errors have their own console (never quiet)
+    report.error("install it: pip install 'cnnxfer[export]'")
+    report.warn("class folder 'photos [2]' holds no images")
+    report.note("[bold]x[/bold]")
+    text = console.export_text()
+    assert "pip install 'cnnxfer[export]'" in text and "'photos [2]'" in text and "[bold]x[/bold]" in text
