@@ -26,6 +26,7 @@ test: $(STAMP)
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/photos.py
 	$(BIN)/python benchmarks/finetune.py
+	$(BIN)/python benchmarks/export.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
