@@ -214,32 +214,9 @@ def test_interrupted_then_resumed_equals_uninterrupted(colours, tmp_path):
     assert not (tmp_path / "cut" / "state.pt").exists()
 
 
-@pytest.mark.parametrize("strategy", [Strategy.linear, Strategy.gradual])
-def test_resumed_finetune_equals_uninterrupted(colours, test_resnet_3, tmp_path, strategy):
-    """Resuming rebuilds the model from state.pt: the feature cache must be computed from the
-    restored backbone, and gradual unfreezing must pick up at the right stage."""
-    common = dict(model="test_resnet", weights=str(test_resnet_3), strategy=strategy, epochs=3, lr=1e-2)
-    fit(colours, tmp_path / "whole", **common)
-
-    def stop_after_one(row):
-        if row["epoch"] == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        fit(colours, tmp_path / "cut", training.FitHooks(on_epoch=stop_after_one), **common)
-    training.fit(training.resume_config(tmp_path / "cut"))
-    assert without_seconds(read_metrics(tmp_path / "cut")) == without_seconds(read_metrics(tmp_path / "whole"))
-    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-
-def test_balanced_sampling_resumes_exactly(tmp_path):
-    """--balance sampler draws each epoch's batches from (seed, epoch): a resumed run draws what the
-    uninterrupted one drew (the sampler's generator was seeded once per run, so a resume re-drew
-    epoch 1's batches in epoch 2)."""
-    data = write_colour_folder(tmp_path / "data", {"blue": 16, "green": 5, "red": 5})
-    common = dict(model="test_resnet", weights="none", epochs=3, balance=Balance.sampler, augment=False)
+def _stopped_after_epoch_1_then_resumed_equals_whole(data, tmp_path, common: dict) -> None:
+    """A run stopped (Ctrl-C) after epoch 1 and resumed writes the metrics and weights of the same
+    run left uninterrupted."""
     fit(data, tmp_path / "whole", **common)
 
     def stop_after_one(row):
@@ -252,6 +229,23 @@ def test_balanced_sampling_resumes_exactly(tmp_path):
     assert without_seconds(read_metrics(tmp_path / "cut")) == without_seconds(read_metrics(tmp_path / "whole"))
     a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("strategy", [Strategy.linear, Strategy.gradual])
+def test_resumed_finetune_equals_uninterrupted(colours, test_resnet_3, tmp_path, strategy):
+    """Resuming rebuilds the model from state.pt: the feature cache must be computed from the
+    restored backbone, and gradual unfreezing must pick up at the right stage."""
+    common = dict(model="test_resnet", weights=str(test_resnet_3), strategy=strategy, epochs=3, lr=1e-2)
+    _stopped_after_epoch_1_then_resumed_equals_whole(colours, tmp_path, common)
+
+
+def test_balanced_sampling_resumes_exactly(tmp_path):
+    """--balance sampler draws each epoch's batches from (seed, epoch): a resumed run draws what the
+    uninterrupted one drew (the sampler's generator was seeded once per run, so a resume re-drew
+    epoch 1's batches in epoch 2)."""
+    data = write_colour_folder(tmp_path / "data", {"blue": 16, "green": 5, "red": 5})
+    common = dict(model="test_resnet", weights="none", epochs=3, balance=Balance.sampler, augment=False)
+    _stopped_after_epoch_1_then_resumed_equals_whole(data, tmp_path, common)
 
 
 @pytest.mark.parametrize("every", [0, 3600])
