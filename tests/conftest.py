@@ -39,6 +39,7 @@ Fixture names are stable; other test modules rely on them.
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+
+def pytest_configure(config):
+    """Ctrl-C must reach the code under test. A suite started in the background by a shell
+    without job control (`nohup make test &`, some CI runners) inherits SIGINT ignored, Python
+    then installs no KeyboardInterrupt handler, and every process the tests start inherits the
+    ignore: the Ctrl-C tests would see nothing happen. A handled signal becomes the default
+    again in a child process, so this restores Ctrl-C for the tests' subprocesses too. (The tool
+    itself keeps an inherited ignore: someone who ran it under nohup meant it.)"""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _FORMATS = {
     ".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP",
