@@ -277,12 +277,17 @@ def curves_figure(metrics):
     """Loss and accuracy per epoch, train and val. The loss axis is logarithmic: a first-epoch
     validation loss of 30 (BatchNorm statistics not settled yet) above a curve near 0.5 would
     otherwise flatten the rest of the curve against the bottom of a linear axis."""
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+
     fig = _figure((10, 4))
     for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy")):
         for split in ("train", "val"):
             ax.plot(metrics["epoch"], metrics[f"{split}_{metric}"], "o-", label=split)
         if metric == "loss":
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ScalarFormatter())  # 0.5, 1, 2 rather than 5x10^-1
+            ax.yaxis.set_minor_formatter(ScalarFormatter())
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 1.25, 1.5 ticks
         ax.set_xlabel("epoch"), ax.set_ylabel(metric + (" (log scale)" if metric == "loss" else "")), ax.grid(alpha=0.3)
         ax.legend()
     return fig
