@@ -366,8 +366,7 @@ def load_model(
     weights = weights or HUB
     if weights not in (HUB, NONE) and checkpoint.is_run_dir(weights):
         return _load_run_dir(Path(weights), spec, num_classes, drop_rate, img_size, classes)
-    if spec is None:
-        raise UsageError(_model_required(weights))
+    check_model_options(spec, weights)  # a missing weights path is named before a missing --model
     notes: list[str] = []
     if weights == HUB and not is_custom_spec(spec):
         model, source = create_pretrained(spec, num_classes, drop_rate)
@@ -377,8 +376,6 @@ def load_model(
             kaiming_init(model)
         elif weights not in (HUB, NONE):
             path = Path(weights)
-            if path.is_dir():
-                raise WeightsError(f"{path} is a folder but not a cnnxfer run directory (needs config.json and model.safetensors)")
             notes = load_weights(model, read_weights_file(path), str(path))
             source = str(path.resolve())
     return LoadedModel(model, spec, source, resolve_data_config(model, img_size), notes=notes)
