@@ -33,9 +33,21 @@ class Tta(str, Enum):
 
 
 class Strategy(str, Enum):
+    auto = "auto"  # the probe, then probe-then-fine-tune; the run keeps whichever validates better
     linear = "linear"
     gradual = "gradual"
     full = "full"
+
+
+class HeadInit(str, Enum):
+    probe = "probe"  # the probe fitted on the frozen backbone's features (probe-then-fine-tune, LP-FT)
+    zero = "zero"  # zeros: every class equally likely, the loss starts at ln(classes)
+
+
+class BnStats(str, Enum):
+    auto = "auto"  # frozen when fine-tuning a pretrained backbone on small batches (recipe.resolve_bn_stats)
+    update = "update"  # BatchNorm normalises with each batch's statistics and updates its running ones
+    frozen = "frozen"  # the pretrained running statistics are kept (BatchNorm in eval mode; its scale and shift train)
 
 
 class Optimizer(str, Enum):
@@ -167,6 +179,8 @@ class TrainConfig:
     cache_features: bool = True  # linear strategy: compute frozen-backbone features once
     cache_images: CacheImages = CacheImages.auto  # decode the images once and keep them in memory
     head_epochs: int = 1  # gradual: epochs with the backbone frozen before unfreezing starts
+    head_init: HeadInit = HeadInit.probe  # a new head on a pretrained backbone: where it starts
+    bn_stats: BnStats = BnStats.auto
     val_split: float = 0.2
     patience: int | None = None  # early stopping on validation loss
     img_size: int | None = None
@@ -315,6 +329,7 @@ class RunConfig:
     device: str = "cpu"
     world_size: int = 1  # processes it trained with (torchrun)
     versions: dict = field(default_factory=dict)
+    probe: dict | None = None  # the probe fitted at epoch 0, when there was one (training._Trainer.probe_summary)
 
     @property
     def num_classes(self) -> int:

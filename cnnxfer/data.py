@@ -64,6 +64,7 @@ class ImageList:
     root: Path
     ignored: int = 0
     warnings: list[str] = field(default_factory=list)
+    splits: list[str] | None = None  # "train" / "val" per image, for a dataset laid out as train/ and val/
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -73,8 +74,9 @@ class ImageList:
         return bool(self.classes)
 
     def subset(self, indices: Sequence[int]) -> "ImageList":
+        splits = [self.splits[i] for i in indices] if self.splits is not None else None
         return ImageList(
-            [self.paths[i] for i in indices], [self.labels[i] for i in indices], self.classes, self.root
+            [self.paths[i] for i in indices], [self.labels[i] for i in indices], self.classes, self.root, splits=splits
         )
 
     def class_counts(self) -> dict[str, int]:
@@ -248,6 +250,19 @@ def fingerprint(images: ImageList) -> str:
         label_name = images.classes[label] if label is not None else ""
         digest.update(f"{name}\t{label_name}\t{size}\n".encode())
     return digest.hexdigest()
+
+
+def discover_split_dataset(root: Path) -> ImageList | None:
+    """A dataset laid out as train/ and val/ (as finetune reads it) as one list: labelled by class,
+    train/'s classes, each image's folder in `splits`. None for any other layout."""
+    folders = find_split_folders(root)
+    if folders is None:
+        return None
+    train = discover(folders[0], labelled=True)
+    val = discover(folders[1], labelled=True, classes=train.classes)
+    return ImageList(train.paths + val.paths, train.labels + val.labels, train.classes, Path(root),
+                     train.ignored + val.ignored, train.warnings + val.warnings,
+                     ["train"] * len(train) + ["val"] * len(val))
 
 
 def find_split_folders(root: Path) -> tuple[Path, Path] | None:

@@ -124,15 +124,18 @@ def _input_fingerprint(images: data.ImageList) -> str:
     return h.hexdigest()
 
 
-def _schema(columns: dict[str, int], metadata: dict) -> pa.Schema:
+def _schema(columns: dict[str, int], metadata: dict, splits: bool = False) -> pa.Schema:
     fields = [pa.field("path", pa.string()), pa.field("label", pa.string())]
+    fields += [pa.field("split", pa.string())] if splits else []
     fields += [pa.field(name, pa.list_(pa.float32(), dim)) for name, dim in columns.items()]
     return pa.schema(fields, metadata={"cnnxfer": json.dumps(metadata)})
 
 
-def _record_batch(schema: pa.Schema, paths: list[str], labels: list[str | None], feats: dict[str, torch.Tensor]) -> pa.RecordBatch:
+def _record_batch(schema: pa.Schema, paths: list[str], labels: list[str | None], feats: dict[str, torch.Tensor],
+                  splits: list[str] | None = None) -> pa.RecordBatch:
     arrays = [pa.array(paths, pa.string()), pa.array(labels, pa.string())]
-    for name in schema.names[2:]:
+    arrays += [pa.array(splits, pa.string())] if splits is not None else []
+    for name in schema.names[len(arrays):]:
         matrix = feats[name].cpu().numpy()
         flat = pa.array(matrix.reshape(-1), pa.float32())
         arrays.append(pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1]))
@@ -242,7 +245,8 @@ class _Job:
 
 def _prepare_job(config: ExtractConfig, runtime: dev.Runtime) -> _Job:
     """Images, model, preprocessing and the fingerprint a resume must match (the same on every rank)."""
-    images = data.discover(config.data)
+    # train/ + val/: rows labelled by class as finetune reads them, with a split column (not "train"/"val")
+    images = data.discover_split_dataset(config.data) or data.discover(config.data)
     loaded = models.load_model(config.model, config.weights, None, img_size=config.img_size)
     model = loaded.model.eval().to(runtime.device)
     if runtime.channels_last:
@@ -326,7 +330,8 @@ def _run_parts(config: ExtractConfig, job: _Job, parts_dir: Path, todo: list[int
             if len(batch.indices):
                 idx = batch.indices.tolist()
                 labels = [images.classes[images.labels[i]] if images.labels[i] is not None else None for i in idx]
-                part.write([str(images.paths[i]) for i in idx], labels, job.embedder(batch.images))
+                splits = [images.splits[i] for i in idx] if images.splits is not None else None
+                part.write([str(images.paths[i]) for i in idx], labels, job.embedder(batch.images), splits)
             if part.rows + len(part.skipped) == min((part.part + 1) * config.part_size, len(images)) - part.part * config.part_size:
                 part.start(None)  # its last image is in: the part is finished now, not when the next one starts
             done += (len(batch.indices) + len(batch.skipped)) * scale
@@ -356,13 +361,14 @@ class _PartWriter:
                                          {"rows": self.rows, "skipped": self.skipped, "columns": self.columns})
         self.part, self.writer, self.tmp, self.rows, self.skipped = part, None, None, 0, []
 
-    def write(self, paths: list[str], labels: list[str | None], feats: dict[str, torch.Tensor]) -> None:
+    def write(self, paths: list[str], labels: list[str | None], feats: dict[str, torch.Tensor],
+              splits: list[str] | None = None) -> None:
         if self.writer is None:
             self.columns = {k: int(v.shape[1]) for k, v in feats.items()}
-            self.schema = _schema(self.columns, self.metadata)
+            self.schema = _schema(self.columns, self.metadata, splits is not None)
             self.tmp = self.parts_dir / f"part-{self.part:06d}.parquet.tmp"
             self.writer = pq.ParquetWriter(self.tmp, self.schema)
-        self.writer.write_batch(_record_batch(self.schema, paths, labels, feats))
+        self.writer.write_batch(_record_batch(self.schema, paths, labels, feats, splits))
         self.rows += len(paths)
 
     def abandon(self) -> None:

@@ -52,6 +52,7 @@ class LoadedModel:
     classes: list[str] = field(default_factory=list)
     run_config: "RunConfig | None" = None  # the run directory's config.json, when loaded from one
     notes: list[str] = field(default_factory=list)
+    new_head: bool = False  # the classifier was not in the weights (other classes): it starts untrained
 
     @property
     def is_timm(self) -> bool:
@@ -368,17 +369,24 @@ def load_model(
         return _load_run_dir(Path(weights), spec, num_classes, drop_rate, img_size, classes)
     check_model_options(spec, weights)  # a missing weights path is named before a missing --model
     notes: list[str] = []
+    new_head = weights == NONE
     if weights == HUB and not is_custom_spec(spec):
         model, source = create_pretrained(spec, num_classes, drop_rate)
+        new_head = num_classes is not None and num_classes != model.pretrained_cfg.get("num_classes", num_classes)
     else:
         model, source = build_architecture(spec, num_classes, drop_rate), weights
         if weights == NONE and is_custom_spec(spec):
             kaiming_init(model)
         elif weights not in (HUB, NONE):
             path = Path(weights)
-            notes = load_weights(model, read_weights_file(path), str(path))
+            state = read_weights_file(path)
+            own = model.state_dict()
+            new_head = num_classes is not None and any(
+                k not in state or state[k].shape != own[k].shape for n in classifier_names(model) for k in own
+                if k.startswith(f"{n}."))
+            notes = load_weights(model, state, str(path))
             source = str(path.resolve())
-    return LoadedModel(model, spec, source, resolve_data_config(model, img_size), notes=notes)
+    return LoadedModel(model, spec, source, resolve_data_config(model, img_size), notes=notes, new_head=new_head)
 
 
 def _load_run_dir(run_dir: Path, spec, num_classes, drop_rate, img_size, new_classes=None) -> LoadedModel:
@@ -403,7 +411,7 @@ def _load_run_dir(run_dir: Path, spec, num_classes, drop_rate, img_size, new_cla
     data_config = dict(config.data_config or resolve_data_config(model))
     if img_size:
         data_config = resolve_data_config(model, img_size, data_config)
-    return LoadedModel(model, arch, str(run_dir.resolve()), data_config, classes, config, notes)
+    return LoadedModel(model, arch, str(run_dir.resolve()), data_config, classes, config, notes, new_head=bool(other))
 
 
 def _names(classes: list[str], most: int = 5) -> str:
@@ -548,12 +556,38 @@ def set_trainable(model: nn.Module, trainable: set[str] | None) -> None:
         p.requires_grad_(trainable is None or name in trainable)
 
 
-def frozen_norm_modules(model: nn.Module) -> list[nn.Module]:
-    """Norm layers whose parameters are all frozen: they must stay in eval mode (running stats fixed)."""
+def frozen_norm_modules(model: nn.Module, all_of_them: bool = False) -> list[nn.Module]:
+    """BatchNorm layers that must stay in eval mode (running statistics fixed): those whose
+    parameters are all frozen, or every one with `all_of_them` (--bn-stats frozen)."""
     out = []
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             params = list(module.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
+            if all_of_them or (params and not any(p.requires_grad for p in params)):
                 out.append(module)
     return out
+
+
+# ---------------------------------------------------------------- new heads
+
+def zero_head(model: nn.Module) -> None:
+    """A new classifier that says nothing yet: zero weights and bias give every class the same
+    probability, so the loss starts at ln(classes). timm initialises EfficientNet's classifier with
+    weights up to 1/sqrt(classes) (+-0.58 for 3 classes), which put the first loss at 3.6-4.2."""
+    for name in classifier_names(model):
+        for param in model.get_submodule(name).parameters():
+            nn.init.zeros_(param)
+
+
+def set_linear_head(model: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> bool:
+    """Put a fitted linear classifier (classes x features) into the model's classifier(s); False,
+    leaving them as they are, when a classifier is not an nn.Linear of that shape."""
+    modules = [model.get_submodule(name) for name in classifier_names(model)]
+    if not modules or not all(isinstance(m, nn.Linear) and m.weight.shape == weight.shape and m.bias is not None
+                              for m in modules):
+        return False
+    with torch.no_grad():
+        for module in modules:  # several (a distillation head beside the classifier): each gets the probe
+            module.weight.copy_(weight)
+            module.bias.copy_(bias)
+    return True

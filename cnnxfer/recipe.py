@@ -10,10 +10,11 @@ import math
 import numpy as np
 
 from . import data, models
-from .config import Optimizer, Strategy, TrainConfig
+from .config import BnStats, Optimizer, Strategy, TrainConfig
 from .engine import epoch_steps
 
 FEW_STEPS = 100  # fewer optimizer steps in a whole run than this gets a note
+BN_FROZEN_BELOW = 32  # images per batch under which fine-tuning keeps BatchNorm's pretrained statistics
 
 
 def auto_batch_size(n_train: int) -> int:
@@ -46,6 +47,8 @@ def resolve_schedule(config: TrainConfig, n_train: int) -> tuple[TrainConfig, st
     from .config import BATCH_SIZE, FINETUNE_EPOCHS, TRAIN_EPOCHS
 
     from_scratch = config.weights == models.NONE
+    if Strategy(config.strategy) == Strategy.linear and config.cache_features:  # the probe: one pass, no steps
+        return dataclasses.replace(config, batch_size=config.batch_size or BATCH_SIZE, epochs=config.epochs or 1), None
     batch_size = config.batch_size or auto_batch_size(n_train)
     epochs = config.epochs or auto_epochs(n_train, batch_size, from_scratch)
     chosen = {"--batch-size": batch_size} if config.batch_size is None and batch_size != BATCH_SIZE else {}
@@ -72,7 +75,19 @@ def resolve_hparams(config: TrainConfig) -> dict:
         lr = 1e-3 if config.strategy != Strategy.linear else 3e-3
     weight_decay = config.weight_decay if config.weight_decay is not None else (5e-4 if optimizer == Optimizer.sgd else 0.05)
     mult = 1.0 if from_scratch else config.backbone_lr_mult
-    return {"optimizer": optimizer.value, "lr": lr, "weight_decay": weight_decay, "backbone_lr_mult": mult}
+    return {"optimizer": optimizer.value, "lr": lr, "weight_decay": weight_decay, "backbone_lr_mult": mult,
+            "bn_stats": resolve_bn_stats(config).value}
+
+
+def resolve_bn_stats(config: TrainConfig) -> BnStats:
+    """--bn-stats auto: the pretrained running statistics are kept (BatchNorm in eval mode) when
+    fine-tuning on batches of fewer than BN_FROZEN_BELOW images per process; from scratch,
+    or on large batches, BatchNorm updates them."""
+    if BnStats(config.bn_stats) != BnStats.auto:
+        return BnStats(config.bn_stats)
+    if config.weights == models.NONE:
+        return BnStats.update
+    return BnStats.frozen if (config.batch_size or 0) < BN_FROZEN_BELOW else BnStats.update
 
 
 def split_data(config: TrainConfig) -> tuple[data.ImageList, data.ImageList]:

@@ -21,6 +21,9 @@ from torch import nn
 from . import models
 from .config import Strategy, TrainConfig
 
+# What --strategy auto fine-tunes after the probe (measured: see recipe.py).
+AUTO_FINETUNE = Strategy.full
+
 
 class LinearProbe(nn.Module):
     """A frozen backbone in eval mode (BatchNorm statistics fixed) under a trainable head."""
@@ -64,7 +67,8 @@ class Plan:
     """The module to optimise, its head's parameter names, and the phase of each epoch."""
 
     def __init__(self, config: TrainConfig, model: nn.Module):
-        self.kind, self.config, self.model = Strategy(config.strategy), config, model
+        self.config, self.model = config, model
+        self.kind = AUTO_FINETUNE if Strategy(config.strategy) == Strategy.auto else Strategy(config.strategy)
         self.head_names = models.head_parameter_names(model)
         self.groups = models.stage_groups(model)
         self.module, self.optimized, self.optimized_head = model, model, set(self.head_names)
@@ -77,6 +81,11 @@ class Plan:
     @property
     def caches_features(self) -> bool:
         return self.kind == Strategy.linear and self.config.cache_features
+
+    @property
+    def probe_only(self) -> bool:
+        """linear with cached features: the probe is the whole run (no epochs)."""
+        return self.caches_features
 
     def phase(self, epoch: int) -> Phase:
         if self.kind == Strategy.linear:

@@ -31,16 +31,18 @@ import torch
 from torch import nn
 
 from . import data, device as dev, distributed, loader as loaders, models, recipe
-from .config import CacheImages, RunConfig, Strategy, TrainConfig, resumed_config
+from .config import Balance, BnStats, CacheImages, HeadInit, RunConfig, Strategy, TrainConfig, resumed_config
 from .engine import (BatchHook, EpochStats, StepContext, build_optimizer, cosine_with_warmup, evaluate, seed_everything,
                      steps_per_epoch, to_device, train_one_epoch)
 from .errors import TrainingError, UsageError
 from .preprocess import Augment, Preprocess
+from .probe import ProbeFit, fit_probe
 from .rundir import RunDir
 from .signals import check_signals, deferred_signals
 from .strategy import FeatureDataset, Phase, Plan
 
 BEST_RULE = "the lowest validation loss"  # how the best epoch is chosen (is_new_best), as the summary says it
+VAL_LOSS = nn.CrossEntropyLoss()  # what validation measures: plain cross-entropy (see _Trainer._loss_fn)
 
 
 @dataclass
@@ -72,6 +74,8 @@ class FitResult:
     class_counts: dict[str, dict[str, int]] = field(default_factory=dict)  # class -> readable {"train": n, "val": n}
     best_rule: str = BEST_RULE
     world_size: int = 1
+    probe: dict | None = None  # the probe's strength, cross-validated and validation figures (probe.describe_fit)
+    strategy: str = ""  # as run: auto, linear, gradual or full
 
 
 # ---------------------------------------------------------------- fit
@@ -171,6 +175,8 @@ class _Trainer:
         self.rundir = RunDir(config.out, writer=rank.is_main)
         self.notes: list[str] = []
         self.skipped: dict[str, str] = {}  # path -> why it could not be read
+        self.probe_fit: ProbeFit | None = None
+        self.probe_row: dict | None = None
         if rank.enabled and (config.batch_size or 0) % rank.world:
             raise UsageError(f"--batch-size {config.batch_size} is the global batch: it must divide by the "
                              f"{rank.world} processes (each takes an equal share of every batch)")
@@ -243,6 +249,8 @@ class _Trainer:
                 raise UsageError("--sync-bn synchronises BatchNorm across GPUs (it needs CUDA); on a CPU the "
                                  "processes' BatchNorm statistics are averaged before each evaluation instead")
             loaded.model = nn.SyncBatchNorm.convert_sync_batchnorm(loaded.model)
+        if loaded.new_head and c.weights != models.NONE:
+            models.zero_head(loaded.model)  # every class equally likely: the loss starts at ln(classes), not above
         self.model = loaded.model.to(self.device)
         if self.runtime.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -321,6 +329,9 @@ class _Trainer:
         return [1.0 / counts[label] for label in self.train_images.labels]
 
     def _loss_fn(self) -> nn.Module:
+        """The training objective: cross-entropy with label smoothing, classes weighed under --balance loss.
+        Validation measures plain cross-entropy (VAL_LOSS), like timm's validate: the same yardstick for
+        every epoch, the probe and any setting of these options."""
         weight = None
         if self.config.balance.value == "loss":
             counts = np.bincount(self.train_images.labels, minlength=len(self.classes)).astype(float)
@@ -332,10 +343,11 @@ class _Trainer:
         """The plan, its loaders (cached features for linear), the optimizer and the schedule."""
         c = self.config
         self.plan = Plan(c, self.model)
-        self.loaders = self._cached_loaders() if self.plan.caches_features else (self.train_loader, self.val_loader)
+        cached = self.plan.caches_features and not self.plan.probe_only
+        self.loaders = self._cached_loaders() if cached else (self.train_loader, self.val_loader)
         self.optimizer = build_optimizer(self.plan.optimized, self.plan.optimized_head, self.hp, c.momentum)
         steps = steps_per_epoch(self.loaders[0])
-        if steps * c.epochs < recipe.FEW_STEPS and not c.max_steps:
+        if steps * c.epochs < recipe.FEW_STEPS and not c.max_steps and not self.plan.probe_only:
             self.note(f"{len(self.train_images)} training images at --batch-size {c.batch_size} give {steps} optimizer "
                       f"step(s) per epoch, {steps * c.epochs} in all: with few images, raise --epochs (a few hundred "
                       f"steps is usual) or lower --batch-size")
@@ -411,7 +423,14 @@ class _Trainer:
             self._build_loaders()
             state = self._restore_model() if self.config.resume else None
             self._setup()
-            start_epoch, history, best, bad = self._restore(state) if state else (0, history, {}, 0)
+            if state:
+                start_epoch, history, best, bad = self._restore(state)
+            else:
+                start_epoch, history, best, bad = 0, [], {}, 0
+                if self._probes_first():
+                    history, best = self._probe()
+            if self.plan.probe_only:
+                return history, best, False
             try:
                 return self._run_epochs(start_epoch, history, best, bad)
             finally:  # also on Ctrl-C, SIGTERM and a non-finite loss: the last finished epoch on disk
@@ -423,6 +442,43 @@ class _Trainer:
             raise TrainingError(f"out of memory on {self.device} outside the training step (evaluation or feature cache) "
                                 f"at batch size {bs}: try --batch-size {max(1, bs // 2)}; {self._last_good(history)}") from exc
 
+    def _probes_first(self) -> bool:
+        """Whether the run starts with the probe: it is the whole of --strategy linear (with its feature
+        cache), and where a new head goes on a pretrained backbone it is where that head starts
+        (--head-init probe): fine-tuning from a random head sends large early gradients into the
+        pretrained features (LP-FT, Kumar et al. 2022)."""
+        c = self.config
+        if self.plan.probe_only:
+            return True
+        return self.loaded.new_head and c.weights != models.NONE and HeadInit(c.head_init) == HeadInit.probe
+
+    def _probe(self) -> tuple[list, dict]:
+        """Fit the probe on the frozen backbone's features of the un-augmented training images, put it
+        in the classifier and validate it: the run's epoch 0. It is a candidate for the best epoch
+        under --strategy linear and auto; gradual and full start from it."""
+        from .errors import DataError
+
+        start = time.perf_counter()
+        train = _gather_sorted(*self._features(self.train_eval_loader))
+        val = _gather_sorted(*self._features(self.val_loader))
+        if not len(train[1]):
+            raise DataError(f"{self.config.data}: no image could be read")
+        c = self.config
+        fit = fit_probe(train[0], train[1].numpy(), len(self.classes), balanced=Balance(c.balance) != Balance.none,
+                        seed=c.seed)
+        if not models.set_linear_head(self.model, fit.weight.to(self.device), fit.bias.to(self.device)):
+            self.note("the classifier is not one linear layer on the pooled features: it starts from zeros, not the probe")
+            return [], {}
+        self.probe_fit = fit
+        row = {"epoch": 0, "phase": "probe", **_probe_metrics(fit, train, "train"), **_probe_metrics(fit, val, "val"),
+               "lr": 0.0, "seconds": time.perf_counter() - start}
+        self.probe_row = row
+        candidate = self.plan.probe_only or Strategy(c.strategy) == Strategy.auto
+        best = {k: row[k] for k in ("epoch", "val_loss", "val_accuracy", "train_loss", "train_accuracy")} if candidate else {}
+        self._save_epoch(-1, [row], best, 0, improved=candidate)
+        self._flush()
+        return [row], best
+
     def _run_epochs(self, start_epoch: int, history: list, best: dict, bad_epochs: int) -> tuple[list, dict, bool]:
         c = self.config
         stopped_early = False
@@ -433,7 +489,7 @@ class _Trainer:
             phase = self.plan.phase(epoch)
             self._enter(phase)
             self.ctx.module.train()
-            for m in models.frozen_norm_modules(self.model):
+            for m in models.frozen_norm_modules(self.model, all_of_them=self.hp["bn_stats"] == BnStats.frozen.value):
                 m.eval()
             start = time.perf_counter()
             stats = _reduce_stats(train_one_epoch(self.ctx, self.loaders[0], self.hooks.on_batch))
@@ -463,7 +519,7 @@ class _Trainer:
 
     def _evaluate(self, module: nn.Module, loader):
         """engine.evaluate over every process's slice, gathered: every image counted once."""
-        stats, probs, targets, indices = evaluate(module, loader, self.ctx.loss_fn, self.device, self.dtype,
+        stats, probs, targets, indices = evaluate(module, loader, VAL_LOSS, self.device, self.dtype,
                                                   self.runtime.channels_last, self.normalizer)
         if not self.rank.enabled:
             return stats, probs, targets, indices
@@ -582,6 +638,7 @@ class _Trainer:
             hparams=self.hp, best=best, best_rule=BEST_RULE, final=final, status=status,
             train_images=sum(c["train"] for c in counts.values()), val_images=sum(c["val"] for c in counts.values()),
             class_counts=counts, data_fingerprint=self.data_fingerprint, precision=self.runtime.precision,
+            probe=self.probe_summary(),
             device=str(self.device), world_size=self.rank.world,
             versions={"torch": torch.__version__, "timm": timm.__version__})
 
@@ -615,13 +672,34 @@ class _Trainer:
         return FitResult(self.run_dir, self.classes, history, best, stopped, seconds, str(self.device),
                          self.runtime.precision, sum(c["train"] for c in counts.values()),
                          sum(c["val"] for c in counts.values()), len(self.skipped), skipped_file, self.hp, self.notes,
-                         counts, world_size=self.rank.world)
+                         counts, world_size=self.rank.world, probe=self.probe_summary(),
+                         strategy=Strategy(self.config.strategy).value)
+
+    def probe_summary(self) -> dict | None:
+        """What config.json and the summary say of the probe: its strength, how it was chosen, and
+        its training and validation figures (None when the run did not fit one)."""
+        fit, row = self.probe_fit, self.probe_row
+        if fit is None:
+            saved = self.saved.probe if self.saved is not None else None
+            return saved or None
+        return {"c": fit.c, "cv_accuracy": fit.cv_accuracy, "cv_loss": fit.cv_loss, "folds": fit.folds,
+                "how": fit.describe(), "seconds": round(fit.seconds, 3), "searched": fit.searched,
+                **{k: row[k] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")}}
 
 
 def _prepare_output(config: TrainConfig) -> None:
     from . import checkpoint
 
     checkpoint.prepare_output(Path(config.out), config.overwrite, config.resume)
+
+
+def _probe_metrics(fit: ProbeFit, features: tuple, split: str) -> dict:
+    """{split_loss, split_accuracy} of the probe on (features, labels, indices): plain cross-entropy."""
+    feats, labels, _ = features
+    if not len(labels):
+        return {f"{split}_loss": float("nan"), f"{split}_accuracy": float("nan")}
+    logits = fit.logits(feats.float())
+    return {f"{split}_loss": float(VAL_LOSS(logits, labels)), f"{split}_accuracy": float((logits.argmax(1) == labels).float().mean())}
 
 
 def _counts_by_label(images: data.ImageList, skipped: dict[str, str]) -> dict[int, tuple[int, int]]:

@@ -79,3 +79,57 @@ def write_textures(root: Path, patch: int = 64, per_class: int = 40, seed: int =
                 x = int(rng.integers(0, w - patch))
                 _save(image[y:y + patch, x:x + patch], root / f"textures_{split}" / name / f"{k:03d}.png")
     return {"train": root / "textures_train", "test": root / "textures_test"}
+
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+
+
+def _idx(path: Path) -> np.ndarray:
+    """An idx file (MNIST's format: big-endian dims after a magic number), gzipped or not."""
+    import gzip
+
+    raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    dims = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def load_fashion_mnist(split: str = "train", root: Path = FASHION_MNIST) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, 28, 28) uint8, labels (N,)) from Debian's `dataset-fashion-mnist` package
+    (`apt-get install dataset-fashion-mnist`); split is "train" (60,000) or "t10k" (10,000)."""
+    prefix = "train" if split == "train" else "t10k"
+    images = next(root.glob(f"{prefix}-images-idx3-ubyte*"), None)
+    labels = next(root.glob(f"{prefix}-labels-idx1-ubyte*"), None)
+    if images is None or labels is None:
+        raise FileNotFoundError(f"Fashion-MNIST is not in {root}: apt-get install dataset-fashion-mnist")
+    return _idx(images), _idx(labels)
+
+
+def write_few_labels(root: Path, images: np.ndarray, labels: np.ndarray, names: tuple[str, ...], per_class: int,
+                     seed: int, test_images: np.ndarray | None = None, test_labels: np.ndarray | None = None,
+                     test_per_class: int = 100) -> dict[str, Path]:
+    """train/: `per_class` images of every class drawn with `seed`; test/: `test_per_class` of every
+    class from (test_images, test_labels) when given, else from the images not drawn for any seed
+    (the first `test_per_class` of each class are set aside first, the same for every draw)."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for k, name in enumerate(names):
+        idx = np.flatnonzero(labels == k)
+        held = idx[:test_per_class] if test_images is None else np.array([], dtype=int)
+        pool = idx[test_per_class:] if test_images is None else idx
+        for i in rng.choice(pool, per_class, replace=False):
+            _save(images[i], root / "train" / name / f"{i:05d}.png")
+        if test_images is not None:
+            held = np.flatnonzero(test_labels == k)[:test_per_class]
+        for i in held:
+            _save((test_images if test_images is not None else images)[i], root / "test" / name / f"{i:05d}.png")
+    return {"train": root / "train", "test": root / "test"}
+
+
+def digits_at(size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as size x size 8-bit images, with their labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return np.stack([digit_image(image, size) for image in digits.images]), digits.target

