@@ -428,6 +428,28 @@ def export(
     report.export_summary(result)
 
 
+@app.command("convert-weights")
+@handle_errors
+def convert_weights(
+    source: Annotated[Path, typer.Argument(exists=True, dir_okay=False, metavar="SOURCE", help="A state dict from another implementation of the architecture (.pth/.pt/.bin, read with weights_only=True, or .safetensors).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="The timm architecture whose tensors SOURCE holds, in the same order (e.g. tf_efficientnet_lite0).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The .safetensors file to write, with timm's key names.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+) -> None:
+    """Rename another library's weights to timm's keys, pairing tensors in module order.
+
+    Every pair must have the same shape and the result must load strictly, or nothing is written.
+    The file then works as --weights in every command.
+
+    Example: cnnxfer convert-weights efficientnet-lite0.pth --model tf_efficientnet_lite0 --out lite0.safetensors
+    """
+    from . import convert, report
+
+    result = convert.convert_weights_file(source, model, out, overwrite=overwrite)
+    report.show(report.table("convert-weights", [("output", out), ("model", model), ("tensors", f"{result.pairs} renamed, "
+                                                 "every shape matching; loads strictly")]))
+
+
 _S = cfg.SanityConfig.__dataclass_fields__
 
 

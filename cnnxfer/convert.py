@@ -37,7 +37,7 @@ def convert_by_order(source: dict[str, torch.Tensor], target: dict[str, torch.Te
     src = [(k, v) for k, v in source.items() if both_count or not k.endswith(_COUNTER)]
     dst = [(k, v) for k, v in target.items() if both_count or not k.endswith(_COUNTER)]
     if len(src) != len(dst):
-        raise WeightsError(f"{source_name} hold {len(src)} tensors where the model has {len(dst)}: not the same "
+        raise WeightsError(f"{source_name}: {len(src)} tensors where the model has {len(dst)}: not the same "
                            f"architecture (first keys: {src[0][0] if src else '-'} vs {dst[0][0] if dst else '-'})")
     state = {}
     for i, ((skey, svalue), (dkey, dvalue)) in enumerate(zip(src, dst)):

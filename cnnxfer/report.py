@@ -215,16 +215,46 @@ def fit_summary(result, notes_shown: bool = False) -> None:
         ("classes", f"{len(result.classes)}: {', '.join(result.classes[:10])}{' ...' if len(result.classes) > 10 else ''}"),
         ("images", f"{result.train_images:,} train / {result.val_images:,} val (readable)"),
         ("skipped", f"{result.skipped:,}" + (f" (listed in {result.skipped_file})" if result.skipped_file else "")),
-        ("best epoch", f"{best.get('epoch')} of {len(result.history)}, by {result.best_rule}"
-                       + (" (stopped early: --patience epochs without a new best)" if result.stopped_early else "")),
+        *_strategy_rows(result),
         ("val accuracy", _metric(best.get("val_accuracy"))),
-        ("val loss", _metric(best.get("val_loss"))),
-        ("optimizer", f"{result.hparams['optimizer']} lr {result.hparams['lr']:.3g} wd {result.hparams['weight_decay']:.3g}"),
+        ("val loss", _metric(best.get("val_loss")) + " (cross-entropy)"),
         ("time", f"{result.seconds:.1f} s on {result.device} / {result.precision}"),
     ]
     show(table("fit", rows))
     if result.class_counts:
         show(class_counts_table(result.class_counts))
+
+
+def _strategy_rows(result) -> list[tuple[str, str]]:
+    """What ran and what was kept: the probe's strength, the epochs, and for --strategy auto both
+    candidates' validation figures and the winner."""
+    best, probe = result.best, result.probe
+    epochs = [row for row in result.history if row.get("phase") != "probe"]
+    hp = result.hparams
+    loop = (f"{hp['optimizer']} lr {hp['lr']:.3g} wd {hp['weight_decay']:.3g}, BatchNorm statistics {hp.get('bn_stats', 'update')}")
+    stopped = " (stopped early: --patience epochs without a new best)" if result.stopped_early else ""
+    rows = [("strategy", result.strategy)] if result.strategy else []
+    if probe:
+        rows.append(("probe", f"{probe['how']}; validation accuracy {_metric(probe.get('val_accuracy'))}"))
+    if not epochs:  # --strategy linear: the probe is the run
+        return rows + [("kept", "the probe (logistic regression solved to convergence, no epochs)")]
+    best_tuned = min(epochs, key=lambda r: _loss_key(r["val_loss"]))
+    rows += [("fine-tuning", f"{len(epochs)} epoch(s), {loop}")]
+    if result.strategy == "auto" and probe:
+        tuned = f"fine-tuned epoch {best_tuned['epoch']}: {_pair(best_tuned)}"
+        winner = "the probe" if best.get("epoch") == 0 else f"fine-tuned epoch {best.get('epoch')}"
+        rows.append(("kept", f"{winner}, by {result.best_rule} ({tuned}; probe: {_pair(probe)}){stopped}"))
+    else:
+        rows.append(("best epoch", f"{best.get('epoch')} of {len(epochs)}, by {result.best_rule}{stopped}"))
+    return rows
+
+
+def _pair(row: dict) -> str:
+    return f"accuracy {_metric(row.get('val_accuracy'))}, loss {_metric(row.get('val_loss'))}"
+
+
+def _loss_key(value) -> float:
+    return float("inf") if value is None or value != value else value
 
 
 MAX_CLASS_ROWS = 30

@@ -466,7 +466,8 @@ class _Trainer:
         c = self.config
         fit = fit_probe(train[0], train[1].numpy(), len(self.classes), balanced=Balance(c.balance) != Balance.none,
                         seed=c.seed)
-        if not models.set_linear_head(self.model, fit.weight.to(self.device), fit.bias.to(self.device)):
+        weight, bias = fit.head()
+        if not models.set_linear_head(self.model, weight.to(self.device), bias.to(self.device)):
             self.note("the classifier is not one linear layer on the pooled features: it starts from zeros, not the probe")
             return [], {}
         self.probe_fit = fit
@@ -682,7 +683,8 @@ class _Trainer:
         if fit is None:
             saved = self.saved.probe if self.saved is not None else None
             return saved or None
-        return {"c": fit.c, "cv_accuracy": fit.cv_accuracy, "cv_loss": fit.cv_loss, "folds": fit.folds,
+        return {"c": fit.c, "temperature": fit.temperature, "cv_accuracy": fit.cv_accuracy, "cv_loss": fit.cv_loss,
+                "folds": fit.folds,
                 "how": fit.describe(), "seconds": round(fit.seconds, 3), "searched": fit.searched,
                 **{k: row[k] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")}}
 
@@ -698,7 +700,8 @@ def _probe_metrics(fit: ProbeFit, features: tuple, split: str) -> dict:
     feats, labels, _ = features
     if not len(labels):
         return {f"{split}_loss": float("nan"), f"{split}_accuracy": float("nan")}
-    logits = fit.logits(feats.float())
+    weight, bias = fit.head()
+    logits = feats.float() @ weight.T + bias  # what the model's classifier computes
     return {f"{split}_loss": float(VAL_LOSS(logits, labels)), f"{split}_accuracy": float((logits.argmax(1) == labels).float().mean())}
 
 

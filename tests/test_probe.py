@@ -15,7 +15,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from cnnxfer import ExtractConfig, extract_features, read_features
-from cnnxfer.probe import COARSE, fit_probe, solve
+from cnnxfer.probe import COARSE, SCALE_FLOOR, fit_probe, solve, standard_scale
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,9 +40,18 @@ def features(tmp_path_factory, digits_folder, lite0_weights):
     return out["train"] + out["test"]
 
 
+class _FlooredScaler(StandardScaler):
+    """StandardScaler with the probe's floored divisor (probe.standard_scale)."""
+
+    def fit(self, x, y=None):
+        super().fit(x, y)
+        self.scale_ = standard_scale(x.std(0))
+        return self
+
+
 def _sklearn(c: float, **kwargs):
-    """scikit-learn's LogisticRegression on standardised features, solved to convergence."""
-    return make_pipeline(StandardScaler(), LogisticRegression(C=c, tol=1e-10, max_iter=20000, **kwargs))
+    """scikit-learn's LogisticRegression on the probe's standardised features, solved to convergence."""
+    return make_pipeline(_FlooredScaler(), LogisticRegression(C=c, tol=1e-10, max_iter=20000, **kwargs))
 
 
 @pytest.mark.parametrize("c", [1e-3, 0.1, 10.0])
@@ -81,11 +90,23 @@ def test_standardisation_is_folded_into_the_head(features):
     """The head applies to raw features: W x + b equals the solution on standardised features."""
     x, y, xt, _ = features
     fit = fit_probe(x, y, 10, c=1.0)
-    mean, std = x.mean(0), x.std(0)
-    std[std == 0] = 1.0  # constant features (ReLU6 units never active on digits) stay as they are
+    mean, std = x.mean(0), standard_scale(x.std(0))
     wb = solve((x - mean) / std, y, 10, 1.0)
     expected = ((xt - mean) / std) @ wb[:, :-1].T + wb[:, -1]
     np.testing.assert_allclose(fit.logits(torch.from_numpy(xt)).double().numpy(), expected, atol=1e-3)
+
+
+def test_near_constant_features_are_not_blown_up(features):
+    """A unit that barely fires on the training images would be multiplied a hundredfold by its own
+    standard deviation: the divisor is floored at SCALE_FLOOR of the typical one."""
+    x, _, _, _ = features
+    std = x.std(0)
+    scale = standard_scale(std)
+    rms = np.sqrt((std ** 2).mean())
+    assert (std < 0.05 * rms).sum() > 10  # Lite0 on digits has many such units
+    assert scale.min() >= SCALE_FLOOR * rms * 0.999 and (x.std(0) / scale).max() <= 1.0
+    big = std > 3 * rms
+    np.testing.assert_allclose(scale[big], std[big], rtol=0.01)  # the informative ones keep their own std
 
 
 def test_a_class_of_one_image_takes_the_default_strength(features):

