@@ -172,7 +172,7 @@ def extract(
 _T = cfg.TrainConfig.__dataclass_fields__
 DataArg = Annotated[Optional[Path], typer.Argument(exists=True, metavar="DATA", help="Labelled images: class subfolders (optionally train/ and val/) or a CSV manifest. Not needed with --resume.")]
 RunOut = Annotated[Path, typer.Option("--out", "-o", help="Run directory to create.")]
-Epochs = Annotated[Optional[int], typer.Option("--epochs", "-e", min=1, help=f"Passes over the training images (default: {cfg.FINETUNE_EPOCHS} for finetune, {cfg.TRAIN_EPOCHS} for train, more on small datasets so that a run takes at least {cfg.MIN_STEPS} optimizer steps; the run says what it chose).")]
+Epochs = Annotated[Optional[int], typer.Option("--epochs", "-e", min=1, help=f"Passes over the training images (default: {cfg.FINETUNE_EPOCHS} for finetune, {cfg.TRAIN_EPOCHS} for train, more on small datasets so that a run takes at least {cfg.MIN_FINETUNE_STEPS} / {cfg.MIN_STEPS} optimizer steps; the run says what it chose).")]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help=f"Images per optimizer step (default: {cfg.BATCH_SIZE}, or about an eighth of the training images when they are fewer than {8 * cfg.BATCH_SIZE}).")]
 InferBatch = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
 Lr = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: 0.1*batch/256*4 for SGD from scratch, 1e-3 AdamW fine-tuning, 3e-3 linear).")]

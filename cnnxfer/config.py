@@ -206,9 +206,10 @@ class TrainConfig:
 # 8 or more such batches, the epochs of a fine-tuning / from-scratch run when the dataset is large,
 # and the fewest optimizer steps a run gets on a small one.
 BATCH_SIZE = 64
-FINETUNE_EPOCHS = 10
+FINETUNE_EPOCHS = 5
 TRAIN_EPOCHS = 30
 MIN_STEPS = 300
+MIN_FINETUNE_STEPS = 50
 
 
 def _check_ranges(config: TrainConfig) -> None:

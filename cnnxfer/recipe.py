@@ -13,7 +13,8 @@ from . import data, models
 from .config import BnStats, Optimizer, Strategy, TrainConfig
 from .engine import epoch_steps
 
-FEW_STEPS = 100  # fewer optimizer steps in a whole run than this gets a note
+FEW_STEPS = 100  # fewer optimizer steps in a whole run from scratch than this gets a note
+FEW_FINETUNE_STEPS = 25  # likewise when fine-tuning pretrained weights, which starts from the probe
 BN_FROZEN_BELOW = 32  # images per batch under which fine-tuning keeps BatchNorm's pretrained statistics
 
 
@@ -33,11 +34,18 @@ def auto_batch_size(n_train: int) -> int:
 
 
 def auto_epochs(n_train: int, batch_size: int, from_scratch: bool) -> int:
-    """FINETUNE_EPOCHS (TRAIN_EPOCHS from scratch), or more when that is under MIN_STEPS optimizer
-    steps: a small dataset needs more passes for the same number of updates."""
-    from .config import FINETUNE_EPOCHS, MIN_STEPS, TRAIN_EPOCHS
+    """From scratch: TRAIN_EPOCHS, or more when that is under MIN_STEPS optimizer steps (a small
+    dataset needs more passes for the same number of updates). Fine-tuning pretrained weights:
+    FINETUNE_EPOCHS, or more when that is under MIN_FINETUNE_STEPS.
 
-    return max(TRAIN_EPOCHS if from_scratch else FINETUNE_EPOCHS, math.ceil(MIN_STEPS / epoch_steps(n_train, batch_size)))
+    Fine-tuning starts from the probe's head (LP-FT) and needs few passes: EfficientNet-Lite0 on 20
+    Fashion-MNIST images per class validated best at epoch 2-3 of 5 and of 10, and 5 epochs tested
+    82.9%/81.9% against 82.6% for 10 (1,000 test images); the old rule (at least 300 steps) meant
+    38 epochs and 7 minutes on 164 photos, whose best epoch was the 7th."""
+    from .config import FINETUNE_EPOCHS, MIN_FINETUNE_STEPS, MIN_STEPS, TRAIN_EPOCHS
+
+    epochs, steps = (TRAIN_EPOCHS, MIN_STEPS) if from_scratch else (FINETUNE_EPOCHS, MIN_FINETUNE_STEPS)
+    return max(epochs, math.ceil(steps / epoch_steps(n_train, batch_size)))
 
 
 def resolve_schedule(config: TrainConfig, n_train: int) -> tuple[TrainConfig, str | None]:

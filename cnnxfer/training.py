@@ -252,8 +252,22 @@ class _Trainer:
         if loaded.new_head and c.weights != models.NONE:
             models.zero_head(loaded.model)  # every class equally likely: the loss starts at ln(classes), not above
         self.model = loaded.model.to(self.device)
+        self._choose_step_dtype()
         if self.runtime.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+
+    def _choose_step_dtype(self) -> None:
+        """The dtype of the training steps (device.training_dtype), recorded in the run's hparams
+        so that a resumed run steps in the same one."""
+        saved = (self.saved.hparams or {}).get("step_precision") if self.saved is not None else None
+        if saved is not None:
+            self.step_dtype = None if saved == "float32" else getattr(torch, saved)
+        else:
+            self.step_dtype = dev.training_dtype(self.runtime, self.model, self.config.precision)
+            if self.step_dtype != self.dtype:
+                self.note(f"precision auto: training steps in float32, evaluation in {self.runtime.precision} (bf16 "
+                          f"trains models with depthwise convolutions slower than fp32 on a CPU)")
+        self.hp["step_precision"] = str(self.step_dtype).replace("torch.", "") if self.step_dtype else "float32"
 
     # -- loaders
     def _build_loaders(self) -> None:
@@ -347,16 +361,18 @@ class _Trainer:
         self.loaders = self._cached_loaders() if cached else (self.train_loader, self.val_loader)
         self.optimizer = build_optimizer(self.plan.optimized, self.plan.optimized_head, self.hp, c.momentum)
         steps = steps_per_epoch(self.loaders[0])
-        if steps * c.epochs < recipe.FEW_STEPS and not c.max_steps and not self.plan.probe_only:
+        few = recipe.FEW_STEPS if c.weights == models.NONE else recipe.FEW_FINETUNE_STEPS
+        if steps * c.epochs < few and not c.max_steps and not self.plan.probe_only:
+            usual = "a few hundred" if c.weights == models.NONE else "fifty or more"
             self.note(f"{len(self.train_images)} training images at --batch-size {c.batch_size} give {steps} optimizer "
-                      f"step(s) per epoch, {steps * c.epochs} in all: with few images, raise --epochs (a few hundred "
+                      f"step(s) per epoch, {steps * c.epochs} in all: with few images, raise --epochs ({usual} "
                       f"steps is usual) or lower --batch-size")
         self.scheduler = cosine_with_warmup(self.optimizer, c.epochs * steps, int(c.warmup_epochs * steps))
-        use_scaler = self.dtype == torch.float16 and self.device.type == "cuda"
+        use_scaler = self.step_dtype == torch.float16 and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         agree = (lambda flag: distributed.any_rank(flag, self.device)) if self.rank.enabled else None
         self.ctx = StepContext(self.plan.module, self.optimizer, self.scheduler, self.scaler, self._loss_fn(),
-                               self.device, self.dtype, c.grad_clip, self.runtime.channels_last, 0, c.max_steps,
+                               self.device, self.step_dtype, c.grad_clip, self.runtime.channels_last, 0, c.max_steps,
                                self.normalizer, agree, self.rank.world)
         self.phase: Phase | None = None
 
@@ -448,7 +464,7 @@ class _Trainer:
         (--head-init probe): fine-tuning from a random head sends large early gradients into the
         pretrained features (LP-FT, Kumar et al. 2022)."""
         c = self.config
-        if self.plan.probe_only:
+        if self.plan.probe_only or Strategy(c.strategy) == Strategy.auto:  # auto: the probe is the first candidate
             return True
         return self.loaded.new_head and c.weights != models.NONE and HeadInit(c.head_init) == HeadInit.probe
 
@@ -478,6 +494,8 @@ class _Trainer:
         best = {k: row[k] for k in ("epoch", "val_loss", "val_accuracy", "train_loss", "train_accuracy")} if candidate else {}
         self._save_epoch(-1, [row], best, 0, improved=candidate)
         self._flush()
+        if HeadInit(c.head_init) == HeadInit.zero and not self.plan.probe_only:
+            models.zero_head(self.model)  # auto --head-init zero: the probe was a candidate, not the start
         return [row], best
 
     def _run_epochs(self, start_epoch: int, history: list, best: dict, bad_epochs: int) -> tuple[list, dict, bool]:
