@@ -209,7 +209,7 @@ BATCH_SIZE = 64
 FINETUNE_EPOCHS = 5
 TRAIN_EPOCHS = 30
 MIN_STEPS = 300
-MIN_FINETUNE_STEPS = 50
+MIN_FINETUNE_STEPS = 30
 
 
 def _check_ranges(config: TrainConfig) -> None:
@@ -331,6 +331,7 @@ class RunConfig:
     world_size: int = 1  # processes it trained with (torchrun)
     versions: dict = field(default_factory=dict)
     probe: dict | None = None  # the probe fitted at epoch 0, when there was one (training._Trainer.probe_summary)
+    selection: dict | None = None  # auto without validation images: probe vs fine-tuning by cross-validation
 
     @property
     def num_classes(self) -> int:

@@ -98,7 +98,7 @@ def training_dtype(runtime: "Runtime", model: torch.nn.Module, precision: str) -
     model with depthwise convolutions, which trains in fp32. bf16 autocast's backward pass through
     depthwise convolutions is slow on CPUs: a training step of EfficientNet-Lite0 / EfficientNet-B0 /
     MobileNetV3 / ConvNeXt-atto ran at 0.72 / 0.74 / 0.56 / 0.83x its fp32 speed at 224 px, ResNet-18's
-    at 1.94x (2-core AMD EPYC with avx512_bf16, batch 16, channels_last). Inference keeps bf16, 1.8-2.7x
+    at 1.94x (2-core Intel Xeon with AMX bf16, batch 16, channels_last). Inference keeps bf16, 1.8-2.7x
     faster than fp32 for all of them."""
     if getattr(precision, "value", precision) != "auto" or runtime.device.type != "cpu" or runtime.dtype != torch.bfloat16:
         return runtime.dtype

@@ -236,6 +236,13 @@ def _strategy_rows(result) -> list[tuple[str, str]]:
     rows = [("strategy", result.strategy)] if result.strategy else []
     if probe:
         rows.append(("probe", f"{probe['how']}; validation accuracy {_metric(probe.get('val_accuracy'))}"))
+    folds = result.selection
+    if folds:  # auto without validation images
+        kept = "the probe" if folds["winner"] == "probe" else f"fine-tuned, its last epoch ({len(epochs)})"
+        rows.append(("kept", f"{kept}, by {folds['folds']}-fold cross-validation on the training images (no "
+                             f"validation images): probe accuracy {folds['probe_accuracy']:.4f}, fine-tuned "
+                             f"{folds['finetuned_accuracy']:.4f}"))
+        return rows
     if not epochs:  # --strategy linear: the probe is the run
         return rows + [("kept", "the probe (logistic regression solved to convergence, no epochs)")]
     best_tuned = min(epochs, key=lambda r: _loss_key(r["val_loss"]))
@@ -311,9 +318,13 @@ def curves_figure(metrics):
 
     fig = _figure((10, 4))
     for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy")):
+        positive = False
         for split in ("train", "val"):
-            ax.plot(metrics["epoch"], metrics[f"{split}_{metric}"], "o-", label=split)
-        if metric == "loss":
+            values = metrics[f"{split}_{metric}"]
+            if values.notna().any():  # no validation set: no val line
+                ax.plot(metrics["epoch"], values, "o-", label=split)
+                positive = positive or bool((values > 0).any())
+        if metric == "loss" and positive:  # a probe that fits its images exactly has a training loss of 0
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(ScalarFormatter())  # 0.5, 1, 2 rather than 5x10^-1
             ax.yaxis.set_minor_formatter(ScalarFormatter())

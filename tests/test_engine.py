@@ -98,9 +98,12 @@ def custom_model_file(folder: Path, *extra: str) -> str:
 
 def test_resolve_hparams_defaults():
     scratch = recipe.resolve_hparams(TrainConfig(data=Path("."), out=Path("o"), weights="none", batch_size=64))
-    assert scratch == {"optimizer": "sgd", "lr": pytest.approx(0.1 * 64 / 256 * 4), "weight_decay": 5e-4, "backbone_lr_mult": 1.0}
-    tune = recipe.resolve_hparams(TrainConfig(data=Path("."), out=Path("o"), strategy=Strategy.gradual))
-    assert tune == {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "backbone_lr_mult": 0.1}
+    assert scratch == {"optimizer": "sgd", "lr": pytest.approx(0.1 * 64 / 256 * 4), "weight_decay": 5e-4, "backbone_lr_mult": 1.0,
+                       "bn_stats": "update"}
+    tune = recipe.resolve_hparams(TrainConfig(data=Path("."), out=Path("o"), strategy=Strategy.gradual, batch_size=16))
+    assert tune == {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "backbone_lr_mult": 0.1, "bn_stats": "frozen"}
+    big = recipe.resolve_hparams(TrainConfig(data=Path("."), out=Path("o"), batch_size=64))
+    assert big["bn_stats"] == "update"  # BatchNorm learns its statistics from batches of 32 or more
     linear = recipe.resolve_hparams(TrainConfig(data=Path("."), out=Path("o"), strategy=Strategy.linear, lr=0.5))
     assert linear["lr"] == 0.5
 
@@ -134,22 +137,26 @@ def test_linear_leaves_backbone_and_batchnorm_stats_unchanged(colours, test_resn
     assert any("running_mean" in k for k in backbone)  # the buffers are compared too
     assert changed(before, after, backbone) == []
     assert set(changed(before, after, ("fc.",))) == {"fc.weight", "fc.bias"}
-    assert [h["phase"] for h in result.history] == ["head", "head"]
+    assert [h["phase"] for h in result.history] == ["probe"]  # the exact probe: no epochs (--epochs does not apply)
 
 
-def test_linear_cached_features_reach_the_same_head_as_uncached(colours, test_resnet_3, tmp_path):
-    """The cache computes un-augmented features once; without augmentation and dropout the head
-    sees exactly the same inputs in the same order, so it must end up the same."""
-    common = dict(model="test_resnet", weights=str(test_resnet_3), strategy=Strategy.linear, epochs=2, augment=False, dropout=0.0, seed=3)
-    cached = fit(colours, tmp_path / "cached", cache_features=True, **common)
-    probe = fit(colours, tmp_path / "probe", cache_features=False, **common)
-    a, b = load_file(str(cached.run_dir / "model.safetensors")), load_file(str(probe.run_dir / "model.safetensors"))
-    assert not torch.equal(a["fc.weight"], load_file(str(test_resnet_3))["fc.weight"])
-    torch.testing.assert_close(a["fc.weight"], b["fc.weight"], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(a["fc.bias"], b["fc.bias"], atol=1e-5, rtol=1e-4)
-    for x, y in zip(cached.history, probe.history):
-        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-4)
-        assert x["val_loss"] == pytest.approx(y["val_loss"], rel=1e-4)
+def test_linear_without_the_cache_trains_the_head_on_features_computed_every_step(colours, test_resnet_weights, tmp_path):
+    """--no-cache keeps the training loop (a head trained on freshly augmented images). A new head
+    starts from the probe: without augmentation and with a learning rate of 0, its features and
+    head are exactly the cached probe's."""
+    common = dict(model="test_resnet", weights=str(test_resnet_weights), strategy=Strategy.linear, augment=False,
+                  dropout=0.0, seed=3)
+    cached = fit(colours, tmp_path / "cached", **common)
+    loop = fit(colours, tmp_path / "loop", cache_features=False, epochs=2, lr=0.0, **common)
+    assert [h["phase"] for h in loop.history] == ["probe", "head", "head"]
+    a, b = load_file(str(cached.run_dir / "model.safetensors")), load_file(str(loop.run_dir / "model.safetensors"))
+    torch.testing.assert_close(a["fc.weight"], b["fc.weight"], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a["fc.bias"], b["fc.bias"], atol=1e-6, rtol=1e-5)
+    assert loop.history[2]["val_loss"] == pytest.approx(cached.history[0]["val_loss"], rel=1e-4)
+    moving = fit(colours, tmp_path / "moving", cache_features=False, epochs=2, lr=0.05, **{**common, "augment": True})
+    c = load_file(str(moving.run_dir / "model.safetensors"))
+    assert not torch.equal(c["fc.weight"], a["fc.weight"])  # the loop trains the head from there
+    assert changed(a, c, tuple(k for k in a if not k.startswith("fc."))) == []  # and nothing else
 
 
 def test_gradual_freezes_the_backbone_for_head_epochs_then_unfreezes_top_down(colours, test_resnet_3, tmp_path):
@@ -160,8 +167,10 @@ def test_gradual_freezes_the_backbone_for_head_epochs_then_unfreezes_top_down(co
     def snapshot(row):
         snapshots.append(checkpoint.load_training_state(tmp_path / "run" / "state.pt")["model"])
 
+    # bn_stats update: the unfrozen stages' BatchNorm statistics must be seen to move (at batch 8
+    # fine-tuning would keep them frozen: recipe.resolve_bn_stats)
     result = fit(colours, tmp_path / "run", training.FitHooks(on_epoch=snapshot), model="test_resnet", weights=str(test_resnet_3),
-                 strategy=Strategy.gradual, epochs=3, head_epochs=1, lr=1e-2, checkpoint_every=0)
+                 strategy=Strategy.gradual, epochs=3, head_epochs=1, lr=1e-2, checkpoint_every=0, bn_stats="update")
     assert [h["phase"] for h in result.history] == ["head", "head+1 group(s)", "head+2 group(s)"]
     start = load_file(str(test_resnet_3))
     backbone = tuple(f"{s}." for s in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"))
@@ -231,10 +240,11 @@ def _stopped_after_epoch_1_then_resumed_equals_whole(data, tmp_path, common: dic
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("strategy", [Strategy.linear, Strategy.gradual])
+@pytest.mark.parametrize("strategy", [Strategy.gradual, Strategy.auto])
 def test_resumed_finetune_equals_uninterrupted(colours, test_resnet_3, tmp_path, strategy):
-    """Resuming rebuilds the model from state.pt: the feature cache must be computed from the
-    restored backbone, and gradual unfreezing must pick up at the right stage."""
+    """Resuming rebuilds the model from state.pt: gradual unfreezing must pick up at the right
+    stage, and auto's probe (epoch 0, a candidate for the best) is not fitted again. (linear is the
+    probe alone now: no epoch to stop after.)"""
     common = dict(model="test_resnet", weights=str(test_resnet_3), strategy=strategy, epochs=3, lr=1e-2)
     _stopped_after_epoch_1_then_resumed_equals_whole(colours, tmp_path, common)
 
@@ -372,8 +382,9 @@ def test_balanced_loss_weights_and_sampler(tmp_path):
 
 
 def test_early_stopping_stops_when_validation_loss_stalls(colours, test_resnet_3, tmp_path):
-    # lr 0 on cached features: the validation loss never improves after epoch 1.
-    result = fit(colours, tmp_path / "run", model="test_resnet", weights=str(test_resnet_3), strategy=Strategy.linear, epochs=6, lr=0.0, patience=2)
+    # lr 0 (the head trained on features computed every step): the validation loss never improves after epoch 1.
+    result = fit(colours, tmp_path / "run", model="test_resnet", weights=str(test_resnet_3), strategy=Strategy.linear,
+                 cache_features=False, epochs=6, lr=0.0, patience=2)
     assert result.stopped_early and len(result.history) == 3
 
 
@@ -438,24 +449,27 @@ def test_a_run_with_few_optimizer_steps_says_so_as_it_starts(colours, tmp_path):
     assert not [n for n in result.notes if "optimizer step" in n]
 
 @pytest.mark.parametrize("n, weights, expected", [
-    (15, "hub", (5, 100)),  # the demo's 3 labels x 5 digits: 3 steps per epoch, 300 in all
-    (15, "none", (5, 100)),
+    # fine-tuning pretrained weights starts from the probe's head: 5 epochs, at least 30 steps
+    (15, "hub", (5, 10)),  # the demo's 3 labels x 5 digits: 3 steps per epoch
+    (15, "none", (5, 100)),  # from scratch: at least 300 steps
     (120, "none", (15, 38)),
-    (900, "hub", (64, 22)),  # 14 steps per epoch: 10 epochs would be 140 steps
+    (160, "hub", (20, 5)),  # 20 Fashion-MNIST images per class, less the validation fifth: 40 steps
+    (900, "hub", (64, 5)),
     (900, "none", (64, 30)),
-    (5000, "hub", (64, 10)),  # a large dataset keeps the usual defaults
+    (5000, "hub", (64, 5)),
 ])
 def test_left_out_batch_size_and_epochs_are_chosen_from_the_dataset_size(n, weights, expected):
     config, note = recipe.resolve_schedule(TrainConfig(data=Path("."), out=Path("o"), weights=weights), n)
     assert (config.batch_size, config.epochs) == expected
     steps = config.epochs * (1 if n <= config.batch_size else n // config.batch_size)
-    assert steps >= 300 and n - (n // config.batch_size) * config.batch_size < max(1, n // config.batch_size)
-    assert (note is None) == (expected in ((64, 10), (64, 30)))
+    assert steps >= (300 if weights == "none" else 30)
+    assert n - (n // config.batch_size) * config.batch_size < max(1, n // config.batch_size)
+    assert (note is None) == (expected in ((64, 5), (64, 30)))
 
 
 def test_the_users_batch_size_and_epochs_are_kept():
     config, note = recipe.resolve_schedule(TrainConfig(data=Path("."), out=Path("o"), batch_size=16), 15)
-    assert (config.batch_size, config.epochs) == (16, 300) and "--epochs 300" in note and "--batch-size" not in note
+    assert (config.batch_size, config.epochs) == (16, 30) and "--epochs 30" in note and "--batch-size" not in note
     config, note = recipe.resolve_schedule(TrainConfig(data=Path("."), out=Path("o"), batch_size=64, epochs=2), 15)
     assert (config.batch_size, config.epochs, note) == (64, 2, None)
 
@@ -502,5 +516,5 @@ def test_val_split_zero_trains_on_everything_and_keeps_the_last_epoch(colours, t
     assert not (result.run_dir / "confusion_matrix.csv").exists()  # nothing to report on
     assert models.load_model(None, str(result.run_dir)).classes == sorted(COLOURS)
     linear = fit(colours, tmp_path / "linear", model="test_resnet", weights=str(result.run_dir / "model.safetensors"),
-                 strategy=Strategy.linear, epochs=2, val_split=0.0)
+                 strategy=Strategy.linear, cache_features=False, epochs=2, val_split=0.0)
     assert linear.val_images == 0 and linear.best["epoch"] == 2

@@ -10,11 +10,12 @@ import pytest
 import torch
 from conftest import LITE0
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from cnnxfer import ExtractConfig, extract_features, read_features
+from cnnxfer.data import stratified_folds
 from cnnxfer.probe import COARSE, SCALE_FLOOR, fit_probe, solve, standard_scale
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,7 +72,7 @@ def test_cross_validation_picks_the_best_strength_and_scores_it_as_scikit_learn_
     assert {round(math.log10(c), 2) for c in COARSE} <= tried and len(tried) >= len(COARSE) + 2  # swept, then refined
     best = max(fit.searched, key=lambda s: (s["accuracy"], -s["loss"]))
     assert fit.c == best["c"] and fit.cv_accuracy == best["accuracy"] and fit.folds == 5
-    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=3)  # the probe's own folds
+    folds = stratified_folds(y, 5, 3)  # the probe's own folds
     assert cross_val_score(_sklearn(fit.c), x, y, cv=folds).mean() == pytest.approx(fit.cv_accuracy, abs=1e-9)
     assert "5-fold cross-validation" in fit.describe()
 
@@ -122,3 +123,30 @@ def test_small_classes_use_fewer_folds(features):
     keep = np.concatenate([np.flatnonzero(y == k)[:3] for k in range(4)])
     fit = fit_probe(x[keep], y[keep], 4)
     assert fit.folds == 3 and fit.cv_accuracy is not None
+
+
+def test_stratified_folds_split_every_class_evenly():
+    labels = np.repeat(np.arange(4), [10, 7, 5, 3])
+    folds = stratified_folds(labels, 3, seed=1)
+    held = np.concatenate([h for _, h in folds])
+    assert sorted(held.tolist()) == list(range(len(labels)))  # every image held out exactly once
+    for train, h in folds:
+        assert set(train).isdisjoint(h) and len(train) + len(h) == len(labels)
+        counts = np.bincount(labels[h], minlength=4)
+        assert (np.abs(counts - np.bincount(labels) / 3) <= 1).all()  # each class's share, give or take one
+    assert max(len(h) for _, h in folds) - min(len(h) for _, h in folds) <= 1
+    assert [h.tolist() for _, h in stratified_folds(labels, 3, seed=1)] == [h.tolist() for _, h in folds]
+
+
+def test_temperature_is_recovered_from_logits_made_with_a_known_temperature():
+    from cnnxfer.probe import fit_temperature
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (4000, 5))
+    for true_t in (0.5, 2.0, 5.0):
+        p = np.exp(logits / true_t)
+        p /= p.sum(1, keepdims=True)
+        labels = np.array([rng.choice(5, p=row) for row in p])
+        assert fit_temperature(logits, labels) == pytest.approx(true_t, rel=0.1)
+    perfect = logits.argmax(1)
+    assert fit_temperature(logits, perfect) == 1.0  # every held-out image right: nothing to calibrate against

@@ -210,3 +210,26 @@ def _metrics(run: Path) -> list[dict]:
 
     with open(run / "metrics.csv", newline="") as fh:
         return list(csv.DictReader(fh))
+
+
+def test_auto_without_validation_images_decides_by_cross_validation(digits, lite0_weights, tmp_path, cli_runner):
+    """--val-split 0: each of 3 folds is an auto run validated on its held-out third; the whole run
+    keeps the candidate with the higher pooled held-out accuracy, and says so."""
+    from cnnxfer.cli import app
+
+    out = tmp_path / "run"
+    result = cli_runner.invoke(app, ["finetune", str(digits["train"]), "--model", LITE0, "--weights", str(lite0_weights),
+                                     "--img-size", "64", "--precision", "fp32", "--workers", "0", "--hflip", "0",
+                                     "--val-split", "0", "--epochs", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.stdout + result.stderr
+    selection = json.loads((out / "config.json").read_text())["selection"]
+    assert selection["folds"] == 3 and selection["images"] == 80
+    assert 0.3 < selection["probe_accuracy"] <= 1 and 0 < selection["finetuned_accuracy"] <= 1
+    rows = _metrics(out)
+    if selection["winner"] == "probe":
+        assert [r["phase"] for r in rows] == ["probe"]
+    else:
+        assert len(rows) == 3  # the probe, then 2 fine-tuned epochs: the last is kept
+    text = " ".join(result.stdout.split())
+    assert "3-fold cross-validation on the training images" in text and f"{selection['probe_accuracy']:.4f}" in text
+    assert not list(tmp_path.glob("cnnxfer-cv-*"))  # the folds' links lived in a temporary folder
