@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-quick test install benchmark clean
+.PHONY: demo demo-quick test install benchmark benchmark-transfer clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,11 @@ benchmark: $(STAMP)
 	$(BIN)/python benchmarks/photos.py
 	$(BIN)/python benchmarks/finetune.py
 	$(BIN)/python benchmarks/export.py
+
+# Level 2 on real ImageNet weights against scikit-learn and fastai (hours on a 2-core CPU; installs
+# Debian's dataset-fashion-mnist and a fastai environment of its own in --work).
+benchmark-transfer: $(STAMP)
+	$(BIN)/python benchmarks/transfer.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

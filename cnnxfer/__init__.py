@@ -17,6 +17,7 @@ _EXPORTS = {
     "ExportResult": "export", "export_model": "export",
     "ExtractSummary": "features", "extract_features": "features", "read_features": "features",
     "load_model": "models",
+    "ProbeFit": "probe", "fit_probe": "probe",
     "Preprocess": "preprocess",
     "run_checks": "sanity",
 }

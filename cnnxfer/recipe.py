@@ -70,6 +70,17 @@ def resolve_schedule(config: TrainConfig, n_train: int) -> tuple[TrainConfig, st
     return dataclasses.replace(config, batch_size=batch_size, epochs=epochs), note
 
 
+def probe_ignores(config: TrainConfig) -> list[str]:
+    """The training-loop options given to --strategy linear with its feature cache (the exact probe), which
+    has no epochs, learning rate or optimizer: named, never ignored silently."""
+    from .config import option_flag
+
+    if Strategy(config.strategy) != Strategy.linear or not config.cache_features:
+        return []
+    loop = ("epochs", "lr", "optimizer", "weight_decay", "patience", "grad_clip")
+    return [option_flag(name) for name in loop if getattr(config, name) is not None]
+
+
 def resolve_hparams(config: TrainConfig) -> dict:
     """Defaults that depend on the run: SGD for training from scratch, AdamW for fine-tuning."""
     from_scratch = config.weights == models.NONE

@@ -213,7 +213,6 @@ class _Trainer:
 
     # -- data and model
     def _read_data(self, config: TrainConfig) -> None:
-        self.requested = config  # as given: the cross-validation folds choose their own schedule by the same rules
         self.train_images, self.val_images = recipe.split_data(config)
         self.data_fingerprint = data.fingerprint(self.train_images) + data.fingerprint(self.val_images)
         self.classes = self.train_images.classes
@@ -222,6 +221,10 @@ class _Trainer:
         self.config, chosen = recipe.resolve_schedule(config, len(self.train_images))
         if chosen:
             self.note(chosen)
+        unused = recipe.probe_ignores(config)
+        if unused:
+            self.note(f"--strategy linear fits the probe exactly (no training loop): {', '.join(unused)} do not apply "
+                      f"(--no-cache trains a head with them)")
         c = self.config
         self.img_size = c.img_size or (recipe.auto_img_size(self.train_images) if c.weights == models.NONE else None)
         if self.img_size and not c.img_size:
@@ -445,11 +448,14 @@ class _Trainer:
             self._setup()
             if state:
                 start_epoch, history, best, bad = self._restore(state)
+                if start_epoch == 0 and history and history[0].get("phase") == "probe":
+                    self._select_by_cross_validation()  # interrupted after the probe, before the folds decided
             else:
                 start_epoch, history, best, bad = 0, [], {}, 0
                 if self._probes_first():
                     history, best = self._probe()
-                    self._select_by_cross_validation()
+                    if self.probe_row is not None:
+                        self._select_by_cross_validation()
             if self.plan.probe_only or self.keeps_probe:
                 return history, best, False
             try:
@@ -479,7 +485,7 @@ class _Trainer:
         from . import selection
 
         c = self.config
-        if Strategy(c.strategy) != Strategy.auto or len(self.val_images) or self.probe_fit is None:
+        if Strategy(c.strategy) != Strategy.auto or len(self.val_images) or self.selection is not None:
             return
         if self.rank.enabled:
             self.note("no validation images: under torchrun the fine-tuned model is kept without comparing it to the "
@@ -487,8 +493,9 @@ class _Trainer:
             return
         self.note(f"no validation images: comparing the probe and fine-tuning by {selection.FOLDS}-fold "
                   f"cross-validation on the training images (a short run per fold)")
-        folds = selection.cross_validate(dataclasses.replace(self.requested, strict=False), self.train_images,
-                                         lambda config: fit(config))
+        # the run's own resolved settings (batch size, epochs), which a resumed run reads back from config.json:
+        # the folds of an interrupted run and of an uninterrupted one are the same runs
+        folds = selection.cross_validate(dataclasses.replace(self.config, strict=False), self.train_images, fit)
         if folds is None:
             self.note("a class has one training image: too few to cross-validate; the fine-tuned model is kept")
             return
@@ -506,17 +513,20 @@ class _Trainer:
         val = _gather_sorted(*self._features(self.val_loader))
         if not len(train[1]):
             raise DataError(f"{self.config.data}: no image could be read")
+        self._check_skipped()  # every image decoded once: a class with no readable image, --strict
         c = self.config
-        fit = fit_probe(train[0], train[1].numpy(), len(self.classes), balanced=Balance(c.balance) != Balance.none,
-                        seed=c.seed)
-        weight, bias = fit.head()
+        solution = fit_probe(train[0], train[1].numpy(), len(self.classes), balanced=Balance(c.balance) != Balance.none,
+                             seed=c.seed)
+        weight, bias = solution.head()
         if not models.set_linear_head(self.model, weight.to(self.device), bias.to(self.device)):
             self.note("the classifier is not one linear layer on the pooled features: it starts from zeros, not the probe")
             return [], {}
-        self.probe_fit = fit
-        row = {"epoch": 0, "phase": "probe", **_probe_metrics(fit, train, "train"), **_probe_metrics(fit, val, "val"),
-               "lr": 0.0, "seconds": time.perf_counter() - start}
+        self.probe_fit = solution
+        row = {"epoch": 0, "phase": "probe", **_probe_metrics(solution, train, "train"),
+               **_probe_metrics(solution, val, "val"), "lr": 0.0, "seconds": time.perf_counter() - start}
         self.probe_row = row
+        shown = f"; validation accuracy {row['val_accuracy']:.4f}" if len(val[1]) else ""
+        self.note(f"probe: {solution.describe()}{shown} ({row['seconds']:.1f} s)")
         candidate = self.plan.probe_only or Strategy(c.strategy) == Strategy.auto
         best = {k: row[k] for k in ("epoch", "val_loss", "val_accuracy", "train_loss", "train_accuracy")} if candidate else {}
         self._save_epoch(-1, [row], best, 0, improved=candidate)

@@ -233,3 +233,53 @@ def test_auto_without_validation_images_decides_by_cross_validation(digits, lite
     text = " ".join(result.stdout.split())
     assert "3-fold cross-validation on the training images" in text and f"{selection['probe_accuracy']:.4f}" in text
     assert not list(tmp_path.glob("cnnxfer-cv-*"))  # the folds' links lived in a temporary folder
+
+
+def test_the_probe_checks_unreadable_images_and_names_options_it_does_not_use(tmp_path, test_resnet_weights, cli_runner):
+    from helpers import write_colour_folder
+
+    from cnnxfer.cli import app
+
+    data = write_colour_folder(tmp_path / "data", {"blue": 6, "red": 6})
+    (data / "broken_class").mkdir()
+    for i in range(4):
+        (data / "broken_class" / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    common = ["--model", "test_resnet", "--weights", str(test_resnet_weights), "--strategy", "linear", "--img-size", "32",
+              "--workers", "0", "--precision", "fp32"]
+    result = cli_runner.invoke(app, ["finetune", str(data), *common, "--out", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "broken_class" in result.stderr
+    shutil.rmtree(data / "broken_class")
+    (data / "red" / "zero.png").write_bytes(b"")
+    result = cli_runner.invoke(app, ["finetune", str(data), *common, "--strict", "--out", str(tmp_path / "strict")])
+    assert result.exit_code == 1 and "--strict: 1 unreadable image(s)" in result.stderr
+    result = cli_runner.invoke(app, ["finetune", str(data), *common, "--epochs", "20", "--lr", "0.1", "--out", str(tmp_path / "ok")])
+    assert result.exit_code == 0, result.stderr
+    assert "--epochs, --lr do not apply" in " ".join(result.stderr.split())
+    assert "probe: C " in result.stderr and "zero.png" in (tmp_path / "ok" / "skipped.csv").read_text()
+
+
+def test_auto_interrupted_after_the_probe_decides_again_on_resume(digits, lite0_weights, tmp_path):
+    """Ctrl-C while the folds run: --resume continues from the probe (epoch 0) and cross-validates
+    again, reaching the decision and weights of the uninterrupted run."""
+    from cnnxfer import selection
+
+    common = dict(val_split=0.0, epochs=1, strategy="auto")
+    whole = fit(digits["train"], tmp_path / "whole", lite0_weights, **common)
+    real = selection.cross_validate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    selection.cross_validate = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fit(digits["train"], tmp_path / "cut", lite0_weights, **common)
+    finally:
+        selection.cross_validate = real
+    assert (tmp_path / "cut" / "state.pt").is_file()
+    resumed = training.fit(training.resume_config(tmp_path / "cut"))
+    timeless = lambda s: {k: v for k, v in s.items() if k != "seconds"}  # noqa: E731
+    assert resumed.selection is not None and timeless(resumed.selection) == timeless(whole.selection)
+    assert [r["phase"] for r in resumed.history] == [r["phase"] for r in whole.history]
+    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -174,13 +174,22 @@ def _summary_rows(run: RunConfig, run_dir: Path, subject: subj.Subject) -> list[
             ("started from", str(run.weights_source)), ("classes", f"{len(run.classes)}: " + ", ".join(run.classes[:20])),
             ("images", f"{run.train_images} train / {run.val_images} validation"),
             ("input", "x".join(str(v) for v in run.data_config.get("input_size", []))),
-            ("strategy", f"{train.get('strategy', '-')}, {train.get('epochs', '-')} epochs"),
+            ("strategy", _strategy(run, train)),
             ("optimizer", f"{hp.get('optimizer', '-')} lr {hp.get('lr', '-')} weight decay {hp.get('weight_decay', '-')}"),
             ("best epoch", str(best.get("epoch", "-"))),
             ("validation accuracy", _pct(final.get("final_val_accuracy", best.get("val_accuracy")))),
             ("validation loss", _fmt(final.get("final_val_loss", best.get("val_loss")))),
             ("device", f"{run.device} / {run.precision}" + (f" x {run.world_size} processes" if run.world_size > 1 else ""))]
     return rows
+
+
+def _strategy(run: RunConfig, train: dict) -> str:
+    """The strategy, its epochs, and the probe's strength when it fitted one."""
+    text = f"{train.get('strategy', '-')}, {train.get('epochs', '-')} epochs"
+    if run.probe:
+        text = (f"{train.get('strategy')}: the probe alone" if train.get("strategy") == "linear" else text) + \
+               f"; probe {run.probe.get('how', '')}"
+    return text
 
 
 def _pct(v) -> str:
