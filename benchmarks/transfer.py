@@ -276,7 +276,8 @@ def report(done: dict, datasets: list[str], sizes: list[int], methods: list[str]
                 if records:
                     accs = [r["accuracy"] for r in records]
                     cell[method] = (statistics.mean(accs), min(accs), max(accs), statistics.mean(r["seconds"] for r in records))
-            rows.append([f"{name} {size}/class"] + [f"{cell[m][0]:.3f} [{cell[m][1]:.3f}-{cell[m][2]:.3f}] {cell[m][3]:.0f}s"
+            draws = len({d for (n, s, d, _) in done if (n, s) == (name, size)})
+            rows.append([f"{name} {size}/class ({draws} draw{'s' if draws != 1 else ''})"] + [f"{cell[m][0]:.3f} [{cell[m][1]:.3f}-{cell[m][2]:.3f}] {cell[m][3]:.0f}s"
                                                      if m in cell else "-" for m in methods])
             verdicts.append(_verdicts(name, size, cell))
     print()

@@ -106,7 +106,7 @@ def test_finetuning_a_run_on_other_classes_announces_one_new_head(finished_run, 
         (data / name).mkdir(parents=True)
         for f in sorted((colours / source).iterdir()):
             (data / name / f.name).write_bytes(f.read_bytes())
-    result = _invoke("finetune", data, "--weights", finished_run, "--strategy", "linear", "--epochs", "1",
+    result = _invoke("finetune", data, "--weights", finished_run, "--strategy", "linear",  # the probe: no epochs to give
                      "--out", tmp_path / "tuned", *FAST)
     assert result.exit_code == 0, result.stderr
     notes = [line for line in result.stderr.splitlines() if line.startswith("note:") and ("classifier" in line or "head" in line)]
