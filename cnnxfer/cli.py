@@ -250,7 +250,7 @@ def finetune(
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="linear: compute the frozen backbone's features once (un-augmented).")] = True,
     head_epochs: Annotated[int, typer.Option("--head-epochs", help="gradual: epochs with the backbone frozen before unfreezing.")] = _default(_T, "head_epochs"),
     head_init: Annotated[cfg.HeadInit, typer.Option("--head-init", help="Where a new head starts: probe (fitted on the frozen features, then fine-tuned) or zero (every class equally likely).")] = cfg.HeadInit.probe,
-    bn_stats: Annotated[cfg.BnStats, typer.Option("--bn-stats", help="BatchNorm while fine-tuning: frozen keeps the pretrained running statistics, update learns them from each batch; auto: frozen on batches under 32 images.")] = cfg.BnStats.auto,
+    bn_stats: Annotated[cfg.BnStats, typer.Option("--bn-stats", help="BatchNorm while fine-tuning: frozen keeps the pretrained running statistics, update learns them from each batch; auto: frozen when fine-tuning pretrained weights, update from scratch.")] = cfg.BnStats.auto,
     val_split: ValSplit = _default(_T, "val_split"),
     patience: Patience = None,
     img_size: ImgSize = None,

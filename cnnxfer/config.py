@@ -45,7 +45,7 @@ class HeadInit(str, Enum):
 
 
 class BnStats(str, Enum):
-    auto = "auto"  # frozen when fine-tuning a pretrained backbone on small batches (recipe.resolve_bn_stats)
+    auto = "auto"  # frozen when fine-tuning a pretrained backbone, update from scratch (recipe.resolve_bn_stats)
     update = "update"  # BatchNorm normalises with each batch's statistics and updates its running ones
     frozen = "frozen"  # the pretrained running statistics are kept (BatchNorm in eval mode; its scale and shift train)
 

@@ -15,7 +15,6 @@ from .engine import epoch_steps
 
 FEW_STEPS = 100  # fewer optimizer steps in a whole run from scratch than this gets a note
 FEW_FINETUNE_STEPS = 25  # likewise when fine-tuning pretrained weights, which starts from the probe
-BN_FROZEN_BELOW = 32  # images per batch under which fine-tuning keeps BatchNorm's pretrained statistics
 
 
 def auto_batch_size(n_train: int) -> int:
@@ -99,14 +98,17 @@ def resolve_hparams(config: TrainConfig) -> dict:
 
 
 def resolve_bn_stats(config: TrainConfig) -> BnStats:
-    """--bn-stats auto: the pretrained running statistics are kept (BatchNorm in eval mode) when
-    fine-tuning on batches of fewer than BN_FROZEN_BELOW images per process; from scratch,
-    or on large batches, BatchNorm updates them."""
+    """--bn-stats auto: fine-tuning pretrained weights keeps their running statistics (BatchNorm in
+    eval mode, Keras's fine-tuning advice too); from scratch BatchNorm learns them. Measured on
+    EfficientNet-Lite0 ImageNet weights: updating them from batches of 20 upscaled 28 px
+    Fashion-MNIST images took `full` from 82.6% to 53.0%, and from batches of 64 digits at 100 per
+    class from 89.4% to 54.6%: the probe's head was fitted on features normalised by the
+    pretrained statistics, and batch statistics of a far domain move every feature under it."""
     if BnStats(config.bn_stats) != BnStats.auto:
         return BnStats(config.bn_stats)
     if config.weights == models.NONE:
         return BnStats.update
-    return BnStats.frozen if (config.batch_size or 0) < BN_FROZEN_BELOW else BnStats.update
+    return BnStats.frozen
 
 
 def split_data(config: TrainConfig) -> tuple[data.ImageList, data.ImageList]:

@@ -103,7 +103,7 @@ def test_resolve_hparams_defaults():
     tune = recipe.resolve_hparams(TrainConfig(data=Path("."), out=Path("o"), strategy=Strategy.gradual, batch_size=16))
     assert tune == {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "backbone_lr_mult": 0.1, "bn_stats": "frozen"}
     big = recipe.resolve_hparams(TrainConfig(data=Path("."), out=Path("o"), batch_size=64))
-    assert big["bn_stats"] == "update"  # BatchNorm learns its statistics from batches of 32 or more
+    assert big["bn_stats"] == "frozen"  # on large batches too: updated statistics sank full fine-tuning to 54.6% (recipe)
     linear = recipe.resolve_hparams(TrainConfig(data=Path("."), out=Path("o"), strategy=Strategy.linear, lr=0.5))
     assert linear["lr"] == 0.5
 
