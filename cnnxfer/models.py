@@ -206,7 +206,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
     for k in dropped:
         del state[k]
     if dropped:
-        notes.append(f"classifier {', '.join(sorted({k.rsplit('.', 1)[0] for k in dropped}))} re-initialised for {model_num_classes(model)} classes")
+        notes.append(f"new classifier ({', '.join(sorted({k.rsplit('.', 1)[0] for k in dropped}))}) re-initialised for {model_num_classes(model)} classes")
     head_missing = {k for k in own if k.startswith(heads)} if dropped else set()
     missing = [k for k in own if k not in state and k not in head_missing and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own and not k.endswith("num_batches_tracked")]
