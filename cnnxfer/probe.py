@@ -138,21 +138,17 @@ def solve(x: np.ndarray, y: np.ndarray, num_classes: int, c: float, sample_weigh
     return result.x.reshape(num_classes, d + 1)
 
 
-def _folds(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    from .data import stratified_folds
-
-    return stratified_folds(labels, folds, seed)
-
-
 class _CrossValidation:
     """Held-out accuracy and log loss of the probe at any C, each fold warm-started from the
     solution at the nearest C already tried."""
 
     def __init__(self, features: np.ndarray, labels: np.ndarray, num_classes: int, weights: np.ndarray | None,
                  folds: int, seed: int):
+        from .data import stratified_folds
+
         self.num_classes = num_classes
         self.parts = []
-        for train, held in _folds(labels, folds, seed):
+        for train, held in stratified_folds(labels, folds, seed):
             scaled = _Standardised.of(features[train])
             sw = weights[labels[train]] if weights is not None else None
             self.parts.append((scaled.x, labels[train], sw, scaled.apply(features[held]), labels[held]))

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from . import data, device as dev, distributed, loader as loaders, models, recipe
-from .config import Balance, BnStats, CacheImages, HeadInit, RunConfig, Strategy, TrainConfig, resumed_config
+from .config import (MIN_FINETUNE_STEPS, Balance, BnStats, CacheImages, HeadInit, RunConfig, Strategy, TrainConfig,
+                     resumed_config)
 from .engine import (BatchHook, EpochStats, StepContext, build_optimizer, cosine_with_warmup, evaluate, seed_everything,
                      steps_per_epoch, to_device, train_one_epoch)
 from .errors import TrainingError, UsageError
@@ -370,7 +371,7 @@ class _Trainer:
         steps = steps_per_epoch(self.loaders[0])
         few = recipe.FEW_STEPS if c.weights == models.NONE else recipe.FEW_FINETUNE_STEPS
         if steps * c.epochs < few and not c.max_steps and not self.plan.probe_only:
-            usual = "a few hundred" if c.weights == models.NONE else "fifty or more"
+            usual = "a few hundred" if c.weights == models.NONE else f"{MIN_FINETUNE_STEPS} or more"
             self.note(f"{len(self.train_images)} training images at --batch-size {c.batch_size} give {steps} optimizer "
                       f"step(s) per epoch, {steps * c.epochs} in all: with few images, raise --epochs ({usual} "
                       f"steps is usual) or lower --batch-size")
