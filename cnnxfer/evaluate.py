@@ -183,7 +183,8 @@ def trained_on(images: data.ImageList, indices: list[int], weights: str) -> int:
     """How many of the evaluated images (`indices` into `images`) the run in `weights` trained on.
 
     The run's training images are its data folder less the validation split, which is seeded and
-    so can be drawn again from its config.json. 0 when that folder is gone or moved (a relative
+    so can be drawn again from its config.json; all of them when the kept probe was fitted again on
+    the training and validation images (training._refit_probe). 0 when that folder is gone or moved (a relative
     path recorded from another working directory cannot be found either), and for an exported file.
     """
     from .config import RunConfig, TrainConfig
@@ -191,13 +192,15 @@ def trained_on(images: data.ImageList, indices: list[int], weights: str) -> int:
 
     if not checkpoint.is_run_dir(weights):
         return 0
-    saved = RunConfig.from_dict(checkpoint.load_run_config(Path(weights))).train_config
+    run = RunConfig.from_dict(checkpoint.load_run_config(Path(weights)))
+    saved = run.train_config
     if not saved.get("data") or not Path(saved["data"]).exists():
         return 0
     try:
-        train, _ = split_data(TrainConfig(data=Path(saved["data"]), out=Path(weights), val_split=saved.get("val_split", 0.2),
+        train, val = split_data(TrainConfig(data=Path(saved["data"]), out=Path(weights), val_split=saved.get("val_split", 0.2),
                                           seed=saved.get("seed", 0)))
     except Exception:  # the folder changed beyond reading (a class removed...): nothing to compare with
         return 0
-    seen = {os.path.realpath(p) for p in train.paths}
+    refit = (run.probe or {}).get("refit") and (run.best or {}).get("epoch") == 0
+    seen = {os.path.realpath(p) for p in [*train.paths, *(val.paths if refit else [])]}
     return sum(os.path.realpath(images.paths[i]) in seen for i in indices)

@@ -226,8 +226,17 @@ def fit_summary(result, notes_shown: bool = False) -> None:
 
 
 def _strategy_rows(result) -> list[tuple[str, str]]:
-    """What ran and what was kept: the probe's strength, the epochs, and for --strategy auto both
-    candidates' validation figures and the winner."""
+    """What ran and what was kept: the probe's strength, the epochs, for --strategy auto both
+    candidates' validation figures and the winner, and a kept probe's refit on every image."""
+    rows = _candidate_rows(result)
+    refit = (result.probe or {}).get("refit")
+    if refit and result.best.get("epoch") == 0:
+        rows.append(("saved", f"the probe fitted again on the training and validation images together "
+                              f"({refit['images']} images; {refit['how']})"))
+    return rows
+
+
+def _candidate_rows(result) -> list[tuple[str, str]]:
     best, probe = result.best, result.probe
     epochs = [row for row in result.history if row.get("phase") != "probe"]
     hp = result.hparams
@@ -245,7 +254,7 @@ def _strategy_rows(result) -> list[tuple[str, str]]:
         return rows
     if not epochs:  # --strategy linear: the probe is the run
         return rows + [("kept", "the probe (logistic regression solved to convergence, no epochs)")]
-    best_tuned = min(epochs, key=lambda r: _loss_key(r["val_loss"]))
+    best_tuned = _best_tuned(epochs, probe if result.strategy == "auto" else None)
     rows += [("fine-tuning", f"{len(epochs)} epoch(s), {loop}")]
     if result.strategy == "auto" and probe:
         tuned = f"fine-tuned epoch {best_tuned['epoch']}: {_pair(best_tuned)}"
@@ -254,6 +263,15 @@ def _strategy_rows(result) -> list[tuple[str, str]]:
     else:
         rows.append(("best epoch", f"{best.get('epoch')} of {len(epochs)}, by {result.best_rule}{stopped}"))
     return rows
+
+
+def _best_tuned(epochs: list[dict], probe: dict | None) -> dict:
+    """The fine-tuned epoch the run's rule prefers (training.is_new_best): the lowest validation loss,
+    under auto among the epochs at least as accurate as the probe when there are any."""
+    floor = probe.get("val_accuracy") if probe else None
+    eligible = [r for r in epochs if floor is None or floor != floor or (r["val_accuracy"] == r["val_accuracy"]
+                                                                        and r["val_accuracy"] >= floor)]
+    return min(eligible or epochs, key=lambda r: _loss_key(r["val_loss"]))
 
 
 def _pair(row: dict) -> str:

@@ -40,9 +40,10 @@ class CrossValidation:
 
     @property
     def winner(self) -> str:
-        """"probe" or "fine-tuned": the higher held-out accuracy, ties to the lower loss."""
-        probe, tuned = (self.probe_accuracy, -self.probe_loss), (self.finetuned_accuracy, -self.finetuned_loss)
-        return "probe" if probe > tuned else "fine-tuned"
+        """"probe" or "fine-tuned": the higher held-out accuracy, ties to fine-tuning (as with validation
+        images, training.is_new_best: the losses of a calibrated probe and of a label-smoothed model
+        do not compare)."""
+        return "probe" if self.probe_accuracy > self.finetuned_accuracy else "fine-tuned"
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "winner": self.winner}

@@ -49,21 +49,35 @@ def fit(data: Path, out: Path, weights, hooks=None, **kwargs) -> training.FitRes
 
 
 def test_linear_is_the_exact_probe_and_the_saved_model_reproduces_it(digits, lite0_weights, tmp_path):
-    result = fit(digits["train"], tmp_path / "run", lite0_weights, strategy="linear", val_split=0.0)
+    """The probe validated on a fifth of the folder, then fitted again on all of it: the saved head
+    is scikit-learn's objective solved on every image, in the order the run read them."""
+    from cnnxfer.data import discover
+    from cnnxfer.evaluate import trained_on
+    from cnnxfer.recipe import split_data
+
+    result = fit(digits["train"], tmp_path / "run", lite0_weights, strategy="linear", val_split=0.2)
     assert [row["phase"] for row in result.history] == ["probe"]  # no epochs: seconds, not a training loop
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["probe"]["c"] == result.probe["c"] and config["probe"]["folds"] == 5
-    assert 0.5 < config["probe"]["cv_accuracy"] <= 1.0
+    probe, refit = config["probe"], config["probe"]["refit"]
+    assert probe["c"] == result.probe["c"] and probe["folds"] == 5 and 0.5 < probe["cv_accuracy"] <= 1.0
+    assert refit["images"] == 80 and refit["folds"] == 5  # 64 training + 16 validation images
+    # validation figures are the fit on the 64 training images alone, measured before the refit
+    assert config["final"]["final_val_accuracy"] == pytest.approx(probe["val_accuracy"])
     # the same probe, fitted independently on `cnnxfer extract` features of the same images
     extract_features(ExtractConfig(data=digits["train"], out=tmp_path / "train.parquet", model=LITE0,
                                    weights=str(lite0_weights), img_size=64, precision="fp32", num_workers=0))
-    _, labels, x = read_features(tmp_path / "train.parquet")
-    reference = fit_probe(x, np.array([int(v) for v in labels]), 10, seed=0)
-    assert reference.c == pytest.approx(result.probe["c"])
+    paths, labels, x = read_features(tmp_path / "train.parquet")
+    train, val = split_data(TrainConfig(data=digits["train"], out=tmp_path, val_split=0.2, seed=0))
+    row_of = {Path(p).name: i for i, p in enumerate(paths)}
+    order = [row_of[Path(p).name] for p in [*train.paths, *val.paths]]
+    reference = fit_probe(x[order], np.array([int(labels[i]) for i in order]), 10, seed=0)
+    assert reference.c == pytest.approx(refit["c"])
     saved = load_file(str(tmp_path / "run" / "model.safetensors"))
     weight, _ = reference.head()  # the solution divided by the temperature fitted on its held-out logits
-    assert config["probe"]["temperature"] == pytest.approx(reference.temperature, rel=1e-3)
+    assert refit["temperature"] == pytest.approx(reference.temperature, rel=1e-3)
     torch.testing.assert_close(saved["classifier.weight"], weight, atol=2e-3, rtol=1e-3)
+    everything = discover(digits["train"], labelled=True)
+    assert trained_on(everything, list(range(80)), str(tmp_path / "run")) == 80  # evaluate warns: all of them trained it
     # the saved timm model predicts what the probe predicts on new images
     extract_features(ExtractConfig(data=digits["test"], out=tmp_path / "test.parquet", model=LITE0,
                                    weights=str(lite0_weights), img_size=64, precision="fp32", num_workers=0))
@@ -119,9 +133,11 @@ def test_auto_keeps_the_probe_when_fine_tuning_makes_it_worse(digits, lite0_weig
     config = json.loads((out / "config.json").read_text())
     rows = _metrics(out)
     assert rows[0]["phase"] == "probe" and len(rows) == 3
-    assert config["best"]["epoch"] == 0 and min(float(r["val_loss"]) for r in rows[1:]) > float(rows[0]["val_loss"])
-    assert config["final"]["final_val_accuracy"] == pytest.approx(float(rows[0]["val_accuracy"]))  # the saved model is the probe
-    assert "kept" in result.stdout and "the probe, by the lowest validation loss" in " ".join(result.stdout.split())
+    assert config["best"]["epoch"] == 0 and max(float(r["val_accuracy"]) for r in rows[1:]) < float(rows[0]["val_accuracy"])
+    assert config["final"]["final_val_accuracy"] == pytest.approx(float(rows[0]["val_accuracy"]))  # the kept model is the probe
+    assert config["probe"]["refit"]["images"] == 80  # validation was split off the folder: the saved probe learnt from all
+    text = " ".join(result.stdout.split())
+    assert "the probe, by validation accuracy" in text and "saved │ the probe fitted again" in text
 
 
 def test_auto_keeps_fine_tuning_when_it_validates_better(digits, resnet10t_weights, tmp_path):
@@ -133,8 +149,10 @@ def test_auto_keeps_fine_tuning_when_it_validates_better(digits, resnet10t_weigh
                                       precision="fp32", num_workers=0, hflip=0.0))
     probe_row = result.history[0]
     assert result.strategy == "auto" and probe_row["phase"] == "probe" and len(result.history) == 16
-    assert result.best["epoch"] > 0 and result.best["val_loss"] < probe_row["val_loss"]
-    assert result.best["val_loss"] == min(row["val_loss"] for row in result.history)
+    tuned = [row for row in result.history[1:] if row["val_accuracy"] >= probe_row["val_accuracy"]]
+    assert result.best["epoch"] > 0 and tuned  # fine-tuned epochs at least as accurate as the probe: the lowest loss
+    assert result.best["val_loss"] == min(row["val_loss"] for row in tuned)
+    assert "refit" not in result.probe  # a fine-tuned epoch is kept: nothing to fit again
     assert result.best["final_val_loss"] == pytest.approx(result.best["val_loss"], rel=1e-4)  # the kept weights are that epoch's
 
 
@@ -283,3 +301,23 @@ def test_auto_interrupted_after_the_probe_decides_again_on_resume(digits, lite0_
     assert [r["phase"] for r in resumed.history] == [r["phase"] for r in whole.history]
     a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_auto_weighs_the_probe_against_fine_tuning_by_accuracy_ties_to_fine_tuning():
+    """The rule itself, on rows as the run writes them: loss cannot compare a probe calibrated on
+    held-out images with a label-smoothed model, so accuracy decides and ties go to fine-tuning;
+    among fine-tuned epochs at least as accurate as the probe, the lowest loss; an epoch less
+    accurate than the probe never replaces anything, whatever its loss."""
+    from cnnxfer.selection import CrossValidation
+
+    probe = {"epoch": 0, "phase": "probe", "val_accuracy": 0.9, "val_loss": 0.30}
+    tie = {"epoch": 1, "phase": "full", "val_accuracy": 0.9, "val_loss": 0.45}
+    worse = {"epoch": 2, "phase": "full", "val_accuracy": 0.85, "val_loss": 0.20}
+    better = {"epoch": 3, "phase": "full", "val_accuracy": 0.95, "val_loss": 0.40}
+    assert training.is_new_best(tie, probe, probe=probe)  # the probe wins on loss, fine-tuning ties on accuracy
+    assert not training.is_new_best(worse, tie, probe=probe)  # lower loss, below the probe's accuracy
+    assert training.is_new_best(better, tie, probe=probe)  # at least the probe's accuracy and a lower loss
+    assert not training.is_new_best(tie, probe)  # without the auto rule: loss alone, the probe stays
+    assert not training.is_new_best({**tie, "val_accuracy": float("nan")}, probe, probe=probe)
+    cv = CrossValidation(3, 30, probe_accuracy=0.8, probe_loss=0.4, finetuned_accuracy=0.8, finetuned_loss=0.6, seconds=1)
+    assert cv.winner == "fine-tuned" and CrossValidation(3, 30, 0.81, 0.4, 0.8, 0.3, 1).winner == "probe"
