@@ -194,6 +194,39 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(math.exp(found.x))
 
 
+def calibrated_nll(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The cross-entropy of logits / T at the T in [1/4, 64] that minimises it: a loss that compares
+    models whose confidence differs by construction (a probe with a fitted temperature, a network
+    trained on smoothed labels) on equal terms. When every image is right it is the loss at T = 1/4:
+    the candidate with the wider margins has the lower."""
+    from scipy.optimize import minimize_scalar
+
+    logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
+    if not len(labels):
+        return float("nan")
+    found = minimize_scalar(lambda log_t: _nll(logits, labels, math.exp(log_t)), bounds=(math.log(0.25), math.log(64.0)),
+                            method="bounded", options={"xatol": 1e-4})
+    return float(min(found.fun, _nll(logits, labels, 0.25)))
+
+
+def beats_probe(row: dict, probe: dict) -> bool:
+    """Whether a fine-tuned model beats the probe on the same held-out images (rows with
+    `val_accuracy` and `val_loss_calibrated`): more accurate, or as accurate with a lower calibrated
+    loss. The rule of --strategy auto (training.is_new_best, selection, the summary)."""
+    mine, theirs = _accuracy(row["val_accuracy"]), _accuracy(probe["val_accuracy"])
+    if mine != theirs:
+        return mine > theirs
+    return _loss(row.get("val_loss_calibrated")) < _loss(probe.get("val_loss_calibrated"))
+
+
+def _accuracy(x) -> float:
+    return x if x is not None and x == x else -1.0
+
+
+def _loss(x) -> float:
+    return x if x is not None and x == x and math.isfinite(x) else math.inf
+
+
 def choose_c(features: np.ndarray, labels: np.ndarray, num_classes: int, weights: np.ndarray | None = None,
              folds: int = FOLDS, seed: int = 0) -> tuple[dict, list[dict], int, float]:
     """(the best {"c", "accuracy", "loss"}, every strength tried, the folds used, the temperature of

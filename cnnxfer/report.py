@@ -254,7 +254,8 @@ def _candidate_rows(result) -> list[tuple[str, str]]:
         return rows
     if not epochs:  # --strategy linear: the probe is the run
         return rows + [("kept", "the probe (logistic regression solved to convergence, no epochs)")]
-    best_tuned = _best_tuned(epochs, probe if result.strategy == "auto" else None)
+    probe_row = next((r for r in result.history if r.get("phase") == "probe"), None)
+    best_tuned = _best_tuned(epochs, probe_row if result.strategy == "auto" else None)
     rows += [("fine-tuning", f"{len(epochs)} epoch(s), {loop}")]
     if result.strategy == "auto" and probe:
         tuned = f"fine-tuned epoch {best_tuned['epoch']}: {_pair(best_tuned)}"
@@ -265,12 +266,12 @@ def _candidate_rows(result) -> list[tuple[str, str]]:
     return rows
 
 
-def _best_tuned(epochs: list[dict], probe: dict | None) -> dict:
+def _best_tuned(epochs: list[dict], probe_row: dict | None) -> dict:
     """The fine-tuned epoch the run's rule prefers (training.is_new_best): the lowest validation loss,
-    under auto among the epochs at least as accurate as the probe when there are any."""
-    floor = probe.get("val_accuracy") if probe else None
-    eligible = [r for r in epochs if floor is None or floor != floor or (r["val_accuracy"] == r["val_accuracy"]
-                                                                        and r["val_accuracy"] >= floor)]
+    under auto among the epochs that beat the probe when there are any."""
+    from .probe import beats_probe
+
+    eligible = [r for r in epochs if probe_row is None or beats_probe(r, probe_row)]
     return min(eligible or epochs, key=lambda r: _loss_key(r["val_loss"]))
 
 

@@ -33,17 +33,20 @@ class CrossValidation:
     folds: int
     images: int
     probe_accuracy: float
-    probe_loss: float
+    probe_loss: float  # the calibrated cross-entropy (probe.calibrated_nll), pooled
     finetuned_accuracy: float
     finetuned_loss: float
     seconds: float
 
     @property
     def winner(self) -> str:
-        """"probe" or "fine-tuned": the higher held-out accuracy, ties to fine-tuning (as with validation
-        images, training.is_new_best: the losses of a calibrated probe and of a label-smoothed model
-        do not compare)."""
-        return "probe" if self.probe_accuracy > self.finetuned_accuracy else "fine-tuned"
+        """"probe" or "fine-tuned": the rule of validation images (probe.beats_probe), on the pooled
+        held-out figures."""
+        from .probe import beats_probe
+
+        tuned = {"val_accuracy": self.finetuned_accuracy, "val_loss_calibrated": self.finetuned_loss}
+        probe = {"val_accuracy": self.probe_accuracy, "val_loss_calibrated": self.probe_loss}
+        return "fine-tuned" if beats_probe(tuned, probe) else "probe"
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "winner": self.winner}
@@ -70,7 +73,8 @@ def cross_validate(config: TrainConfig, images: ImageList, fit: Callable[[TrainC
                                           resume=False, overwrite=True, patience=None))
             probe, last = run.history[0], run.history[-1]
             n = len(held)
-            pooled += [probe["val_accuracy"] * n, probe["val_loss"] * n, last["val_accuracy"] * n, last["val_loss"] * n]
+            pooled += [probe["val_accuracy"] * n, probe["val_loss_calibrated"] * n, last["val_accuracy"] * n,
+                       last.get("val_loss_calibrated", last["val_loss"]) * n]
     n = len(labels)
     return CrossValidation(k, n, pooled[0] / n, pooled[1] / n, pooled[2] / n, pooled[3] / n, time.perf_counter() - start)
 

@@ -37,13 +37,14 @@ from .engine import (BatchHook, EpochStats, StepContext, build_optimizer, cosine
                      steps_per_epoch, to_device, train_one_epoch)
 from .errors import TrainingError, UsageError
 from .preprocess import Augment, Preprocess
-from .probe import ProbeFit, fit_probe
+from .probe import ProbeFit, beats_probe, calibrated_nll, fit_probe
 from .rundir import RunDir
 from .signals import check_signals, deferred_signals
 from .strategy import FeatureDataset, Phase, Plan
 
 BEST_RULE = "the lowest validation loss"  # how the best epoch is chosen (is_new_best), as the summary says it
-AUTO_RULE = "validation accuracy against the probe (ties to fine-tuning), then the lowest validation loss"  # auto
+AUTO_RULE = ("validation accuracy against the probe (ties: the calibrated loss), then the lowest validation "
+             "loss")  # --strategy auto (is_new_best)
 VAL_LOSS = nn.CrossEntropyLoss()  # what validation measures: plain cross-entropy (see _Trainer._loss_fn)
 
 
@@ -158,25 +159,24 @@ def is_new_best(row: dict, best: dict, validated: bool = True, probe: dict | Non
     validation set ties or jumps by whole images. Without a validation set (--val-split 0) every
     epoch is the new best: the last one is kept and the run never stops early.
 
-    Under --strategy auto the probe's row (epoch 0) is `probe`, the other candidate: a fine-tuned
-    epoch less accurate on validation than the probe is never the best, and one at least as accurate
-    replaces it. Loss cannot judge between the two: the probe's temperature is fitted on held-out
-    images and fine-tuning smooths its labels, so the probe won on loss at equal or better fine-tuned
-    accuracy (digits, 100 per class: a tie at 96.5% kept the probe, 87.2% on the test images against
-    the fine-tuned 89.4%; at 20 per class the probe was kept in 5 of 6 runs, fine-tuning tested
-    better in 4). Ties go to fine-tuning: it starts from the probe and only moves off it to fit better."""
+    Under --strategy auto the probe's row (epoch 0) is `probe`, the other candidate, and a fine-tuned
+    epoch can be the best only if it beats the probe: a higher validation accuracy, or the same with
+    a lower calibrated loss (`val_loss_calibrated`: each candidate's cross-entropy at the temperature
+    that suits it best, probe.calibrated_nll). The raw loss cannot judge between the two: the probe's
+    temperature is fitted on held-out images and fine-tuning smooths its labels, so the probe won on
+    loss at equal or better fine-tuned accuracy (digits, 100 per class: a tie at 96.5% kept the probe,
+    87.2% on the test images against the fine-tuned 89.4%; at 20 per class the probe was kept in 5 of
+    6 runs, fine-tuning tested better in 4). Among the epochs that beat the probe, the lowest loss."""
     if not best or not validated:
         return True
     if probe is not None and row.get("phase") != "probe":
-        if _finite_accuracy(row["val_accuracy"]) < _finite_accuracy(probe["val_accuracy"]):
+        if not beats_probe(row, probe):
             return False
         if best["epoch"] == probe["epoch"]:
             return True
     return _finite(row["val_loss"]) < _finite(best["val_loss"])
 
 
-def _finite_accuracy(x: float) -> float:
-    return x if x == x else -1.0
 
 
 def _finite(x: float) -> float:
@@ -545,6 +545,8 @@ class _Trainer:
         self.probe_fit = solution
         row = {"epoch": 0, "phase": "probe", **_probe_metrics(solution, train, "train"),
                **_probe_metrics(solution, val, "val"), "lr": 0.0, "seconds": time.perf_counter() - start}
+        if Strategy(c.strategy) == Strategy.auto and len(val[1]):  # what a fine-tuned epoch tying on accuracy must beat
+            row["val_loss_calibrated"] = calibrated_nll(solution.logits(val[0]).double().numpy(), val[1].numpy())
         self.probe_row = row
         shown = f"; validation accuracy {row['val_accuracy']:.4f}" if len(val[1]) else ""
         self.note(f"probe: {solution.describe()}{shown} ({row['seconds']:.1f} s)")
@@ -573,13 +575,16 @@ class _Trainer:
             stats = _reduce_stats(train_one_epoch(self.ctx, self.loaders[0], self.hooks.on_batch))
             self._record_skipped(self.loaders[0], stats.skipped)
             _average_norm_statistics(self.model)
-            val, *_ = self._evaluate(self.plan.module, self.loaders[1])
+            val, probs, targets, _ = self._evaluate(self.plan.module, self.loaders[1])
             self._record_skipped(self.loaders[1], val.skipped)
             if epoch == start_epoch:
                 self._check_skipped()
             row = {"epoch": epoch + 1, "phase": phase.name, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
                    "val_loss": val.loss, "val_accuracy": val.accuracy, "lr": self.optimizer.param_groups[-1]["lr"],
                    "seconds": time.perf_counter() - start}
+            if self._probe_candidate(history) is not None:
+                row["val_loss_calibrated"] = calibrated_nll(torch.log(probs.double().clamp_min(1e-30)).numpy(),
+                                                            targets.numpy())
             history.append(row)
             improved = is_new_best(row, best, validated=len(self.val_images) > 0, probe=self._probe_candidate(history))
             if improved:

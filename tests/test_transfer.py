@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from cnnxfer import ExtractConfig, TrainConfig, evaluate_folder, extract_features, models, read_features, training
 from cnnxfer.convert import convert_by_order, convert_weights_file
 from cnnxfer.errors import WeightsError
-from cnnxfer.probe import fit_probe
+from cnnxfer.probe import beats_probe, fit_probe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -149,8 +149,8 @@ def test_auto_keeps_fine_tuning_when_it_validates_better(digits, resnet10t_weigh
                                       precision="fp32", num_workers=0, hflip=0.0))
     probe_row = result.history[0]
     assert result.strategy == "auto" and probe_row["phase"] == "probe" and len(result.history) == 16
-    tuned = [row for row in result.history[1:] if row["val_accuracy"] >= probe_row["val_accuracy"]]
-    assert result.best["epoch"] > 0 and tuned  # fine-tuned epochs at least as accurate as the probe: the lowest loss
+    tuned = [row for row in result.history[1:] if beats_probe(row, probe_row)]
+    assert result.best["epoch"] > 0 and tuned  # among the fine-tuned epochs that beat the probe: the lowest loss
     assert result.best["val_loss"] == min(row["val_loss"] for row in tuned)
     assert "refit" not in result.probe  # a fine-tuned epoch is kept: nothing to fit again
     assert result.best["final_val_loss"] == pytest.approx(result.best["val_loss"], rel=1e-4)  # the kept weights are that epoch's
@@ -303,21 +303,29 @@ def test_auto_interrupted_after_the_probe_decides_again_on_resume(digits, lite0_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_auto_weighs_the_probe_against_fine_tuning_by_accuracy_ties_to_fine_tuning():
-    """The rule itself, on rows as the run writes them: loss cannot compare a probe calibrated on
-    held-out images with a label-smoothed model, so accuracy decides and ties go to fine-tuning;
-    among fine-tuned epochs at least as accurate as the probe, the lowest loss; an epoch less
-    accurate than the probe never replaces anything, whatever its loss."""
+def test_auto_weighs_the_probe_against_fine_tuning_by_accuracy_then_calibrated_loss():
+    """The rule itself, on rows as the run writes them: raw loss cannot compare a probe calibrated on
+    held-out images with a label-smoothed model, so accuracy decides, ties by the calibrated loss;
+    among fine-tuned epochs that beat the probe, the lowest loss; an epoch that does not beat the
+    probe never replaces anything, whatever its raw loss."""
+    from cnnxfer.probe import calibrated_nll
     from cnnxfer.selection import CrossValidation
 
-    probe = {"epoch": 0, "phase": "probe", "val_accuracy": 0.9, "val_loss": 0.30}
-    tie = {"epoch": 1, "phase": "full", "val_accuracy": 0.9, "val_loss": 0.45}
-    worse = {"epoch": 2, "phase": "full", "val_accuracy": 0.85, "val_loss": 0.20}
-    better = {"epoch": 3, "phase": "full", "val_accuracy": 0.95, "val_loss": 0.40}
-    assert training.is_new_best(tie, probe, probe=probe)  # the probe wins on loss, fine-tuning ties on accuracy
-    assert not training.is_new_best(worse, tie, probe=probe)  # lower loss, below the probe's accuracy
-    assert training.is_new_best(better, tie, probe=probe)  # at least the probe's accuracy and a lower loss
-    assert not training.is_new_best(tie, probe)  # without the auto rule: loss alone, the probe stays
+    probe = {"epoch": 0, "phase": "probe", "val_accuracy": 0.9, "val_loss": 0.30, "val_loss_calibrated": 0.28}
+    tie = {"epoch": 1, "phase": "full", "val_accuracy": 0.9, "val_loss": 0.45, "val_loss_calibrated": 0.25}
+    worse = {"epoch": 2, "phase": "full", "val_accuracy": 0.85, "val_loss": 0.20, "val_loss_calibrated": 0.2}
+    better = {"epoch": 3, "phase": "full", "val_accuracy": 0.95, "val_loss": 0.40, "val_loss_calibrated": 0.3}
+    assert training.is_new_best(tie, probe, probe=probe)  # the probe wins on raw loss, not once calibrated
+    assert not training.is_new_best({**tie, "val_loss_calibrated": 0.29}, probe, probe=probe)
+    assert not training.is_new_best(worse, tie, probe=probe)  # lower loss, less accurate than the probe
+    assert training.is_new_best(better, tie, probe=probe)  # beats the probe, lower raw loss than epoch 1
+    assert not training.is_new_best(tie, probe)  # without the auto rule: raw loss alone, the probe stays
     assert not training.is_new_best({**tie, "val_accuracy": float("nan")}, probe, probe=probe)
-    cv = CrossValidation(3, 30, probe_accuracy=0.8, probe_loss=0.4, finetuned_accuracy=0.8, finetuned_loss=0.6, seconds=1)
-    assert cv.winner == "fine-tuned" and CrossValidation(3, 30, 0.81, 0.4, 0.8, 0.3, 1).winner == "probe"
+    assert CrossValidation(3, 30, 0.8, 0.4, 0.8, 0.3, 1).winner == "fine-tuned"
+    assert CrossValidation(3, 30, 0.81, 0.4, 0.8, 0.3, 1).winner == "probe"
+    # the calibrated loss ignores a temperature: logits made 5x too sharp score as the originals
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(200, 4)) * 2
+    labels = np.array([rng.choice(4, p=np.exp(z) / np.exp(z).sum()) for z in logits])
+    assert calibrated_nll(logits * 5, labels) == pytest.approx(calibrated_nll(logits, labels), rel=1e-3)
+    assert calibrated_nll(logits * 5, labels) < training.VAL_LOSS(torch.tensor(logits * 5), torch.tensor(labels)).item()
