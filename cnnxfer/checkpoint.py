@@ -18,6 +18,7 @@ from typing import Iterator
 from .errors import CnnxferError, OutputExistsError
 
 MODEL_FILE = "model.safetensors"
+PROBE_FILE = "probe.safetensors"  # --strategy auto: the probe's weights while fine-tuning runs (rundir.save_probe)
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.pt"
 
@@ -102,7 +103,7 @@ def prepare_output(path: Path, overwrite: bool, resume: bool = False) -> None:
 
 
 # The files a training run writes into its directory (--overwrite removes them, and nothing else).
-RUN_FILES = (MODEL_FILE, CONFIG_FILE, STATE_FILE, "metrics.csv", "skipped.csv", "confusion_matrix.csv", "report.csv",
+RUN_FILES = (MODEL_FILE, PROBE_FILE, CONFIG_FILE, STATE_FILE, "metrics.csv", "skipped.csv", "confusion_matrix.csv", "report.csv",
              "curves.png", "confusion_matrix.png")
 
 

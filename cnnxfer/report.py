@@ -254,25 +254,16 @@ def _candidate_rows(result) -> list[tuple[str, str]]:
         return rows
     if not epochs:  # --strategy linear: the probe is the run
         return rows + [("kept", "the probe (logistic regression solved to convergence, no epochs)")]
-    probe_row = next((r for r in result.history if r.get("phase") == "probe"), None)
-    best_tuned = _best_tuned(epochs, probe_row if result.strategy == "auto" else None)
+    best_tuned = min(epochs, key=lambda r: _loss_key(r["val_loss"]))
     rows += [("fine-tuning", f"{len(epochs)} epoch(s), {loop}")]
     if result.strategy == "auto" and probe:
         tuned = f"fine-tuned epoch {best_tuned['epoch']}: {_pair(best_tuned)}"
         winner = "the probe" if best.get("epoch") == 0 else f"fine-tuned epoch {best.get('epoch')}"
-        rows.append(("kept", f"{winner}, by {result.best_rule} ({tuned}; probe: {_pair(probe)}){stopped}"))
+        rows.append(("kept", f"{winner}: {tuned} (the lowest validation loss of the fine-tuned epochs) against the "
+                             f"probe's {_pair(probe)}, by validation accuracy, ties by the calibrated loss{stopped}"))
     else:
         rows.append(("best epoch", f"{best.get('epoch')} of {len(epochs)}, by {result.best_rule}{stopped}"))
     return rows
-
-
-def _best_tuned(epochs: list[dict], probe_row: dict | None) -> dict:
-    """The fine-tuned epoch the run's rule prefers (training.is_new_best): the lowest validation loss,
-    under auto among the epochs that beat the probe when there are any."""
-    from .probe import beats_probe
-
-    eligible = [r for r in epochs if probe_row is None or beats_probe(r, probe_row)]
-    return min(eligible or epochs, key=lambda r: _loss_key(r["val_loss"]))
 
 
 def _pair(row: dict) -> str:

@@ -2,7 +2,7 @@
 
 A run directory holds `model.safetensors` (the best epoch's weights, timm key names),
 `config.json` (a config.RunConfig), `metrics.csv`, `state.pt` while the run is unfinished (for
---resume), the validation reports and `skipped.csv`. Every file is written atomically, and only by
+--resume; with `probe.safetensors` under --strategy auto), the validation reports and `skipped.csv`. Every file is written atomically, and only by
 the process that owns the directory (`writer`: rank 0 under torchrun), so no two processes ever
 write the same file and a kill leaves each file's previous version whole.
 """
@@ -45,6 +45,16 @@ class RunDir:
             checkpoint.save_state_dict(self.file(checkpoint.MODEL_FILE), weights,
                                        {"format": "pt", "arch": arch, "epoch": epoch})
 
+    def save_probe(self, weights: dict, arch: str) -> None:
+        """--strategy auto: the probe, the candidate fine-tuning must beat, kept until the run ends."""
+        if self.writer:
+            checkpoint.save_state_dict(self.file(checkpoint.PROBE_FILE), weights, {"format": "pt", "arch": arch, "epoch": 0})
+
+    def probe_weights(self) -> dict:
+        from . import models
+
+        return models.read_weights_file(self.file(checkpoint.PROBE_FILE))
+
     def best_weights(self) -> dict:
         from . import models
 
@@ -63,6 +73,7 @@ class RunDir:
         """The run is complete: nothing is left to resume."""
         if self.writer:
             self.file(checkpoint.STATE_FILE).unlink(missing_ok=True)
+            self.file(checkpoint.PROBE_FILE).unlink(missing_ok=True)
 
     # -- reports
     def write_skipped(self, skipped: dict[str, str]) -> Path | None:
