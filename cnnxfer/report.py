@@ -257,10 +257,10 @@ def _candidate_rows(result) -> list[tuple[str, str]]:
     best_tuned = min(epochs, key=lambda r: _loss_key(r["val_loss"]))
     rows += [("fine-tuning", f"{len(epochs)} epoch(s), {loop}")]
     if result.strategy == "auto" and probe:
-        tuned = f"fine-tuned epoch {best_tuned['epoch']}: {_pair(best_tuned)}"
         winner = "the probe" if best.get("epoch") == 0 else f"fine-tuned epoch {best.get('epoch')}"
-        rows.append(("kept", f"{winner}: {tuned} (the lowest validation loss of the fine-tuned epochs) against the "
-                             f"probe's {_pair(probe)}, by validation accuracy, ties by the calibrated loss{stopped}"))
+        rows.append(("kept", f"{winner}, by validation accuracy, ties by the calibrated loss (fine-tuned epoch "
+                             f"{best_tuned['epoch']}, the lowest validation loss of its epochs: {_pair(best_tuned)}; "
+                             f"probe: {_pair(probe)}){stopped}"))
     else:
         rows.append(("best epoch", f"{best.get('epoch')} of {len(epochs)}, by {result.best_rule}{stopped}"))
     return rows

@@ -317,7 +317,7 @@ def test_sigkill_then_resume_equals_one_full_run(tmp_path, make_images, test_res
     script.write_text(_KILL_SCRIPT)
     proc = subprocess.Popen([sys.executable, str(script), str(data_root), str(out), str(test_resnet_weights)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    first_part = tmp_path / "killed.parquet.parts" / "part-000000.parquet"
+    first_part = tmp_path / "killed.parquet.parts" / "part-000000.json"  # a part is done once its record is written
     deadline = time.monotonic() + 60
     while not first_part.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)

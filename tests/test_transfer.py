@@ -138,7 +138,7 @@ def test_auto_keeps_the_probe_when_fine_tuning_makes_it_worse(digits, lite0_weig
     assert config["final"]["final_val_accuracy"] == pytest.approx(float(rows[0]["val_accuracy"]))  # the kept model is the probe
     assert config["probe"]["refit"]["images"] == 80  # validation was split off the folder: the saved probe learnt from all
     text = " ".join(result.stdout.split())
-    assert "kept │ the probe: fine-tuned epoch" in text and "saved │ the probe fitted again" in text
+    assert "kept │ the probe, by validation accuracy" in text and "saved │ the probe fitted again" in text
 
 
 def test_auto_keeps_fine_tuning_when_it_validates_better(digits, resnet10t_weights, tmp_path):
