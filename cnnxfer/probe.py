@@ -185,13 +185,17 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The T in [1/4, 64] that minimises the cross-entropy of logits / T (Guo et al. 2017), on
     held-out logits; 1 when every held-out image is right: the loss then falls as T goes to 0
     (sharper and sharper), so they say nothing about how confident to be."""
-    from scipy.optimize import minimize_scalar
-
     if (logits.argmax(1) == labels).all():
         return 1.0
-    found = minimize_scalar(lambda log_t: _nll(logits, labels, math.exp(log_t)), bounds=(math.log(0.25), math.log(64.0)),
-                            method="bounded", options={"xatol": 1e-4})
-    return float(math.exp(found.x))
+    return float(math.exp(_best_temperature(logits, labels).x))
+
+
+def _best_temperature(logits: np.ndarray, labels: np.ndarray):
+    """scipy's result for the log-temperature in [log 1/4, log 64] minimising the cross-entropy."""
+    from scipy.optimize import minimize_scalar
+
+    return minimize_scalar(lambda log_t: _nll(logits, labels, math.exp(log_t)), bounds=(math.log(0.25), math.log(64.0)),
+                           method="bounded", options={"xatol": 1e-4})
 
 
 def calibrated_nll(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -199,14 +203,10 @@ def calibrated_nll(logits: np.ndarray, labels: np.ndarray) -> float:
     models whose confidence differs by construction (a probe with a fitted temperature, a network
     trained on smoothed labels) on equal terms. When every image is right it is the loss at T = 1/4:
     the candidate with the wider margins has the lower."""
-    from scipy.optimize import minimize_scalar
-
     logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
     if not len(labels):
         return float("nan")
-    found = minimize_scalar(lambda log_t: _nll(logits, labels, math.exp(log_t)), bounds=(math.log(0.25), math.log(64.0)),
-                            method="bounded", options={"xatol": 1e-4})
-    return float(min(found.fun, _nll(logits, labels, 0.25)))
+    return float(min(_best_temperature(logits, labels).fun, _nll(logits, labels, 0.25)))
 
 
 def beats_probe(row: dict, probe: dict) -> bool:

@@ -166,6 +166,9 @@ def is_new_best(row: dict, best: dict, validated: bool = True) -> bool:
     return _finite(row["val_loss"]) < _finite(best["val_loss"])
 
 
+def _best_of(row: dict) -> dict:
+    """What a run records of its kept epoch (config.json's `best`)."""
+    return {k: row[k] for k in ("epoch", "val_loss", "val_accuracy", "train_loss", "train_accuracy")}
 
 
 def _finite(x: float) -> float:
@@ -526,10 +529,8 @@ class _Trainer:
             raise DataError(f"{self.config.data}: no image could be read")
         self._check_skipped()  # every image decoded once: a class with no readable image, --strict
         c = self.config
-        solution = fit_probe(train[0], train[1].numpy(), len(self.classes), balanced=Balance(c.balance) != Balance.none,
-                             seed=c.seed)
-        weight, bias = solution.head()
-        if not models.set_linear_head(self.model, weight.to(self.device), bias.to(self.device)):
+        solution = self._fit_head(train[0], train[1])
+        if solution is None:
             self.note("the classifier is not one linear layer on the pooled features: it starts from zeros, not the probe")
             return [], {}
         self.probe_fit = solution
@@ -542,7 +543,7 @@ class _Trainer:
         self.note(f"probe: {solution.describe()}{shown} ({row['seconds']:.1f} s)")
         candidate = self.plan.probe_only or Strategy(c.strategy) == Strategy.auto
         self.probe_features = (train, val) if candidate else None
-        best = {k: row[k] for k in ("epoch", "val_loss", "val_accuracy", "train_loss", "train_accuracy")} if candidate else {}
+        best = _best_of(row) if candidate else {}
         self._save_epoch(-1, [row], best, 0, improved=candidate)
         self._flush()
         if Strategy(c.strategy) == Strategy.auto and len(val[1]):  # the candidate fine-tuning must beat, at the end
@@ -550,6 +551,14 @@ class _Trainer:
         if HeadInit(c.head_init) == HeadInit.zero and not self.plan.probe_only:
             models.zero_head(self.model)  # auto --head-init zero: the probe was a candidate, not the start
         return [row], best
+
+    def _fit_head(self, features: torch.Tensor, labels: torch.Tensor) -> ProbeFit | None:
+        """The probe on these features, put in the model's classifier (None: it is not one linear layer)."""
+        c = self.config
+        solution = fit_probe(features, labels.numpy(), len(self.classes), balanced=Balance(c.balance) != Balance.none,
+                             seed=c.seed)
+        weight, bias = solution.head()
+        return solution if models.set_linear_head(self.model, weight.to(self.device), bias.to(self.device)) else None
 
     def _run_epochs(self, start_epoch: int, history: list, best: dict, bad_epochs: int) -> tuple[list, dict, bool]:
         c = self.config
@@ -582,7 +591,7 @@ class _Trainer:
                 best = {}
             improved = is_new_best(row, best, validated=len(self.val_images) > 0)
             if improved:
-                best = {k: row[k] for k in ("epoch", "val_loss", "val_accuracy", "train_loss", "train_accuracy")}
+                best = _best_of(row)
             bad_epochs = 0 if improved else bad_epochs + 1
             self._save_epoch(epoch, history, best, bad_epochs, improved)
             if self.hooks.on_epoch:
@@ -608,7 +617,7 @@ class _Trainer:
             return best
         if self.rundir.writer:
             self.rundir.save_best(self.rundir.probe_weights(), self.arch, 0)
-        best = {k: probe[k] for k in ("epoch", "val_loss", "val_accuracy", "train_loss", "train_accuracy")}
+        best = _best_of(probe)
         self.rundir.write_config(self.run_config(best))
         return best
 
@@ -736,23 +745,13 @@ class _Trainer:
         a fifth more images is a better probe (scikit-learn's, on every labelled image, led ours by 1
         point at 100 digits per class). The validation figures and reports stay those of the fit on
         the training images alone, measured before; config.json records the refit."""
-        from . import data as data_module
-        from .errors import DataError
-
-        c = self.config
-        if best.get("epoch") != 0 or (self.probe_row is None and not (self.saved and self.saved.probe)):
-            return
-        if not len(self.val_images) or data_module.find_split_folders(Path(c.data)):
-            return  # no validation images, or the user's own val/ folder: it stays held out
+        if best.get("epoch") != 0 or not len(self.val_images) or data.find_split_folders(Path(self.config.data)):
+            return  # a fine-tuned epoch kept, no validation images, or the user's own val/ folder: it stays held out
         train, val = self.probe_features or (_gather_sorted(*self._features(self.train_eval_loader)),
                                              _gather_sorted(*self._features(self.val_loader)))
-        features, labels = torch.cat([train[0], val[0]]), torch.cat([train[1], val[1]])
-        if not len(labels):
-            raise DataError(f"{c.data}: no image could be read")
-        solution = fit_probe(features, labels.numpy(), len(self.classes), balanced=Balance(c.balance) != Balance.none,
-                             seed=c.seed)
-        weight, bias = solution.head()
-        if not models.set_linear_head(self.model, weight.to(self.device), bias.to(self.device)):
+        labels = torch.cat([train[1], val[1]])
+        solution = self._fit_head(torch.cat([train[0], val[0]]), labels)
+        if solution is None:
             return
         self.rundir.save_best(self.model.state_dict(), self.arch, 0)
         self.probe_refit = {"images": len(labels), "c": solution.c, "temperature": solution.temperature,
