@@ -1,10 +1,10 @@
-"""Run-directory I/O with atomic writes.
+"""File I/O with atomic writes, and safe reading of weights files.
 
 Every file is written to a temporary name in the same folder and moved into place with
 `os.replace`, so a kill at any moment leaves either the previous complete file or the new one.
-A run directory holds `model.safetensors` (timm key names) + `config.json`, and `state.pt`
-(optimizer, scheduler, scaler, RNG) for `--resume`. No pickle of arbitrary objects anywhere:
-`state.pt` holds only tensors and plain containers and is read with `weights_only=True`.
+No pickle of arbitrary objects anywhere: a resume state holds only tensors and plain containers
+and is read with `weights_only=True`, like any .pth weights file. What the files of a run
+directory are, and who reads them, is rundir.py's.
 """
 from __future__ import annotations
 
@@ -15,12 +15,8 @@ import secrets
 from pathlib import Path
 from typing import Iterator
 
-from .errors import CnnxferError, OutputExistsError
+from .errors import CnnxferError, OutputExistsError, WeightsError
 
-MODEL_FILE = "model.safetensors"
-PROBE_FILE = "probe.safetensors"  # --strategy auto: the probe's weights while fine-tuning runs (rundir.save_probe)
-CONFIG_FILE = "config.json"
-STATE_FILE = "state.pt"
 
 
 @contextlib.contextmanager
@@ -91,58 +87,19 @@ def read_json(path: Path) -> dict:
         raise CnnxferError(f"{path}: cannot read JSON: {exc}") from exc
 
 
-def prepare_output(path: Path, overwrite: bool, resume: bool = False) -> None:
-    """Refuse to touch an existing output unless --overwrite (or --resume) says so. The message
-    offers --resume only for an unfinished training run, the one thing --resume continues."""
+def prepare_output(path: Path, overwrite: bool, resume: bool = False, again: str = "") -> None:
+    """Refuse to touch an existing output unless --overwrite (or --resume) says so; `again` is
+    what else the message offers (rundir.prepare says --resume for an unfinished run)."""
     path = Path(path)
     if path.exists() and not (overwrite or resume):
         if path.is_dir() and not any(path.iterdir()):
             return
-        again = f" or --resume {path} to continue it" if resume_point(path) else ""
         raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it{again}")
-
-
-# The files a training run writes into its directory (--overwrite removes them, and nothing else).
-RUN_FILES = (MODEL_FILE, PROBE_FILE, CONFIG_FILE, STATE_FILE, "metrics.csv", "skipped.csv", "confusion_matrix.csv", "report.csv",
-             "curves.png", "confusion_matrix.png")
-
-
-def clear_run(run_dir: Path) -> None:
-    """Remove a previous run's files, so that nothing of it (a state.pt to resume, a best model)
-    is taken for the new run's; other files in the folder are the user's and stay."""
-    for name in RUN_FILES:
-        (Path(run_dir) / name).unlink(missing_ok=True)
-
-
-def resume_point(run_dir: Path) -> str | None:
-    """What `--resume run_dir` does: "epoch" (continue after the last saved epoch), "start" (the
-    run was interrupted before an epoch finished: it starts again), or None (not an unfinished
-    training run). Reads only small files: the CLI asks this after an interrupt."""
-    run_dir = Path(run_dir)
-    try:
-        config = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(config, dict) or "train_config" not in config:
-        return None
-    if (run_dir / STATE_FILE).is_file():
-        return "epoch"
-    return "start" if config.get("status") == "running" else None
 
 
 def parts_dir(out: Path) -> Path:
     """Where extract keeps the finished parts of `out` until it merges them (features.py)."""
     return Path(out).with_name(Path(out).name + ".parts")
-
-
-def resume_hint(run_dir: Path) -> str:
-    """After Ctrl-C or SIGTERM: what was kept in `run_dir` and how to go on, true to what is on disk."""
-    point = resume_point(run_dir)
-    if point == "epoch":
-        return f"every finished epoch was kept - re-run with --resume {run_dir} to continue"
-    if point == "start":
-        return f"no epoch had finished - re-run with --resume {run_dir} to start it again"
-    return "nothing of the run was saved yet - run the same command again"
 
 
 def save_state_dict(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
@@ -153,15 +110,6 @@ def save_state_dict(path: Path, state_dict: dict[str, torch.Tensor], metadata: d
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-
-
-def is_run_dir(path: Path | str) -> bool:
-    path = Path(path)
-    return path.is_dir() and (path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file()
-
-
-def load_run_config(run_dir: Path) -> dict:
-    return read_json(Path(run_dir) / CONFIG_FILE)
 
 
 def save_training_state(path: Path, state: dict) -> None:
@@ -179,3 +127,62 @@ def load_training_state(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CnnxferError(f"{path}: cannot read the resume state: {exc}") from exc
+
+
+# ---------------------------------------------------------------- weights files
+
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors, or from .pth/.pt/.bin with `weights_only=True` (never a full unpickle)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"corrupt weights file {path}: it is empty (0 bytes)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except Exception as exc:
+            raise WeightsError(f"corrupt weights file {path}: {exc}") from exc
+    else:
+        state = _torch_load_safely(path)
+    return _unwrap_state_dict(state, path)
+
+
+def _torch_load_safely(path: Path):
+    import pickle
+
+    import torch
+
+    major_minor = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    if major_minor < (2, 6):
+        # CVE-2025-32434: weights_only can be bypassed before torch 2.6.
+        raise WeightsError(f"{path}: loading .pth files needs torch >= 2.6 (found {torch.__version__}); use .safetensors")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "GLOBAL" not in str(exc):  # torch names the forbidden GLOBAL; anything else is damaged bytes
+            raise WeightsError(f"corrupt weights file {path}: not a readable torch or pickle file") from exc
+        raise WeightsError(
+            f"refusing to load {path}: it holds pickled Python objects, not just tensors "
+            "(only safetensors or plain state dicts are loaded; re-save it with torch.save(model.state_dict()))"
+        ) from exc
+    except Exception as exc:  # damaged bytes raise anything: RuntimeError, EOFError, IndexError, KeyError...
+        raise WeightsError(f"corrupt weights file {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+
+
+def _unwrap_state_dict(state, path: Path) -> dict[str, torch.Tensor]:
+    """Accept the usual wrappers: {'state_dict': ...}, {'model': ...}, DataParallel's 'module.'."""
+    import torch
+
+    if isinstance(state, dict):
+        for key in ("state_dict", "model_state_dict", "model", "state_dict_ema"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path} is not a state dict of tensors (timm key names expected)")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state

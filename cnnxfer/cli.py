@@ -103,7 +103,7 @@ def _extract_interrupted(kwargs) -> str:
 
 
 def _fit_interrupted(kwargs) -> str:
-    from .checkpoint import resume_hint  # reads the run directory: the message says what is there
+    from .rundir import resume_hint  # reads the run directory: the message says what is there
 
     return resume_hint(kwargs.get("resume") or kwargs["out"])
 
@@ -220,7 +220,6 @@ def _run_fit(ctx: typer.Context, values: dict, resume: Optional[Path]) -> None:
         config = training.resume_config(resume, **{k: v for k, v in values.items() if k in _given(ctx)})
     with report.fit_progress() as hooks:
         result = training.fit(config, training.FitHooks(*hooks))
-    report.save_run_plots(result.run_dir)
     report.fit_summary(result, notes_shown=True)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import checkpoint, data, device as dev, distributed
+from . import checkpoint, data, device as dev, distributed, rundir
 from .errors import DataError, StrictModeError, UsageError
 from .metrics import Evaluation, log_loss, softmax, summarize
 from .predictor import Predictor, TorchPredictor, predict_images
@@ -38,7 +38,7 @@ class Predictions:
 
 def load_predictor(weights: str, *, device: str = "auto", precision: str = "auto", tta: str = "none") -> Predictor:
     """The Predictor for `--weights`: a run directory in PyTorch, an exported file in its runtime."""
-    if checkpoint.is_run_dir(weights):
+    if rundir.is_run_dir(weights):
         return TorchPredictor.from_run(weights, dev.resolve_runtime(device, precision, 0), tta)
     from . import export
 
@@ -67,10 +67,8 @@ def predict(images: data.ImageList, weights: str, *, device: str = "auto", preci
 
 def model_classes(weights: str) -> list[str]:
     """The class names of `--weights` (a run directory or an exported file), read without loading it."""
-    if checkpoint.is_run_dir(weights):
-        from .config import RunConfig
-
-        classes = RunConfig.from_dict(checkpoint.load_run_config(Path(weights))).classes
+    if rundir.is_run_dir(weights):
+        classes = rundir.read_config(Path(weights)).classes
         if not classes:
             raise UsageError(f"{weights}/config.json lists no classes")
         return classes
@@ -190,9 +188,9 @@ def trained_on(images: data.ImageList, indices: list[int], weights: str) -> int:
     from .config import RunConfig, TrainConfig
     from .recipe import split_data
 
-    if not checkpoint.is_run_dir(weights):
+    if not rundir.is_run_dir(weights):
         return 0
-    run = RunConfig.from_dict(checkpoint.load_run_config(Path(weights)))
+    run = rundir.read_config(Path(weights))
     saved = run.train_config
     if not saved.get("data") or not Path(saved["data"]).exists():
         return 0

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoint, data, device as dev, models
+from . import checkpoint, data, device as dev, models, rundir
 from .config import ExportConfig, ExportFormat
 from .errors import CnnxferError, DeviceError, ModelError, UsageError
 from .predictor import Predictor, TorchPredictor, predict_images
@@ -203,7 +203,7 @@ def default_out(fmt: ExportFormat | str) -> Path:
 def _check_options(config: ExportConfig, out: Path, fmt: ExportFormat) -> None:
     """Every option checked before anything is loaded or written."""
     if config.run_dir is not None:
-        if not checkpoint.is_run_dir(config.run_dir):
+        if not rundir.is_run_dir(config.run_dir):
             raise UsageError(f"{config.run_dir} is not a cnnxfer run directory (needs config.json and model.safetensors)")
         given = [name for name, value in (("--model", config.model), ("--weights", config.weights),
                                           ("--classes", config.classes), ("--img-size", config.img_size)) if value]

@@ -13,7 +13,6 @@ import importlib
 import importlib.util
 import logging
 import os
-import pickle
 import socket
 import sys
 import threading
@@ -24,7 +23,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import rundir
+from .checkpoint import read_weights_file
 from .config import absolute_spec, is_custom_spec  # noqa: F401 (models.absolute_spec is used by training)
 from .errors import ModelError, UsageError, WeightsError
 
@@ -132,57 +132,6 @@ def kaiming_init(model: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------- weight files
-
-def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors, or from .pth/.pt/.bin with `weights_only=True` (never a full unpickle)."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist")
-    if path.stat().st_size == 0:
-        raise WeightsError(f"corrupt weights file {path}: it is empty (0 bytes)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path))
-        except Exception as exc:
-            raise WeightsError(f"corrupt weights file {path}: {exc}") from exc
-    else:
-        state = _torch_load_safely(path)
-    return _unwrap_state_dict(state, path)
-
-
-def _torch_load_safely(path: Path):
-    major_minor = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-    if major_minor < (2, 6):
-        # CVE-2025-32434: weights_only can be bypassed before torch 2.6.
-        raise WeightsError(f"{path}: loading .pth files needs torch >= 2.6 (found {torch.__version__}); use .safetensors")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "GLOBAL" not in str(exc):  # torch names the forbidden GLOBAL; anything else is damaged bytes
-            raise WeightsError(f"corrupt weights file {path}: not a readable torch or pickle file") from exc
-        raise WeightsError(
-            f"refusing to load {path}: it holds pickled Python objects, not just tensors "
-            "(only safetensors or plain state dicts are loaded; re-save it with torch.save(model.state_dict()))"
-        ) from exc
-    except Exception as exc:  # damaged bytes raise anything: RuntimeError, EOFError, IndexError, KeyError...
-        raise WeightsError(f"corrupt weights file {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
-
-
-def _unwrap_state_dict(state, path: Path) -> dict[str, torch.Tensor]:
-    """Accept the usual wrappers: {'state_dict': ...}, {'model': ...}, DataParallel's 'module.'."""
-    if isinstance(state, dict):
-        for key in ("state_dict", "model_state_dict", "model", "state_dict_ema"):
-            if isinstance(state.get(key), dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"{path} is not a state dict of tensors (timm key names expected)")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
 
 def classifier_names(model: nn.Module) -> list[str]:
     """Qualified names of the classifier module(s): timm's pretrained_cfg, else the last Linear."""
@@ -334,7 +283,7 @@ def check_model_options(spec: str | None, weights: str | None) -> None:
     weights = weights or HUB
     if weights not in (HUB, NONE):
         path = Path(weights)
-        if checkpoint.is_run_dir(path):
+        if rundir.is_run_dir(path):
             return  # it names its own architecture (load_model checks a --model beside it)
         if not path.exists():
             raise WeightsError(f"weights file {path} does not exist")
@@ -365,7 +314,7 @@ def load_model(
     run had other classes, even as many: its head's rows belong to those classes.
     """
     weights = weights or HUB
-    if weights not in (HUB, NONE) and checkpoint.is_run_dir(weights):
+    if weights not in (HUB, NONE) and rundir.is_run_dir(weights):
         return _load_run_dir(Path(weights), spec, num_classes, drop_rate, img_size, classes)
     check_model_options(spec, weights)  # a missing weights path is named before a missing --model
     notes: list[str] = []
@@ -390,9 +339,7 @@ def load_model(
 
 
 def _load_run_dir(run_dir: Path, spec, num_classes, drop_rate, img_size, new_classes=None) -> LoadedModel:
-    from .config import RunConfig
-
-    config = RunConfig.from_dict(checkpoint.load_run_config(run_dir))
+    config = rundir.read_config(run_dir)
     arch = config.model
     if not arch:
         raise WeightsError(f"{run_dir}/config.json names no model architecture")
@@ -400,7 +347,7 @@ def _load_run_dir(run_dir: Path, spec, num_classes, drop_rate, img_size, new_cla
         raise UsageError(f"--model {spec} does not match the run directory's model {arch}; leave --model out")
     classes = list(config.classes)
     model = build_architecture(arch, len(classes) or None, drop_rate)
-    state = read_weights_file(run_dir / checkpoint.MODEL_FILE)
+    state = read_weights_file(run_dir / rundir.MODEL_FILE)
     load_weights(model, state, str(run_dir))
     notes = []
     other = num_classes is not None and (num_classes != len(classes) or (new_classes and list(new_classes) != classes))

@@ -9,6 +9,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .plots import figure as _figure, save_figure as _save_fig
+
 console = Console()
 err_console = Console(stderr=True)
 _errors = Console(stderr=True)  # never quiet: every process reports its own errors
@@ -294,76 +296,6 @@ def class_counts_table(counts: dict) -> Table:
 
 def _metric(value) -> str:
     return "- (no validation set)" if value is None or value != value else f"{value:.4f}"
-
-
-def save_run_plots(run_dir) -> list:
-    """curves.png (loss and accuracy per epoch) and confusion_matrix.png from a run directory's CSVs."""
-    from pathlib import Path
-
-    import pandas as pd
-
-    run_dir, written = Path(run_dir), []
-    if (run_dir / "metrics.csv").exists():
-        written.append(_save_fig(curves_figure(pd.read_csv(run_dir / "metrics.csv")), run_dir / "curves.png"))
-    if (run_dir / "confusion_matrix.csv").exists():
-        cm = pd.read_csv(run_dir / "confusion_matrix.csv", index_col=0)
-        written.append(_save_fig(confusion_figure(cm), run_dir / "confusion_matrix.png"))
-    return written
-
-
-def _figure(figsize):
-    """A figure that renders straight to files. Built from matplotlib.figure, not pyplot: pyplot would
-    need a backend switch (matplotlib.use), which changes the backend of whoever imported cnnxfer,
-    a notebook's inline plots included, and keeps figures in a global registry."""
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=figsize, layout="tight")
-
-
-def curves_figure(metrics):
-    """Loss and accuracy per epoch, train and val. The loss axis is logarithmic: a first-epoch
-    validation loss of 30 (BatchNorm statistics not settled yet) above a curve near 0.5 would
-    otherwise flatten the rest of the curve against the bottom of a linear axis."""
-    from matplotlib.ticker import MaxNLocator, ScalarFormatter
-
-    fig = _figure((10, 4))
-    for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy")):
-        positive = False
-        for split in ("train", "val"):
-            values = metrics[f"{split}_{metric}"]
-            if values.notna().any():  # no validation set: no val line
-                ax.plot(metrics["epoch"], values, "o-", label=split)
-                positive = positive or bool((values > 0).any())
-        if metric == "loss" and positive:  # a probe that fits its images exactly has a training loss of 0
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(ScalarFormatter())  # 0.5, 1, 2 rather than 5x10^-1
-            ax.yaxis.set_minor_formatter(ScalarFormatter())
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 1.25, 1.5 ticks
-        ax.set_xlabel("epoch"), ax.set_ylabel(metric + (" (log scale)" if metric == "loss" else "")), ax.grid(alpha=0.3)
-        ax.legend()
-    return fig
-
-
-def confusion_figure(cm):
-    n = len(cm)
-    fig = _figure((max(4, 0.5 * n + 2), max(3.5, 0.5 * n + 1.5)))
-    ax = fig.subplots()
-    ax.imshow(cm.values, cmap="Blues")
-    ax.set_xticks(range(n), cm.columns, rotation=45, ha="right"), ax.set_yticks(range(n), cm.index)
-    ax.set_xlabel("predicted"), ax.set_ylabel("true")
-    if n <= 30:
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, int(cm.values[i, j]), ha="center", va="center", fontsize=8)
-    return fig
-
-
-def _save_fig(fig, path):
-    from .checkpoint import atomic_path
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return path
 
 
 def evaluation_summary(result, title: str = "evaluate") -> None:

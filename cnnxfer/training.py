@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import data, device as dev, distributed, loader as loaders, models, recipe
+from . import data, device as dev, distributed, loader as loaders, models, recipe, rundir
 from .config import (MIN_FINETUNE_STEPS, Balance, BnStats, CacheImages, HeadInit, RunConfig, Strategy, TrainConfig,
                      resumed_config)
 from .engine import (BatchHook, EpochStats, StepContext, build_optimizer, cosine_with_warmup, evaluate, seed_everything,
@@ -105,13 +105,11 @@ def fit(config: TrainConfig, hooks: FitHooks | None = None) -> FitResult:
 
 def _resume_or_start(config: TrainConfig) -> tuple[TrainConfig, RunConfig | None, bool]:
     """(the config to run, the interrupted run's RunConfig when resuming, whether it restarts)."""
-    from . import checkpoint
-
     if not config.resume:
         return config, None, False
     saved = _resumable_run(Path(config.out))
     config = resume_config(config.out, **_differences(config, resumed_config(saved, config.out)))
-    if checkpoint.resume_point(config.out) == "start":  # nothing to continue from: the same run from its beginning
+    if rundir.resume_point(config.out) == "start":  # nothing to continue from: the same run from its beginning
         return dataclasses.replace(config, resume=False, overwrite=True), None, True
     return config, saved, False
 
@@ -142,12 +140,10 @@ def _differences(config: TrainConfig, ours: TrainConfig) -> dict:
 
 
 def _resumable_run(run_dir: Path) -> RunConfig:
-    """The RunConfig of an unfinished run (see checkpoint.resume_point), else UsageError."""
-    from . import checkpoint
-
-    if not (run_dir / checkpoint.CONFIG_FILE).is_file():
+    """The RunConfig of an unfinished run (see rundir.resume_point), else UsageError."""
+    if not (run_dir / rundir.CONFIG_FILE).is_file():
         raise UsageError(f"--resume {run_dir}: not a cnnxfer run directory (no config.json)")
-    if checkpoint.resume_point(run_dir) is None:
+    if rundir.resume_point(run_dir) is None:
         raise UsageError(f"--resume {run_dir}: nothing to resume: the run finished (--overwrite starts it again)")
     return RunDir(run_dir).read_config()
 
@@ -736,6 +732,7 @@ class _Trainer:
             self._refit_probe(best)
         self.rundir.write_config(self.run_config(best, final or None, status="finished"))
         self.rundir.finish()
+        self.rundir.save_plots()
         return final
 
     def _refit_probe(self, best: dict) -> None:
@@ -826,9 +823,7 @@ class _Trainer:
 
 
 def _prepare_output(config: TrainConfig) -> None:
-    from . import checkpoint
-
-    checkpoint.prepare_output(Path(config.out), config.overwrite, config.resume)
+    rundir.prepare(config.out, config.overwrite, config.resume)
 
 
 def _probe_metrics(fit: ProbeFit, features: tuple, split: str) -> dict:

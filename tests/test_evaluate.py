@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from helpers import COLOURS, write_colour_folder
 
-from cnnxfer import training, checkpoint, engine, evaluate, models
+from cnnxfer import training, checkpoint, engine, evaluate, models, rundir
 from cnnxfer.cli import app
 from cnnxfer.config import TrainConfig
 from cnnxfer.features import read_features
@@ -161,7 +161,7 @@ def test_extract_with_a_run_directory_gives_the_models_pre_logits(trained, cli_r
     out = tmp_path / "feats.parquet"
     invoke(cli_runner, "extract", test, "--weights", run, "--out", out, "--precision", "fp32", "--workers", 0)
     paths, labels, matrix = read_features(out)
-    config = checkpoint.load_run_config(run)
+    config = checkpoint.read_json(Path(run) / rundir.CONFIG_FILE)
     model = timm.create_model(config["model"], num_classes=config["num_classes"])
     model.load_state_dict(load_file(str(run / "model.safetensors")))
     model.eval()
@@ -178,7 +178,7 @@ def test_extract_with_a_run_directory_gives_the_models_pre_logits(trained, cli_r
 
 def test_run_directory_loads_in_plain_timm_with_identical_logits(trained):
     run, _ = trained
-    config = checkpoint.load_run_config(run)
+    config = checkpoint.read_json(Path(run) / rundir.CONFIG_FILE)
     k, weights = len(config["classes"]), str(run / "model.safetensors")
     ours = models.load_model(None, str(run)).model.eval()
     # num_classes must be in the overlay too: timm drops a checkpoint's classifier whenever the

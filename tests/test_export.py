@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from helpers import COLOURS, write_colour_folder
 
-from cnnxfer import checkpoint, data, evaluate, export, training
+from cnnxfer import checkpoint, data, evaluate, export, rundir, training
 from cnnxfer.cli import app
 from cnnxfer.config import ExportConfig, TrainConfig
 
@@ -150,7 +150,7 @@ def _uint8_batch(paths) -> np.ndarray:
 
 def _timm_logits(run: Path, x: np.ndarray) -> np.ndarray:
     """The reference: the run's weights in plain timm, normalised by hand from config.json."""
-    config = checkpoint.load_run_config(run)
+    config = checkpoint.read_json(Path(run) / rundir.CONFIG_FILE)
     model = timm.create_model(config["model"], num_classes=config["num_classes"]).eval()
     model.load_state_dict(load_file(str(run / "model.safetensors")))
     dc = config["data_config"]
@@ -189,7 +189,7 @@ def test_digits_export_agrees_with_pytorch_on_every_test_image(digits, fmt):
 
 
 def test_onnx_metadata_and_graph_round_trip(digits):
-    config = checkpoint.load_run_config(digits["run"])
+    config = checkpoint.read_json(Path(digits["run"]) / rundir.CONFIG_FILE)
     dc = config["data_config"]
     session = ort.InferenceSession(str(digits["files"]["onnx"]), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
@@ -218,7 +218,7 @@ def test_torchscript_metadata_is_inside_the_file_and_beside_it(digits):
     inside = json.loads(extra["cnnxfer.json"])
     beside = json.loads(path.with_name(path.name + ".json").read_text())
     assert inside == beside
-    config = checkpoint.load_run_config(digits["run"])
+    config = checkpoint.read_json(Path(digits["run"]) / rundir.CONFIG_FILE)
     assert inside["classes"] == config["classes"] and inside["input_size"] == config["data_config"]["input_size"]
     assert inside["mean"] == config["data_config"]["mean"] and inside["opset"] is None
     path.with_name(path.name + ".json").unlink()  # predict reads the file's own copy: the sidecar is for people

@@ -330,9 +330,9 @@ def test_embedding_of_the_trained_digits_run_separates_the_classes(digits_subjec
     classes). The thresholds leave room for other machines' arithmetic: t-SNE 0.9, full 0.9."""
     from cnnxfer.recipe import split_data
     from cnnxfer.config import resumed_config
-    from cnnxfer import checkpoint
+    from cnnxfer import rundir
 
-    _, val = split_data(resumed_config(RunConfig.from_dict(checkpoint.load_run_config(digits_run)), Path(".")))
+    _, val = split_data(resumed_config(rundir.read_config(digits_run), Path(".")))
     x, paths, labels = features_from_images(digits_subject, val, 256)
     result = embed(x, paths, labels, ["pca", "tsne"])
     assert len(paths) == len(val) and result.dim == 64

@@ -13,7 +13,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from cnnxfer import checkpoint, models
+from cnnxfer import checkpoint, models, rundir
 from cnnxfer.activations import Activations
 from cnnxfer.errors import ModelError, UsageError, WeightsError
 
@@ -185,10 +185,10 @@ def test_1000_class_head_into_5_classes_is_reinitialised_with_a_note(resnet10t_w
 def test_run_directory_restores_architecture_classes_and_preprocessing(tmp_path, test_resnet_weights):
     run = tmp_path / "run"
     model = timm.create_model("test_resnet", num_classes=3)
-    checkpoint.save_state_dict(run / checkpoint.MODEL_FILE, model.state_dict())
+    checkpoint.save_state_dict(run / rundir.MODEL_FILE, model.state_dict())
     data_config = {"input_size": [3, 64, 64], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3,
                    "crop_pct": 1.0, "crop_mode": "center"}
-    checkpoint.atomic_write_json(run / checkpoint.CONFIG_FILE, {"model": "test_resnet", "classes": ["a", "b", "c"],
+    checkpoint.atomic_write_json(run / rundir.CONFIG_FILE, {"model": "test_resnet", "classes": ["a", "b", "c"],
                                                                 "data_config": data_config})
     loaded = models.load_model(None, str(run))
     assert loaded.arch == "test_resnet" and loaded.classes == ["a", "b", "c"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cnnxfer import report
+from cnnxfer import plots, report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def _height_fraction(ax, low: float, high: float) -> float:
 
 def test_a_first_epoch_loss_spike_leaves_the_rest_of_the_loss_curve_readable():
     metrics = _spiky_metrics()
-    loss_ax = report.curves_figure(metrics).axes[0]
+    loss_ax = plots.curves_figure(metrics).axes[0]
     rest = pd.concat([metrics["train_loss"], metrics["val_loss"][1:]])
     # on a linear axis up to 30 the values 0.3..1.2 would fill 3% of the panel
     assert _height_fraction(loss_ax, rest.min(), rest.max()) > 0.25
@@ -55,8 +55,8 @@ def test_plots_are_written_without_touching_the_callers_matplotlib_backend(tmp_p
     _write_run_csvs(run)
     code = ("import sys, matplotlib\n"
             "matplotlib.use('svg')\n"
-            "from cnnxfer import report\n"
-            f"written = report.save_run_plots({str(run)!r})\n"
+            "from cnnxfer import report, rundir\n"
+            f"written = rundir.RunDir({str(run)!r}).save_plots()\n"
             f"report.save_lr_plot({{'lrs': [1e-4, 1e-3, 1e-2], 'losses': [2.0, 1.5, 3.0]}}, {str(tmp_path / 'lr.png')!r})\n"
             "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules, len(written))\n")
     proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,

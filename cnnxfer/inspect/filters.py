@@ -136,9 +136,9 @@ def other_source(spec: str) -> str:
 
 def _load_other(subject: subj.Subject, spec: str) -> nn.Module:
     """The same architecture with other weights (a run directory, a file, hub or none)."""
-    from .. import checkpoint
+    from .. import rundir
 
-    if checkpoint.is_run_dir(spec):
+    if rundir.is_run_dir(spec):
         loaded = models.load_model(None, spec)
         if loaded.arch != subject.loaded.arch:
             raise UsageError(f"--compare {spec} is a {loaded.arch}; the inspected model is a {subject.loaded.arch}")

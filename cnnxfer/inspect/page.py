@@ -17,7 +17,7 @@ from typing import Callable
 
 import pandas as pd
 
-from .. import checkpoint, data
+from .. import checkpoint, data, rundir
 from ..config import InspectConfig, RunConfig, resumed_config
 from ..errors import CnnxferError, DataError, OutputExistsError, UsageError
 from . import subject as subj
@@ -48,16 +48,18 @@ def write_report(config: InspectConfig, progress: Callable[[str], None] | None =
 
     start = time.perf_counter()
     run_dir = Path(config.weights)
-    if not checkpoint.is_run_dir(run_dir):
+    if not rundir.is_run_dir(run_dir):
         raise UsageError(f"{run_dir} is not a cnnxfer run directory (needs config.json and model.safetensors)")
     page, files = run_dir / PAGE, run_dir / FILES
     if (page.exists() or files.exists()) and not config.overwrite:
         raise OutputExistsError(f"{page} already exists; pass --overwrite to replace it")
     step = progress or (lambda name: None)
-    run = RunConfig.from_dict(checkpoint.load_run_config(run_dir))
-    if not all((run_dir / f"{name}.png").exists() for name in ("curves", "confusion_matrix")
-               if (run_dir / f"{'metrics' if name == 'curves' else name}.csv").exists()):
-        report.save_run_plots(run_dir)  # the run's plots, only when one is missing
+    run = rundir.read_config(run_dir)
+    runs = rundir.RunDir(run_dir)
+    if not all(runs.file(png).exists() for csv, png in ((rundir.METRICS_FILE, rundir.CURVES_PLOT),
+                                                        (rundir.CONFUSION_CSV, rundir.CONFUSION_PLOT))
+               if runs.file(csv).exists()):
+        runs.save_plots()  # the run's plots, only when one is missing (runs from before fit wrote them)
     subject = subj.load_subject(config)
     images, source, notes = _report_images(config, run, subject)
     sections: dict[str, dict | None] = dict.fromkeys(("filters", "errors", "embedding", "invariance"))

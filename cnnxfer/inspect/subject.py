@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import checkpoint, data, device as dev, loader as loaders, models
+from .. import data, device as dev, loader as loaders, models, rundir
 from ..config import InspectConfig
 from ..errors import OutputExistsError, UsageError
 from ..preprocess import Preprocess
@@ -139,7 +139,7 @@ def output_dir(config: InspectConfig, view: str) -> Path:
     inspect/<view>. An existing folder with files in it needs --overwrite."""
     if config.out is not None:
         out = Path(config.out)
-    elif config.weights and checkpoint.is_run_dir(config.weights):
+    elif config.weights and rundir.is_run_dir(config.weights):
         out = Path(config.weights) / "inspect" / view
     else:
         out = Path("inspect") / view
