@@ -180,25 +180,18 @@ def evaluate_folder(data_path: Path, weights: str, *, json_path: Path | None = N
 def trained_on(images: data.ImageList, indices: list[int], weights: str) -> int:
     """How many of the evaluated images (`indices` into `images`) the run in `weights` trained on.
 
-    The run's training images are its data folder less the validation split, which is seeded and
-    so can be drawn again from its config.json; all of them when the kept probe was fitted again on
-    the training and validation images (training._refit_probe). 0 when that folder is gone or moved (a relative
-    path recorded from another working directory cannot be found either), and for an exported file.
+    The run's training images are those its splits.csv lists (recipe.run_split); its validation images
+    too when the kept probe was fitted again on both (training._refit_probe). 0 for an exported file, and
+    for an older run without splits.csv whose data folder is gone or moved.
     """
-    from .config import RunConfig, TrainConfig
-    from .recipe import split_data
+    from .recipe import run_split
 
     if not rundir.is_run_dir(weights):
         return 0
-    run = rundir.read_config(Path(weights))
-    saved = run.train_config
-    if not saved.get("data") or not Path(saved["data"]).exists():
+    run, split = rundir.read_config(weights), run_split(weights)
+    if split is None:
         return 0
-    try:
-        train, val = split_data(TrainConfig(data=Path(saved["data"]), out=Path(weights), val_split=saved.get("val_split", 0.2),
-                                          seed=saved.get("seed", 0)))
-    except Exception:  # the folder changed beyond reading (a class removed...): nothing to compare with
-        return 0
+    train, val = split
     refit = (run.probe or {}).get("refit") and (run.best or {}).get("epoch") == 0
     seen = {os.path.realpath(p) for p in [*train.paths, *(val.paths if refit else [])]}
     return sum(os.path.realpath(images.paths[i]) in seen for i in indices)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -111,13 +112,13 @@ def resolve_bn_stats(config: TrainConfig) -> BnStats:
     return BnStats.frozen
 
 
-def split_data(config: TrainConfig) -> tuple[data.ImageList, data.ImageList]:
-    """train/ and val/ folders when DATA has them, else a stratified, seeded --val-split.
+def split_data(folder: Path | str, val_split: float, seed: int) -> tuple[data.ImageList, data.ImageList]:
+    """train/ and val/ folders when `folder` has them, else a stratified, seeded --val-split.
 
     The train list's warnings (shown as notes) name the empty class folders left out and the
     classes too small to validate or to split in proportion.
     """
-    folders = data.find_split_folders(config.data)
+    folders = data.find_split_folders(folder)
     if folders:
         train = data.discover(folders[0], labelled=True)
         val = data.discover(folders[1], labelled=True, classes=train.classes)
@@ -126,15 +127,15 @@ def split_data(config: TrainConfig) -> tuple[data.ImageList, data.ImageList]:
         if unseen:
             train.warnings.append(f"{folders[1]} holds no image of class(es) {', '.join(unseen)}: validation never sees them")
         return train, val
-    images = data.discover(config.data, labelled=True)
+    images = data.discover(folder, labelled=True)
     if len(images.classes) < 2:
         from .errors import DataError
 
         found = f"{len(images.classes)} class with images ({', '.join(images.classes)})" if images.classes else "no class"
-        raise DataError(f"{config.data}: found {found}; classification needs at least 2")
-    train_idx, val_idx = data.stratified_split(images.labels, config.val_split, config.seed)
+        raise DataError(f"{folder}: found {found}; classification needs at least 2")
+    train_idx, val_idx = data.stratified_split(images.labels, val_split, seed)
     train, val = images.subset(train_idx), images.subset(val_idx)
-    train.warnings, train.ignored = images.warnings + _small_classes(images, val, config.val_split), images.ignored
+    train.warnings, train.ignored = images.warnings + _small_classes(images, val, val_split), images.ignored
     return train, val
 
 
@@ -155,6 +156,38 @@ def _small_classes(images: data.ImageList, val: data.ImageList, val_split: float
     split = f"{(1 - val_split) * 100:.0f}/{val_split * 100:.0f}"
     return [f"class(es) too small to split {split} for validation: {', '.join(small)}; add images or give train/ and "
             f"val/ folders"]
+
+
+def run_split(run_dir: Path | str) -> tuple[data.ImageList, data.ImageList] | None:
+    """The training and validation images of the run in `run_dir`: its splits.csv, else (runs
+    from before splits.csv) its seeded split drawn again from the data folder in config.json.
+    None when the images cannot be found (the folder gone, moved or changed beyond reading)."""
+    from . import rundir
+
+    runs = rundir.RunDir(run_dir)
+    run = runs.read_config()
+    if runs.file(rundir.SPLITS_FILE).is_file():
+        rows = runs.read_splits()
+        index = {name: k for k, name in enumerate(run.classes)}
+        folder = Path(run.train_config.get("data") or run_dir)
+        return tuple(data.ImageList([Path(p) for p in part.path], [index.get(label) for label in part.label],
+                                    list(run.classes), folder)
+                     for part in (rows[rows.split == "train"], rows[rows.split == "val"]))
+    saved = run.train_config
+    if not saved.get("data") or not Path(saved["data"]).exists():
+        return None
+    try:
+        return split_data(Path(saved["data"]), saved.get("val_split", 0.2), saved.get("seed", 0))
+    except Exception:  # the folder changed beyond reading (a class removed...): nothing to compare with
+        return None
+
+
+def working_img_size(img_size: int | None, weights: str, images: data.ImageList) -> int | None:
+    """The --img-size a run uses: the one given, else for a model trained from scratch on small
+    images their own size (auto_img_size), else None (the pretrained model's own)."""
+    from .models import NONE
+
+    return img_size or (auto_img_size(images) if weights == NONE else None)
 
 
 def auto_img_size(images: data.ImageList, sample: int = 64) -> int | None:

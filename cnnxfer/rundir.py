@@ -11,6 +11,7 @@ previous version whole. Every command that reads a run directory reads it throug
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from . import checkpoint, data
@@ -155,7 +156,7 @@ class RunDir:
         if self.writer:
             import pandas as pd
 
-            rows = [(str(p), images.classes[label] if label is not None else "", split)
+            rows = [(os.path.abspath(p), images.classes[label] if label is not None else "", split)
                     for split, images in (("train", train), ("val", val)) for p, label in zip(images.paths, images.labels)]
             frame = pd.DataFrame(rows, columns=["path", "label", "split"])
             checkpoint.atomic_write_text(self.file(SPLITS_FILE), frame.to_csv(index=False))

@@ -508,9 +508,9 @@ def run_checks(config, progress=None) -> SanityReport:
     device, dtype = runtime.device, runtime.dtype
     train_cfg = _as_train_config(config)
     models.check_model_options(config.model, config.weights)  # before the data scan: a bad option is named first
-    train_images, val_images = recipe.split_data(train_cfg)
+    train_images, val_images = recipe.split_data(train_cfg.data, train_cfg.val_split, train_cfg.seed)
     classes = train_images.classes
-    img_size = config.img_size or (recipe.auto_img_size(train_images) if config.weights == models.NONE else None)
+    img_size = recipe.working_img_size(config.img_size, config.weights, train_images)
     torch.manual_seed(config.seed)
     loaded = models.load_model(config.model, config.weights, len(classes), img_size=img_size, classes=classes)
     model = loaded.model.to(device)

@@ -206,6 +206,7 @@ class _Trainer:
             self.loaded.data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.data_config.items()}
         else:
             self.rundir.start(self.config.overwrite, self.run_config({}))
+            self.rundir.save_splits(self.train_images, self.val_images)
         self.pending_best: tuple[dict, dict] | None = None  # (weights, best row) not yet written
         self.pending_state: dict | None = None
         self.last_save = time.monotonic()
@@ -222,7 +223,7 @@ class _Trainer:
 
     # -- data and model
     def _read_data(self, config: TrainConfig) -> None:
-        self.train_images, self.val_images = recipe.split_data(config)
+        self.train_images, self.val_images = recipe.split_data(config.data, config.val_split, config.seed)
         self.data_fingerprint = data.fingerprint(self.train_images) + data.fingerprint(self.val_images)
         self.classes = self.train_images.classes
         for warning in self.train_images.warnings:
@@ -235,7 +236,7 @@ class _Trainer:
             self.note(f"--strategy linear fits the probe exactly (no training loop): {', '.join(unused)} do not apply "
                       f"(--no-cache trains a head with them)")
         c = self.config
-        self.img_size = c.img_size or (recipe.auto_img_size(self.train_images) if c.weights == models.NONE else None)
+        self.img_size = recipe.working_img_size(c.img_size, c.weights, self.train_images)
         if self.img_size and not c.img_size:
             self.note(f"small images: training at {self.img_size} px (set --img-size to change)")
         if c.patience and not len(self.val_images):

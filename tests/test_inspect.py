@@ -328,11 +328,9 @@ def test_embedding_of_the_trained_digits_run_separates_the_classes(digits_subjec
     """Measured on this run's 360 validation digits: 5-NN leave-one-out accuracy 0.99 in the t-SNE
     map, 0.99 in the full 64-d space, ~0.6 in the PCA map (two directions cannot hold ten
     classes). The thresholds leave room for other machines' arithmetic: t-SNE 0.9, full 0.9."""
-    from cnnxfer.recipe import split_data
-    from cnnxfer.config import resumed_config
-    from cnnxfer import rundir
+    from cnnxfer.recipe import run_split
 
-    _, val = split_data(resumed_config(rundir.read_config(digits_run), Path(".")))
+    _, val = run_split(digits_run)
     x, paths, labels = features_from_images(digits_subject, val, 256)
     result = embed(x, paths, labels, ["pca", "tsne"])
     assert len(paths) == len(val) and result.dim == 64

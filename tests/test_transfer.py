@@ -67,7 +67,7 @@ def test_linear_is_the_exact_probe_and_the_saved_model_reproduces_it(digits, lit
     extract_features(ExtractConfig(data=digits["train"], out=tmp_path / "train.parquet", model=LITE0,
                                    weights=str(lite0_weights), img_size=64, precision="fp32", num_workers=0))
     paths, labels, x = read_features(tmp_path / "train.parquet")
-    train, val = split_data(TrainConfig(data=digits["train"], out=tmp_path, val_split=0.2, seed=0))
+    train, val = split_data(digits["train"], 0.2, 0)
     row_of = {Path(p).name: i for i, p in enumerate(paths)}
     order = [row_of[Path(p).name] for p in [*train.paths, *val.paths]]
     reference = fit_probe(x[order], np.array([int(labels[i]) for i in order]), 10, seed=0)

@@ -18,7 +18,7 @@ from typing import Callable
 import pandas as pd
 
 from .. import checkpoint, data, rundir
-from ..config import InspectConfig, RunConfig, resumed_config
+from ..config import InspectConfig, RunConfig
 from ..errors import CnnxferError, DataError, OutputExistsError, UsageError
 from . import subject as subj
 from .embedding import embed, features_from_images, pick_thumbnails, read_thumbnails, save_embedding
@@ -61,7 +61,7 @@ def write_report(config: InspectConfig, progress: Callable[[str], None] | None =
                if runs.file(csv).exists()):
         runs.save_plots()  # the run's plots, only when one is missing (runs from before fit wrote them)
     subject = subj.load_subject(config)
-    images, source, notes = _report_images(config, run, subject)
+    images, source, notes = _report_images(config, run, run_dir, subject)
     sections: dict[str, dict | None] = dict.fromkeys(("filters", "errors", "embedding", "invariance"))
     sections["summary"] = {"rows": _summary_rows(run, run_dir, subject)}
     views = [("filters", lambda: _filters(subject, files))]
@@ -98,19 +98,19 @@ def render(context: dict) -> str:
     return env.get_template("report.html.j2").render(**context)
 
 
-def _report_images(config: InspectConfig, run: RunConfig, subject: subj.Subject) -> tuple[data.ImageList | None, str | None, list[str]]:
+def _report_images(config: InspectConfig, run: RunConfig, run_dir: Path, subject: subj.Subject) -> tuple[data.ImageList | None, str | None, list[str]]:
     """--data, else the run's validation images when its data folder is still there."""
     classes = list(run.classes)
     limit = config.max_images or DEFAULT_MAX_IMAGES
     if config.data is not None:
         return subj.read_images(config, limit=limit, labelled=True, classes=classes), str(config.data), []
-    folder = run.train_config.get("data")
-    if not folder or not Path(folder).exists():
+    from ..recipe import run_split
+
+    folder, split = run.train_config.get("data"), run_split(run_dir)
+    if split is None:
         return None, None, ["no images: the run's data folder is gone and no --data was given, so errors, "
                             "embedding and invariance are left out"]
-    from ..recipe import split_data
-
-    train, val = split_data(resumed_config(run, Path(".")))
+    train, val = split
     images = val if len(val) else train
     which = "validation" if len(val) else "training (the run has no validation split)"
     images = _as_classes(images, classes)
