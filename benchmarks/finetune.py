@@ -80,7 +80,7 @@ def bench_linear(data: Path, weights: Path, model: str, epochs: int, work: Path)
         start = time.perf_counter()
         result = training.fit(TrainConfig(data=data, out=work / f"linear_{cache}", model=model, weights=str(weights),
                                         strategy=Strategy.linear, cache_features=cache, epochs=epochs, batch_size=BATCH,
-                                        img_size=SIZE, overwrite=True))
+                                        img_size=SIZE), overwrite=True)
         seconds = [h["seconds"] for h in result.history]
         out[cache] = {"epoch_s": float(np.mean(seconds[1:])), "total_s": time.perf_counter() - start,
                       "acc": result.history[-1]["val_accuracy"]}
@@ -93,8 +93,8 @@ def bench_cnnxfer_train(data: Path, model: str, epochs: int, augment: bool, work
     timer = StepTimer()
     start = time.perf_counter()
     result = training.fit(TrainConfig(data=data, out=work / "train", model=model, weights="none", epochs=epochs,
-                                    batch_size=BATCH, augment=augment, hflip=0.0, overwrite=True),
-                        training.FitHooks(on_batch=timer))
+                                    batch_size=BATCH, augment=augment, hflip=0.0),
+                        training.FitHooks(on_batch=timer), overwrite=True)
     total = time.perf_counter() - start
     steps = sum(len(t) for t in timer.epochs)
     return {"step_ips": timer.images_per_second(BATCH), "e2e_ips": steps * BATCH / total, "steps": steps,

@@ -215,8 +215,8 @@ def finetune_both_ways(folder: Path, weights: Path, work: Path, epochs: int = 4)
     for label, options in (("cache", dict(cache_images="on")), ("stream_full", dict(cache_images="off", reduced_decode=False))):
         start = time.perf_counter()
         result = training.fit(TrainConfig(data=folder, out=work / f"ft_{label}", model=MODEL, weights=str(weights),
-                                        strategy="full", epochs=epochs, batch_size=BATCH, overwrite=True,
-                                        checkpoint_every=1e9, **options))
+                                        strategy="full", epochs=epochs, batch_size=BATCH,
+                                        checkpoint_every=1e9, **options), overwrite=True)
         steady = [row["seconds"] for row in result.history[1:]]
         out[label] = {"epoch": float(np.mean(steady)), "first_epoch": result.history[0]["seconds"],
                       "total": time.perf_counter() - start, "accuracy": result.best.get("final_val_accuracy"),

@@ -214,12 +214,13 @@ def _run_fit(ctx: typer.Context, values: dict, resume: Optional[Path]) -> None:
 
     if resume is None and values["data"] is None:
         raise UsageError("give DATA (a folder of labelled images) or --resume RUN_DIR")
-    if resume is None:
-        config = cfg.TrainConfig(**values)
-    else:  # the run's own settings; what was typed beside --resume is applied or refused, never ignored
-        config = training.resume_config(resume, **{k: v for k, v in values.items() if k in _given(ctx)})
     with report.fit_progress() as hooks:
-        result = training.fit(config, training.FitHooks(*hooks))
+        if resume is None:
+            overwrite = values.pop("overwrite")
+            result = training.fit(cfg.TrainConfig(**values), training.FitHooks(*hooks), overwrite=overwrite)
+        else:  # the run's own settings; what was typed beside --resume is applied or refused, never ignored
+            given = {k: v for k, v in values.items() if k in _given(ctx)}
+            result = training.resume(resume, training.FitHooks(*hooks), **given)
     report.fit_summary(result, notes_shown=True)
 
 

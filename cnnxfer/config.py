@@ -188,12 +188,10 @@ class TrainConfig:
     num_workers: int | None = None
     device: str = "auto"
     precision: Precision = Precision.auto
-    resume: bool = False
-    overwrite: bool = False
     strict: bool = False
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_steps: int | None = None  # stop after this many optimizer steps (sanity checks, tests)
-    checkpoint_every: float = 30.0  # seconds between checkpoint writes (0: every epoch); see training._Trainer._save_epoch
+    checkpoint_every: float = 30.0  # seconds between checkpoint writes (0: every epoch); see epochs.Checkpoints
     reduced_decode: bool = True  # decode at the working resolution (False: every pixel of the file, e.g. to compare)
     sync_bn: bool = False  # several GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
 
@@ -253,10 +251,14 @@ def resumed_config(saved: "RunConfig", out: Path, given: dict | None = None) -> 
     values["model"] = values.get("model") or saved.model  # older runs named the architecture only at the top
     if saved.precision in _DTYPE_PRECISION:  # the dtype it trained in, whatever "auto" gives on this device
         values["precision"] = _DTYPE_PRECISION[saved.precision]
-    values.update(out=Path(out), resume=True, overwrite=False)
+    values["out"] = Path(out)
     run = TrainConfig(**values)
     changes, refused = {}, []
     for name, value in (given or {}).items():
+        if name == "overwrite":  # how a new run is started, not a setting: with --resume, a contradiction
+            if value:
+                refused.append(_refusal(name, value, False))
+            continue
         wanted = getattr(dataclasses.replace(run, **{name: value}), name)  # coerced like the run's own value
         if name in RUN_FIELDS or name in WHERE_FIELDS:
             changes[name] = wanted
@@ -330,7 +332,7 @@ class RunConfig:
     device: str = "cpu"
     world_size: int = 1  # processes it trained with (torchrun)
     versions: dict = field(default_factory=dict)
-    probe: dict | None = None  # the probe fitted at epoch 0, when there was one (training._Trainer.probe_summary)
+    probe: dict | None = None  # the probe fitted at epoch 0, when there was one (probing.ProbeStage.summary)
     selection: dict | None = None  # auto without validation images: probe vs fine-tuning by cross-validation
 
     @property

@@ -181,7 +181,7 @@ def trained_on(images: data.ImageList, indices: list[int], weights: str) -> int:
     """How many of the evaluated images (`indices` into `images`) the run in `weights` trained on.
 
     The run's training images are those its splits.csv lists (recipe.run_split); its validation images
-    too when the kept probe was fitted again on both (training._refit_probe). 0 for an exported file, and
+    too when the kept probe was fitted again on both (probing.ProbeStage.refit_kept). 0 for an exported file, and
     for an older run without splits.csv whose data folder is gone or moved.
     """
     from .recipe import run_split

@@ -212,7 +212,7 @@ def calibrated_nll(logits: np.ndarray, labels: np.ndarray) -> float:
 def beats_probe(row: dict, probe: dict) -> bool:
     """Whether a fine-tuned model beats the probe on the same held-out images (rows with
     `val_accuracy` and `val_loss_calibrated`): more accurate, or as accurate with a lower calibrated
-    loss. The rule of --strategy auto (training.is_new_best, selection, the summary)."""
+    loss. The rule of --strategy auto (probing.ProbeStage.keep_better, selection, the summary)."""
     mine, theirs = _accuracy(row["val_accuracy"]), _accuracy(probe["val_accuracy"])
     if mine != theirs:
         return mine > theirs

@@ -166,16 +166,15 @@ def run_split(run_dir: Path | str) -> tuple[data.ImageList, data.ImageList] | No
 
     runs = rundir.RunDir(run_dir)
     run = runs.read_config()
-    if runs.file(rundir.SPLITS_FILE).is_file():
-        rows = runs.read_splits()
-        index = {name: k for k, name in enumerate(run.classes)}
-        folder = Path(run.train_config.get("data") or run_dir)
-        return tuple(data.ImageList([Path(p) for p in part.path], [index.get(label) for label in part.label],
-                                    list(run.classes), folder)
-                     for part in (rows[rows.split == "train"], rows[rows.split == "val"]))
     saved = run.train_config
     if not saved.get("data") or not Path(saved["data"]).exists():
         return None
+    if runs.file(rundir.SPLITS_FILE).is_file():
+        rows = runs.read_splits()
+        index = {name: k for k, name in enumerate(run.classes)}
+        return tuple(data.ImageList([Path(p) for p in part.path], [index.get(label) for label in part.label],
+                                    list(run.classes), Path(saved["data"]))
+                     for part in (rows[rows.split == "train"], rows[rows.split == "val"]))
     try:
         return split_data(Path(saved["data"]), saved.get("val_split", 0.2), saved.get("seed", 0))
     except Exception:  # the folder changed beyond reading (a class removed...): nothing to compare with

@@ -168,7 +168,7 @@ class RunDir:
         path = self.file(SPLITS_FILE)
         if not path.is_file():
             raise CnnxferError(f"{path}: no such file (runs before splits.csv was written do not have it)")
-        return pd.read_csv(path, keep_default_na=False)
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
 
     def save_plots(self) -> list[Path]:
         """curves.png and confusion_matrix.png from the run's CSVs (rank 0)."""

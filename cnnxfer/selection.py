@@ -54,7 +54,7 @@ class CrossValidation:
 
 def cross_validate(config: TrainConfig, images: ImageList, fit: Callable[[TrainConfig], object]) -> CrossValidation | None:
     """Score the probe and fine-tuning by k-fold cross-validation (k = FOLDS, fewer when the smallest
-    class has fewer images; None below 2). `fit` runs one fold (training.fit)."""
+    class has fewer images; None below 2). `fit` runs one fold into a new folder (training.fit with overwrite)."""
     from .data import stratified_folds
 
     labels = np.asarray(images.labels)
@@ -70,7 +70,7 @@ def cross_validate(config: TrainConfig, images: ImageList, fit: Callable[[TrainC
             _link(images, train, root / "train")
             _link(images, held, root / "val")
             run = fit(dataclasses.replace(config, data=root, out=Path(tmp) / f"run{fold}", strategy=Strategy.auto,
-                                          resume=False, overwrite=True, patience=None))
+                                          patience=None))
             probe, last = run.history[0], run.history[-1]
             n = len(held)
             pooled += [probe["val_accuracy"] * n, probe["val_loss_calibrated"] * n, last["val_accuracy"] * n,

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from helpers import COLOURS, write_colour_folder
 
-from cnnxfer import training, recipe, engine, models
+from cnnxfer import training, recipe, engine, epochs, models, trainset
 from cnnxfer.config import Balance, Strategy, TrainConfig
 from cnnxfer.errors import DataError, OutputExistsError, TrainingError, UsageError
 
@@ -218,7 +218,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(colours, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         fit(colours, tmp_path / "cut", training.FitHooks(on_epoch=stop_after_two), checkpoint_every=3600, **common)
     assert (tmp_path / "cut" / "state.pt").is_file() and len(read_metrics(tmp_path / "cut")) == 2
-    resumed = training.fit(training.resume_config(tmp_path / "cut"))
+    resumed = training.resume(tmp_path / "cut")
     assert len(resumed.history) == 3
     assert without_seconds(read_metrics(tmp_path / "cut")) == without_seconds(read_metrics(tmp_path / "whole"))
     a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
@@ -237,7 +237,7 @@ def _stopped_after_epoch_1_then_resumed_equals_whole(data, tmp_path, common: dic
 
     with pytest.raises(KeyboardInterrupt):
         fit(data, tmp_path / "cut", training.FitHooks(on_epoch=stop_after_one), **common)
-    training.fit(training.resume_config(tmp_path / "cut"))
+    training.resume(tmp_path / "cut")
     assert without_seconds(read_metrics(tmp_path / "cut")) == without_seconds(read_metrics(tmp_path / "whole"))
     a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -301,7 +301,7 @@ def test_resume_refuses_a_data_folder_whose_classes_changed(tmp_path):
         fit(data, tmp_path / "run", training.FitHooks(on_epoch=stop), model="test_resnet", weights="none", epochs=2)
     (data / "red").rename(data / "purple")
     with pytest.raises(DataError, match="the run was trained on"):
-        training.fit(training.resume_config(tmp_path / "run"))
+        training.resume(tmp_path / "run")
 
 
 def test_existing_run_dir_is_untouched_without_overwrite(colours, tmp_path):
@@ -366,13 +366,13 @@ def test_balanced_loss_weights_and_sampler(tmp_path):
 
     config = TrainConfig(data=data, out=tmp_path / "run", model="test_resnet", weights="none", balance=Balance.loss,
                          val_split=0.2)
-    run = training._Trainer(config, training.FitHooks(), device.resolve_runtime("cpu"), distributed.Dist(), None)
-    weight = run._loss_fn().weight  # n / (classes * count): blue 16 -> 24/48, green/red 4 -> 2
+    run = trainset.read_data(config, lambda note: None)
+    weight = epochs.loss_fn(run, torch.device("cpu")).weight  # n / (classes * count): blue 16 -> 24/48, green/red 4 -> 2
     torch.testing.assert_close(weight, torch.tensor([0.5, 2.0, 2.0]))
     from cnnxfer.loader import Loader
 
-    labels = np.array(run.train_images.labels)
-    loader = Loader(labels, 8, weights=run._balanced_weights(), seed=0)
+    labels = np.array(run.train.labels)
+    loader = Loader(labels, 8, weights=trainset._balanced_weights(run), seed=0)
     draws = []
     for epoch in range(20):
         loader.set_epoch(epoch)
@@ -497,7 +497,7 @@ def test_a_small_dataset_with_default_options_gets_enough_steps_and_resumes_exac
     with pytest.raises(KeyboardInterrupt):
         fit(data, tmp_path / "cut", training.FitHooks(on_epoch=stop_at_20), **common)
     started = []
-    training.fit(training.resume_config(tmp_path / "cut"), training.FitHooks(on_start=started.append))
+    training.resume(tmp_path / "cut", training.FitHooks(on_start=started.append))
     assert (started[0].batch_size, started[0].epochs) == (4, 38)
     assert without_seconds(read_metrics(tmp_path / "cut")) == without_seconds(read_metrics(tmp_path / "whole"))
 

@@ -21,7 +21,7 @@ import torch
 from conftest import LITE0
 from safetensors.torch import load_file, save_file
 
-from cnnxfer import ExtractConfig, TrainConfig, evaluate_folder, extract_features, models, read_features, training
+from cnnxfer import ExtractConfig, TrainConfig, epochs, evaluate_folder, extract_features, models, read_features, training
 from cnnxfer.convert import convert_by_order, convert_weights_file
 from cnnxfer.errors import WeightsError
 from cnnxfer.probe import beats_probe, fit_probe
@@ -296,7 +296,7 @@ def test_auto_interrupted_after_the_probe_decides_again_on_resume(digits, lite0_
     finally:
         selection.cross_validate = real
     assert (tmp_path / "cut" / "state.pt").is_file()
-    resumed = training.fit(training.resume_config(tmp_path / "cut"))
+    resumed = training.resume(tmp_path / "cut")
     timeless = lambda s: {k: v for k, v in s.items() if k != "seconds"}  # noqa: E731
     assert resumed.selection is not None and timeless(resumed.selection) == timeless(whole.selection)
     assert [r["phase"] for r in resumed.history] == [r["phase"] for r in whole.history]
@@ -324,4 +324,4 @@ def test_auto_weighs_the_probe_against_fine_tuning_by_accuracy_then_calibrated_l
     logits = rng.normal(size=(200, 4)) * 2
     labels = np.array([rng.choice(4, p=np.exp(z) / np.exp(z).sum()) for z in logits])
     assert calibrated_nll(logits * 5, labels) == pytest.approx(calibrated_nll(logits, labels), rel=1e-3)
-    assert calibrated_nll(logits * 5, labels) < training.VAL_LOSS(torch.tensor(logits * 5), torch.tensor(labels)).item()
+    assert calibrated_nll(logits * 5, labels) < epochs.VAL_LOSS(torch.tensor(logits * 5), torch.tensor(labels)).item()
