@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "ExtractConfig": "config", "TrainConfig": "config", "SanityConfig": "config", "ExportConfig": "config",
-    "FitHooks": "training", "FitResult": "training", "fit": "training", "resume_config": "training",
+    "FitHooks": "training", "FitResult": "training", "fit": "training", "resume": "training",
     "CnnxferError": "errors",
     "evaluate_folder": "evaluate", "predict_folder": "evaluate",
     "ExportResult": "export", "export_model": "export",
