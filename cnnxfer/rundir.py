@@ -45,16 +45,30 @@ def resume_point(run_dir: Path | str) -> str | None:
     """What `--resume run_dir` does: "epoch" (continue after the last saved epoch), "start" (the
     run was interrupted before an epoch finished: it starts again), or None (not an unfinished
     training run). Reads only small files: the CLI asks this after an interrupt."""
-    run_dir = Path(run_dir)
+    return _resume_point(Path(run_dir), _config_values(Path(run_dir)))
+
+
+def read_unfinished(run_dir: Path | str) -> tuple[RunConfig, str] | None:
+    """(its RunConfig, its resume_point) for an unfinished run, None otherwise: config.json read once."""
+    values = _config_values(Path(run_dir))
+    point = _resume_point(Path(run_dir), values)
+    return (RunConfig.from_dict(values), point) if point else None
+
+
+def _config_values(run_dir: Path) -> dict | None:
     try:
-        config = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+        values = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(config, dict) or "train_config" not in config:
+    return values if isinstance(values, dict) else None
+
+
+def _resume_point(run_dir: Path, values: dict | None) -> str | None:
+    if values is None or "train_config" not in values:
         return None
     if (run_dir / STATE_FILE).is_file():
         return "epoch"
-    return "start" if config.get("status") == "running" else None
+    return "start" if values.get("status") == "running" else None
 
 
 def resume_hint(run_dir: Path | str) -> str:

@@ -100,26 +100,27 @@ def resume(run_dir: Path | str, hooks: FitHooks | None = None, **given) -> FitRe
             differs from the run's own setting raises UsageError naming it.
     """
     start, run_dir = time.perf_counter(), Path(run_dir)
-    saved, config = resume_config(run_dir, **given)
+    saved, config, point = resume_config(run_dir, **given)
     with open_session(config.device, config.precision, config.num_workers) as session:
         if saved.precision and session.precision != saved.precision:
             raise UsageError(f"--precision {config.precision.value} trains in {session.precision} on this device; the "
                              f"run trained in {saved.precision}: leave --precision out to resume in {saved.precision}")
-        if rundir.resume_point(run_dir) == "start":  # nothing to continue from: the same run from its beginning
+        if point == "start":  # nothing to continue from: the same run from its beginning
             return _fit(config, hooks, session, start, overwrite=True, restarted=True)
         return _fit(config, hooks, session, start, saved=saved)
 
 
-def resume_config(run_dir: Path | str, **given) -> tuple[RunConfig, TrainConfig]:
-    """(the interrupted run's RunConfig, the TrainConfig that continues it); UsageError when
-    `run_dir` is not an unfinished run or `given` would change its result (see `resume`)."""
+def resume_config(run_dir: Path | str, **given) -> tuple[RunConfig, TrainConfig, str]:
+    """(the interrupted run's RunConfig, the TrainConfig that continues it, its rundir.resume_point);
+    UsageError when `run_dir` is not an unfinished run or `given` would change its result (see `resume`)."""
     run_dir = Path(run_dir)
     if not (run_dir / rundir.CONFIG_FILE).is_file():
         raise UsageError(f"--resume {run_dir}: not a cnnxfer run directory (no config.json)")
-    if rundir.resume_point(run_dir) is None:
+    unfinished = rundir.read_unfinished(run_dir)
+    if unfinished is None:
         raise UsageError(f"--resume {run_dir}: nothing to resume: the run finished (--overwrite starts it again)")
-    saved = rundir.read_config(run_dir)
-    return saved, resumed_config(saved, run_dir, given)
+    saved, point = unfinished
+    return saved, resumed_config(saved, run_dir, given), point
 
 
 # ---------------------------------------------------------------- one run, top to bottom
