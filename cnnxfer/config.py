@@ -233,7 +233,6 @@ RUN_FIELDS = frozenset({"device", "num_workers", "checkpoint_every", "cache_imag
 WHERE_FIELDS = frozenset({"data", "precision"})
 _FLAGS = {"data": "DATA", "num_workers": "--workers", "cache_features": "--cache/--no-cache",
           "augment": "--augment/--no-augment"}
-_DTYPE_PRECISION = {"bfloat16": Precision.bf16, "float16": Precision.fp16, "float32": Precision.fp32}
 
 
 def option_flag(name: str) -> str:
@@ -251,8 +250,10 @@ def resumed_config(saved: "RunConfig", out: Path, given: dict | None = None) -> 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in saved.train_config.items() if k in names}
     values["model"] = values.get("model") or saved.model  # older runs named the architecture only at the top
-    if saved.precision in _DTYPE_PRECISION:  # the dtype it trained in, whatever "auto" gives on this device
-        values["precision"] = _DTYPE_PRECISION[saved.precision]
+    from .device import dtype_name_precision  # here, not at import: --help never loads torch
+
+    if dtype_name_precision(saved.precision):  # the dtype it trained in, whatever "auto" gives on this device
+        values["precision"] = Precision(dtype_name_precision(saved.precision))
     values.update(out=Path(out), resume=True, overwrite=False)
     run = TrainConfig(**values)
     changes, refused = {}, []
