@@ -3,8 +3,8 @@
 torchvision's `train_one_epoch` / `evaluate` split: a step with AMP (bf16 autocast, fp16 +
 GradScaler), channels_last, gradient clipping and a NaN guard; an epoch that leaves a ragged last
 batch out; evaluation (through Session.infer, the one inference batch path) that returns
-probabilities for the caller to gather and score; an OOM hint with a batch size that fits. What runs around it - data, strategy, checkpoints, several
-processes - is training.py's.
+probabilities for the caller to gather and score; an OOM hint with a batch size that fits. What
+runs around it - data, strategy, checkpoints, several processes - is training.py's.
 """
 from __future__ import annotations
 

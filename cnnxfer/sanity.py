@@ -30,7 +30,7 @@ from torch import nn
 
 from .activations import Activations
 from .check_result import ERROR, FAIL, PASS, SKIP, WARN, CheckResult, _model_device, _restored, _timed, _to_model
-from .device import Runtime, autocast, dtype_name
+from .device import Runtime, autocast, dtype_name, training_dtype
 from .errors import CnnxferError, TrainingError, UsageError
 from .gradcheck import check_gradients
 from .overfit import Budget, check_overfit, check_overfit_result
@@ -596,7 +596,9 @@ def _run_one(name, model, x, y, classes, config, session: Session, train_cfg, ou
     if name == "modes":
         return check_modes(model, x.to(device))
     if name == "cost":
-        return check_cost(model, x.to(device), y.to(device), device, session.dtype)
+        # timed in the dtype training steps take (device.training_dtype), as its docstring promises
+        dtype = training_dtype(session.runtime, model, config.precision)
+        return check_cost(model, x.to(device), y.to(device), device, dtype)
     hp = recipe.resolve_hparams(train_cfg)
     # sweep past the configured rate, so that a rate that diverges can be seen diverging
     result = lr_range_test(model, x.to(device), y.to(device), lr_max=max(10.0, 10 * hp["lr"]), configured_lr=hp["lr"],
