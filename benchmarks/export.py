@@ -29,11 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, print_table, save_random_weights, write_jpeg_folder
 
-from cnnxfer import device as dev
 from cnnxfer.config import ExportConfig
 from cnnxfer.export import OnnxPredictor, export_model, read_info
 from cnnxfer.models import load_model
 from cnnxfer.predictor import TorchPredictor
+from cnnxfer.session import resolve_session
 
 MODEL, SIZE, BATCHES = "resnet18", 224, (1, 32)
 
@@ -57,11 +57,11 @@ def build(work: Path) -> dict:
           f"agreement {v.top1_agreement:.0%}")
     loaded = load_model(MODEL, str(weights))
     classes, config = read_info(result.out).classes, loaded.data_config
-    auto = dev.resolve_runtime("cpu", "auto", 0)
+    fp32, auto = resolve_session("cpu", "fp32", 0), resolve_session("cpu", "auto", 0)
     return {
-        "PyTorch eager fp32": TorchPredictor(loaded.model, config, classes, dev.resolve_runtime("cpu", "fp32", 0)),
+        "PyTorch eager fp32": TorchPredictor(loaded.model, config, classes, fp32),
         f"PyTorch eager {auto.precision} (cnnxfer default)": TorchPredictor(loaded.model, config, classes, auto),
-        "onnxruntime fp32 (exported file)": OnnxPredictor(result.out, read_info(result.out), device="cpu"),
+        "onnxruntime fp32 (exported file)": OnnxPredictor(result.out, read_info(result.out), fp32),
     }
 
 

@@ -336,19 +336,22 @@ def train(
 RunWeights = Annotated[str, typer.Option("--weights", "-w", help="A cnnxfer run directory (from finetune or train), or a file from `cnnxfer export` (.onnx, TorchScript) with the preprocessing it carries.")]
 
 
+_P, _V = cfg.PredictConfig.__dataclass_fields__, cfg.EvaluateConfig.__dataclass_fields__
+
+
 @app.command()
 @handle_errors
 def predict(
     images: Annotated[Path, typer.Argument(exists=True, metavar="IMAGES", help="One image, a folder of images (flat or class subfolders) or a CSV manifest.")],
     weights: RunWeights,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Predictions file: .csv or .parquet.")] = Path("predictions.csv"),
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Classes listed per image, most probable first.")] = 5,
-    tta: Annotated[cfg.Tta, typer.Option("--tta", help="flip: average with the mirrored image.")] = cfg.Tta.none,
-    batch_size: InferBatch = 64,
-    workers: Workers = None,
-    max_image_pixels: MaxPixels = DEFAULT_MAX_IMAGE_PIXELS,
-    device: Device = "auto",
-    precision: PrecisionOpt = cfg.Precision.auto,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Predictions file: .csv or .parquet.")] = _default(_P, "out"),
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Classes listed per image, most probable first.")] = _default(_P, "top_k"),
+    tta: Annotated[cfg.Tta, typer.Option("--tta", help="flip: average with the mirrored image.")] = _default(_P, "tta"),
+    batch_size: InferBatch = _default(_P, "batch_size"),
+    workers: Workers = _default(_P, "num_workers"),
+    max_image_pixels: MaxPixels = _default(_P, "max_image_pixels"),
+    device: Device = _default(_P, "device"),
+    precision: PrecisionOpt = _default(_P, "precision"),
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing predictions file.")] = False,
     strict: Strict = False,
     nproc: Nproc = 1,
@@ -359,10 +362,11 @@ def predict(
     """
     from . import evaluate, report
 
+    config = cfg.PredictConfig(images=images, weights=weights, out=out, top_k=top_k, tta=tta, batch_size=batch_size,
+                               num_workers=workers, device=device, precision=precision, overwrite=overwrite,
+                               strict=strict, max_image_pixels=max_image_pixels)
     with report.image_progress("predict") as progress:
-        pred = evaluate.predict_folder(images, weights, out, top_k=top_k, overwrite=overwrite, strict=strict, device=device,
-                                       precision=precision.value, batch_size=batch_size, num_workers=workers, tta=tta.value,
-                                       progress=progress, max_image_pixels=max_image_pixels)
+        pred = evaluate.predict_folder(config, progress)
     report.predictions_summary(pred, out, evaluate.skipped_file_for(out))
 
 
@@ -372,12 +376,12 @@ def evaluate(
     data: Annotated[Path, typer.Argument(exists=True, metavar="DATA", help="Labelled images (class subfolders named like the run's classes) or a CSV manifest.")],
     weights: RunWeights,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write accuracy (top-level key), per-class report and confusion matrix as JSON.")] = None,
-    tta: Annotated[cfg.Tta, typer.Option("--tta", help="flip: average with the mirrored image.")] = cfg.Tta.none,
-    batch_size: InferBatch = 64,
-    workers: Workers = None,
-    max_image_pixels: MaxPixels = DEFAULT_MAX_IMAGE_PIXELS,
-    device: Device = "auto",
-    precision: PrecisionOpt = cfg.Precision.auto,
+    tta: Annotated[cfg.Tta, typer.Option("--tta", help="flip: average with the mirrored image.")] = _default(_V, "tta"),
+    batch_size: InferBatch = _default(_V, "batch_size"),
+    workers: Workers = _default(_V, "num_workers"),
+    max_image_pixels: MaxPixels = _default(_V, "max_image_pixels"),
+    device: Device = _default(_V, "device"),
+    precision: PrecisionOpt = _default(_V, "precision"),
     strict: Strict = False,
     nproc: Nproc = 1,
 ) -> None:
@@ -387,10 +391,11 @@ def evaluate(
     """
     from . import evaluate as ev, report
 
+    config = cfg.EvaluateConfig(data=data, weights=weights, json_path=json_path, tta=tta, batch_size=batch_size,
+                                num_workers=workers, device=device, precision=precision, strict=strict,
+                                max_image_pixels=max_image_pixels)
     with report.image_progress("evaluate") as progress:
-        result = ev.evaluate_folder(data, weights, json_path=json_path, strict=strict, device=device, precision=precision.value,
-                                    batch_size=batch_size, num_workers=workers, tta=tta.value, progress=progress,
-                                    max_image_pixels=max_image_pixels)
+        result = ev.evaluate_folder(config, progress)
     report.evaluation_summary(result)
 
 

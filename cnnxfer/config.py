@@ -231,7 +231,6 @@ RUN_FIELDS = frozenset({"device", "num_workers", "checkpoint_every", "cache_imag
 WHERE_FIELDS = frozenset({"data", "precision"})
 _FLAGS = {"data": "DATA", "num_workers": "--workers", "cache_features": "--cache/--no-cache",
           "augment": "--augment/--no-augment"}
-_DTYPE_PRECISION = {"bfloat16": Precision.bf16, "float16": Precision.fp16, "float32": Precision.fp32}
 
 
 def option_flag(name: str) -> str:
@@ -249,8 +248,10 @@ def resumed_config(saved: "RunConfig", out: Path, given: dict | None = None) -> 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in saved.train_config.items() if k in names}
     values["model"] = values.get("model") or saved.model  # older runs named the architecture only at the top
-    if saved.precision in _DTYPE_PRECISION:  # the dtype it trained in, whatever "auto" gives on this device
-        values["precision"] = _DTYPE_PRECISION[saved.precision]
+    from .device import dtype_name_precision  # here, not at import: --help never loads torch
+
+    if dtype_name_precision(saved.precision):  # the dtype it trained in, whatever "auto" gives on this device
+        values["precision"] = Precision(dtype_name_precision(saved.precision))
     values["out"] = Path(out)
     run = TrainConfig(**values)
     changes, refused = {}, []
@@ -470,3 +471,60 @@ class ExportConfig:
 
     def __post_init__(self):
         _coerce(self)
+
+
+def _check_at_least(config, **lows: int) -> None:
+    """Counts no command can use (--batch-size 0, --workers -1), refused before any image is read."""
+    for name, low in lows.items():
+        value = getattr(config, name)
+        if value is not None and value < low:
+            from .errors import UsageError
+
+            least = "0 or more" if low == 0 else f"at least {low}"
+            raise UsageError(f"{option_flag(name)} must be {least} (got {value})")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """`cnnxfer predict`: a trained model (a run directory or a file from `cnnxfer export`) over images."""
+
+    images: Path  # one image, a folder (flat or class subfolders) or a CSV manifest
+    weights: str  # a run directory or an exported file (.onnx, TorchScript)
+    out: Path = Path("predictions.csv")  # .csv or .parquet
+    top_k: int = 5
+    tta: Tta = Tta.none
+    batch_size: int = 64
+    num_workers: int | None = None
+    device: str = "auto"
+    precision: Precision = Precision.auto  # an exported file computes in its own: auto, or that one
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    overwrite: bool = False
+    strict: bool = False
+
+    def __post_init__(self):
+        _coerce(self)
+        object.__setattr__(self, "weights", str(self.weights))
+        _check_at_least(self, top_k=1, batch_size=1, num_workers=0, max_image_pixels=1)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """`cnnxfer evaluate`: accuracy, per-class report and confusion matrix of a trained model on
+    labelled images."""
+
+    data: Path  # class subfolders named like the model's classes (or train/ + val/: val/ is scored), or a CSV
+    weights: str  # a run directory or an exported file (.onnx, TorchScript)
+    json_path: Path | None = None  # the metrics as JSON
+    skipped_path: Path | None = None  # the unreadable images (None: beside json_path, else evaluate.skipped.csv)
+    tta: Tta = Tta.none
+    batch_size: int = 64
+    num_workers: int | None = None
+    device: str = "auto"
+    precision: Precision = Precision.auto  # an exported file computes in its own: auto, or that one
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    strict: bool = False
+
+    def __post_init__(self):
+        _coerce(self)
+        object.__setattr__(self, "weights", str(self.weights))
+        _check_at_least(self, batch_size=1, num_workers=0, max_image_pixels=1)

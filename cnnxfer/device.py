@@ -73,9 +73,37 @@ def cpu_has_native_bf16() -> bool:
     )
 
 
+def _option(precision) -> str:
+    """--precision as a plain lower-case string (a config's Precision enum, or a str)."""
+    return (precision or "auto").strip().lower()
+
+
+# The two vocabularies of precision: the --precision options and the names of the dtypes they
+# compute in (what runs, Parquet metadata and exported files record).
+_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_OPTIONS = {name: option for option, name in _DTYPE_NAMES.items()}
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """An autocast dtype as recorded: torch.bfloat16 -> "bfloat16"; None (no autocast) -> "float32"."""
+    return str(dtype).replace("torch.", "") if dtype else "float32"
+
+
+def precision_dtype_name(precision) -> str | None:
+    """--precision -> the name of the dtype it computes in: fp32 -> "float32", bf16 -> "bfloat16",
+    fp16 -> "float16"; None for auto (the device decides) and for an unknown option."""
+    return _DTYPE_NAMES.get(_option(precision))
+
+
+def dtype_name_precision(name: str) -> str | None:
+    """A recorded dtype name -> the --precision option that computes in it: "bfloat16" -> "bf16";
+    None for a name no option gives."""
+    return _OPTIONS.get(name)
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """Return the autocast dtype for `precision` on `device`, or None for plain fp32."""
-    precision = (precision or "auto").lower()
+    precision = _option(precision)
     if precision == "fp32":
         return None
     if precision == "auto":
@@ -100,7 +128,7 @@ def training_dtype(runtime: "Runtime", model: torch.nn.Module, precision: str) -
     MobileNetV3 / ConvNeXt-atto ran at 0.72 / 0.74 / 0.56 / 0.83x its fp32 speed at 224 px, ResNet-18's
     at 1.94x (2-core Intel Xeon with AMX bf16, batch 16, channels_last). Inference keeps bf16, 1.8-2.7x
     faster than fp32 for all of them."""
-    if getattr(precision, "value", precision) != "auto" or runtime.device.type != "cpu" or runtime.dtype != torch.bfloat16:
+    if _option(precision) != "auto" or runtime.device.type != "cpu" or runtime.dtype != torch.bfloat16:
         return runtime.dtype
     depthwise = any(isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules())
     return None if depthwise else runtime.dtype
@@ -116,6 +144,19 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 def use_channels_last(device: torch.device) -> bool:
     """channels_last pays on CUDA tensor cores and on CPU oneDNN convolutions (36 -> 46 img/s here)."""
     return device.type in ("cuda", "cpu")
+
+
+def to_input(images: torch.Tensor, device: torch.device, normalizer=None, channels_last: bool = False) -> torch.Tensor:
+    """A batch as the loaders give it (uint8 images, or float features) -> the model's input on
+    `device`: normalised (uint8 needs `normalizer`), channels_last for 4-d image batches when asked.
+    The one copy of this step: Session.to_input (inference) and engine.to_device (training) call it."""
+    x = images.to(device, non_blocking=True)
+    if x.dtype == torch.uint8:
+        assert normalizer is not None, "uint8 images need a Normalize module"
+        x = normalizer(x)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def usable_cores() -> int:
@@ -139,10 +180,13 @@ class Runtime:
     decode_threads: int  # 0: decode in the calling thread
     ahead: int  # batches decoded ahead of the model: 0 on a CPU (decoders and model take turns)
     pin_memory: bool
+    # --device auto chose the device: a backend that cannot use it (onnxruntime without its CUDA
+    # provider) may then run on the CPU instead of refusing
+    auto_device: bool = False
 
     @property
     def precision(self) -> str:
-        return str(self.dtype).replace("torch.", "") if self.dtype else "float32"
+        return dtype_name(self.dtype)
 
     def autocast(self):
         return autocast(self.device, self.dtype)
@@ -154,18 +198,25 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", workers: int 
     from . import distributed
 
     rank = distributed.from_environment()
-    spec = (device or "auto").strip().lower()
-    if rank.enabled and spec in ("auto", "cuda") and torch.cuda.is_available():
-        spec = f"cuda:{rank.local_rank}"  # one GPU per process on this machine
-    torch_device = resolve_device(spec)
-    dtype = resolve_precision(getattr(precision, "value", precision), torch_device)
+    torch_device = resolve_device(rank_device_spec(device, rank, torch.cuda.is_available()))
+    dtype = resolve_precision(precision, torch_device)
     if workers is not None and workers < 0:
         raise UsageError(f"--workers must be 0 or more (got {workers})")
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) if rank.enabled else 1
     threads = max(1, default_decode_threads(torch_device) // local_processes) if workers is None else workers
     cpu = torch_device.type == "cpu"
     return Runtime(torch_device, dtype, use_channels_last(torch_device), threads, 0 if cpu else 3,
-                   torch_device.type == "cuda")
+                   torch_device.type == "cuda", (device or "auto").strip().lower() == "auto")
+
+
+def rank_device_spec(device: str | None, rank, cuda_available: bool) -> str:
+    """--device for this process (`rank`: its distributed.Dist): under torchrun `auto` and `cuda`
+    mean this process's own GPU, cuda:LOCAL_RANK (one GPU per process on each machine); any
+    other spelling is kept as given (lower-cased) for resolve_device to check."""
+    spec = (device or "auto").strip().lower()
+    if rank.enabled and spec in ("auto", "cuda") and cuda_available:
+        return f"cuda:{rank.local_rank}"
+    return spec
 
 
 @dataclass(frozen=True)
@@ -205,7 +256,7 @@ def describe_environment(device_spec: str = "auto", precision: str = "auto") -> 
         device=str(device),
         device_name=name,
         memory_gib=memory,
-        precision=str(dtype).replace("torch.", "") if dtype else "float32",
+        precision=dtype_name(dtype),
         channels_last=use_channels_last(device),
         threads=torch.get_num_threads(),
         workers=default_decode_threads(device),

@@ -2,9 +2,9 @@
 
 torchvision's `train_one_epoch` / `evaluate` split: a step with AMP (bf16 autocast, fp16 +
 GradScaler), channels_last, gradient clipping and a NaN guard; an epoch that leaves a ragged last
-batch out; evaluation that returns probabilities for the caller to gather and score; an OOM hint
-with a batch size that fits. What runs around it - data, strategy, checkpoints, several
-processes - is training.py's.
+batch out; evaluation (through Session.infer, the one inference batch path) that returns
+probabilities for the caller to gather and score; an OOM hint with a batch size that fits. What
+runs around it - data, strategy, checkpoints, several processes - is training.py's.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from torch import nn
 from . import device as dev
 from .errors import TrainingError
 from .preprocess import Normalize
+from .session import Session
 from .signals import check_signals
 
 log = logging.getLogger(__name__)
@@ -113,13 +114,7 @@ def seed_everything(seed: int) -> None:
 # ---------------------------------------------------------------- the loop
 
 def to_device(x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-    x = x.to(ctx.device, non_blocking=True)
-    if x.dtype == torch.uint8:
-        assert ctx.normalizer is not None, "uint8 images need a Normalize module"
-        x = ctx.normalizer(x)
-    if ctx.channels_last and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
+    return dev.to_input(x, ctx.device, ctx.normalizer, ctx.channels_last)
 
 
 def train_step(ctx: StepContext, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
@@ -200,24 +195,20 @@ def train_one_epoch(ctx: StepContext, loader, on_batch: BatchHook | None = None)
     return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1), seen, skipped)
 
 
-@torch.inference_mode()
-def evaluate(module: nn.Module, loader, loss_fn: nn.Module, device: torch.device, dtype: torch.dtype | None,
-             channels_last: bool = False, normalizer: Normalize | None = None,
+def evaluate(module: nn.Module, loader, loss_fn: nn.Module, session: Session, normalizer: Normalize | None = None,
              ) -> tuple[EpochStats, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loss/accuracy over `loader` in eval mode; also (probabilities, targets, dataset indices)."""
+    """Loss/accuracy over `loader` in eval mode through the one inference path (Session.infer, in
+    the session's dtype); also (probabilities, targets, dataset indices) of this process's
+    batches, for the caller to gather."""
     was_training = module.training
     module.eval()
     probs, targets, indices, skipped = [], [], [], []
     total_loss = 0.0
-    ctx = StepContext(module, None, None, None, loss_fn, device, dtype, channels_last=channels_last, normalizer=normalizer)
-    for batch in loader:
-        check_signals()
+    for batch, logits in session.infer(loader, module, normalizer):
         skipped += batch.skipped
-        if len(batch.labels) == 0:
+        if logits is None:
             continue
-        x, y = to_device(batch.images, ctx), batch.labels.to(device)
-        with dev.autocast(device, dtype):
-            logits = module(x).float()
+        logits, y = logits.float(), batch.labels.to(session.device)
         if (y >= 0).all():
             total_loss += loss_fn(logits, y).item() * len(y)
         probs.append(logits.softmax(1).cpu())
@@ -230,6 +221,18 @@ def evaluate(module: nn.Module, loader, loss_fn: nn.Module, device: torch.device
     n = len(targets)
     acc = float((probs.argmax(1) == targets).float().mean())
     return EpochStats(total_loss / n, acc, n, skipped), probs, targets, indices
+
+
+def step_context(module: nn.Module, optimizer: torch.optim.Optimizer, scheduler, loss_fn: nn.Module,
+                 session: Session, precision="auto", normalizer: Normalize | None = None) -> StepContext:
+    """A StepContext for `session` as training builds one: the training dtype (device.training_dtype
+    for `precision`, the --precision option), a GradScaler for fp16 on CUDA, channels_last as the
+    session says. For the checks that train through `train_step` (overfit, the lr range test), so
+    that they test the numerics training runs with."""
+    dtype = dev.training_dtype(session.runtime, module, precision)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 and session.device.type == "cuda" else None
+    return StepContext(module, optimizer, scheduler, scaler, loss_fn, session.device, dtype,
+                       channels_last=session.channels_last, normalizer=normalizer)
 
 
 def oom_message(ctx: StepContext, batch) -> str:

@@ -35,8 +35,7 @@ VAL_LOSS = nn.CrossEntropyLoss()  # what validation measures: plain cross-entrop
 
 def evaluate(module: nn.Module, loader, session: Session, normalizer: nn.Module):
     """engine.evaluate over every process's slice, gathered: every image counted once."""
-    stats, probs, targets, indices = evaluate_loader(module, loader, VAL_LOSS, session.device, session.dtype,
-                                                     session.channels_last, normalizer)
+    stats, probs, targets, indices = evaluate_loader(module, loader, VAL_LOSS, session, normalizer)
     if not session.distributed:
         return stats, probs, targets, indices
     parts = session.gather_objects((stats.loss * stats.samples if stats.samples else 0.0, stats.skipped))

@@ -2,7 +2,9 @@
 
 A run directory runs in PyTorch (predictor.TorchPredictor); a file written by `cnnxfer export`
 runs in onnxruntime or TorchScript (export.py) with the preprocessing it carries. Both go through
-the same batch loop (predictor.predict_images) and the same numpy metrics (metrics.py).
+the same batch loop (predictor.predict_images) and the same numpy metrics (metrics.py). Each
+command opens one Session (session.py): the device, the precision, and under torchrun each
+process's share of the images, gathered in image order at the end.
 """
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import checkpoint, data, device as dev, distributed, rundir
+from . import checkpoint, data, rundir
+from .config import EvaluateConfig, Precision, PredictConfig, Tta
 from .errors import DataError, StrictModeError, UsageError
 from .metrics import Evaluation, log_loss, softmax, summarize
 from .predictor import Predictor, TorchPredictor, predict_images
+from .session import Session, open_session
 
 WEIGHTS_HELP = "a cnnxfer run directory (from finetune or train) or a file from `cnnxfer export` (.onnx, TorchScript)"
 
@@ -36,33 +40,38 @@ class Predictions:
     backend: str = "pytorch"
 
 
-def load_predictor(weights: str, *, device: str = "auto", precision: str = "auto", tta: str = "none") -> Predictor:
-    """The Predictor for `--weights`: a run directory in PyTorch, an exported file in its runtime."""
+def load_predictor(weights: str, session: Session, *, precision: Precision | str = Precision.auto,
+                   tta: Tta | str = Tta.none) -> Predictor:
+    """The Predictor for `--weights` on `session`: a run directory in PyTorch (in the session's
+    precision), an exported file in its runtime (in its own: `precision` other than auto must name it)."""
     if rundir.is_run_dir(weights):
-        return TorchPredictor.from_run(weights, dev.resolve_runtime(device, precision, 0), tta)
+        return TorchPredictor.from_run(weights, session, tta)
     from . import export
 
     if export.is_exported(weights):
-        return export.load_predictor(Path(weights), device=device, precision=precision, tta=tta)
+        return export.load_predictor(Path(weights), session, precision=precision, tta=tta)
     raise UsageError(f"--weights {weights} must be {WEIGHTS_HELP}")
 
 
-def predict(images: data.ImageList, weights: str, *, device: str = "auto", precision: str = "auto",
-            batch_size: int = 64, num_workers: int | None = None, tta: str = "none", progress=None,
+def predict(images: data.ImageList, weights: str, session: Session, *, precision: Precision | str = Precision.auto,
+            tta: Tta | str = Tta.none, batch_size: int = 64, progress=None,
             max_image_pixels: int = data.DEFAULT_MAX_IMAGE_PIXELS) -> Predictions:
-    """Run a trained model (a run directory, or a file from `cnnxfer export`) over `images`."""
+    """Run a trained model (a run directory, or a file from `cnnxfer export`) over `images` on
+    `session`; under torchrun each process predicts its share and every process gets them all."""
     start = time.perf_counter()
-    if num_workers is not None and num_workers < 0:
-        raise UsageError(f"--workers must be 0 or more (got {num_workers})")
-    predictor = load_predictor(weights, device=device, precision=precision, tta=getattr(tta, "value", tta))
-    rank = distributed.current()  # under torchrun: this process's slice of every batch, then all gathered
-    threads = dev.usable_cores() if num_workers is None else num_workers
-    out = predict_images(predictor, images, batch_size=batch_size, threads=threads, max_pixels=max_image_pixels,
-                         progress=progress, shard=(rank.rank, rank.world) if rank.enabled else None)
-    logits, indices, skipped_at = _gathered(out.logits, out.indices, out.skipped)
-    skipped = [(str(images.paths[i]), reason) for i, reason in skipped_at]
+    predictor = load_predictor(weights, session, precision=precision, tta=tta)
+    out = predict_images(predictor, images, batch_size=batch_size, max_pixels=max_image_pixels, progress=progress)
+    indices, logits = session.gather(out.indices, out.logits)
+    skipped = sorted(s for part in session.gather_objects(out.skipped) for s in part)
+    skipped = [(str(images.paths[i]), reason) for i, reason in skipped]
     return Predictions(images, softmax(logits), indices, predictor.classes, skipped, time.perf_counter() - start,
                        predictor.device, predictor.backend)
+
+
+def session_precision(weights: str, precision: Precision | str) -> Precision | str:
+    """The precision to open a command's Session with: --precision for a run directory; fp32 for an
+    exported file, which computes in its own (load_predictor checks --precision against it)."""
+    return precision if rundir.is_run_dir(weights) else Precision.fp32
 
 
 def model_classes(weights: str) -> list[str]:
@@ -77,20 +86,6 @@ def model_classes(weights: str) -> list[str]:
     if export.is_exported(weights):
         return export.read_info(Path(weights)).classes
     raise UsageError(f"--weights {weights} must be {WEIGHTS_HELP}")
-
-
-def _gathered(logits: np.ndarray, indices: np.ndarray, skipped: list):
-    """Every process's logits in image order, and every skipped image (one process: as they are)."""
-    if not distributed.current().enabled:
-        return logits, indices, skipped
-    parts = distributed.all_gather((logits, indices, skipped))
-    rows = [p for p in parts if len(p[1])]
-    skipped = sorted(s for p in parts for s in p[2])
-    if not rows:
-        return logits, indices, skipped
-    logits, indices = np.concatenate([p[0] for p in rows]), np.concatenate([p[1] for p in rows])
-    order = np.argsort(indices, kind="stable")
-    return logits[order], indices[order], skipped
 
 
 def write_predictions(pred: Predictions, out: Path, top_k: int = 5) -> Path:
@@ -127,38 +122,40 @@ def skipped_file_for(out: Path) -> Path:
     return skipped_path(Path(out))
 
 
-def predict_folder(images_path: Path, weights: str, out: Path, *, top_k: int = 5, overwrite: bool = False,
-                   strict: bool = False, **kwargs) -> Predictions:
+def predict_folder(config: PredictConfig, progress=None) -> Predictions:
     """`cnnxfer predict`: top-k classes per image to CSV/Parquet, unreadable files listed beside it."""
-    checkpoint.prepare_output(out, overwrite)
+    out = Path(config.out)
+    checkpoint.prepare_output(out, config.overwrite)
     _check_out_suffix(out)  # options first: a bad one is named before any image is read
-    model_classes(weights)
-    images = data.discover(images_path, labelled=None, classes=None)
-    with distributed.session(dev.resolve_runtime(kwargs.get("device", "auto")).device.type) as rank:
-        pred = predict(images, weights, **kwargs)
-    if rank.is_main:  # under torchrun every process predicted its share; rank 0 writes them all
-        write_predictions(pred, out, top_k)
+    model_classes(config.weights)
+    images = data.discover(config.images, labelled=None, classes=None)
+    with open_session(config.device, session_precision(config.weights, config.precision), config.num_workers) as session:
+        pred = predict(images, config.weights, session, precision=config.precision, tta=config.tta,
+                       batch_size=config.batch_size, progress=progress, max_image_pixels=config.max_image_pixels)
+    if session.is_main:  # under torchrun every process predicted its share; rank 0 writes them all
+        write_predictions(pred, out, config.top_k)
         data.write_skipped(skipped_file_for(out), pred.skipped)
-    if strict and pred.skipped:
+    if config.strict and pred.skipped:
         raise StrictModeError(f"--strict: {len(pred.skipped)} unreadable image(s) skipped; see {skipped_file_for(out)}")
     return pred
 
 
-def evaluate_folder(data_path: Path, weights: str, *, json_path: Path | None = None, strict: bool = False,
-                    skipped_path: Path | None = None, **kwargs) -> Evaluation:
+def evaluate_folder(config: EvaluateConfig, progress=None) -> Evaluation:
     """`cnnxfer evaluate`: accuracy, per-class report and confusion matrix on a labelled folder.
 
-    Args:
-        skipped_path: where unreadable images are listed (default: beside `json_path`, else
-            evaluate.skipped.csv in the current folder, like sanity-check's list).
+    Unreadable images are listed in `config.skipped_path` (default: beside `config.json_path`, else
+    evaluate.skipped.csv in the current folder, like sanity-check's list).
     """
+    weights, json_path = config.weights, config.json_path
     classes = model_classes(weights)
-    split = data.find_split_folders(Path(data_path))
+    data_path = Path(config.data)
+    split = data.find_split_folders(data_path)
     if split and "train" not in classes:  # a train/ + val/ dataset, as finetune takes it: score val/
         data_path = split[1]
     images = data.discover(data_path, labelled=True, classes=classes)
-    with distributed.session(dev.resolve_runtime(kwargs.get("device", "auto")).device.type) as rank:
-        pred = predict(images, weights, **kwargs)
+    with open_session(config.device, session_precision(weights, config.precision), config.num_workers) as session:
+        pred = predict(images, weights, session, precision=config.precision, tta=config.tta,
+                       batch_size=config.batch_size, progress=progress, max_image_pixels=config.max_image_pixels)
     targets = np.array([images.labels[i] for i in pred.indices.tolist()], dtype=np.int64)
     if len(targets) == 0:
         raise DataError(f"{data_path}: no image could be read")
@@ -167,12 +164,12 @@ def evaluate_folder(data_path: Path, weights: str, *, json_path: Path | None = N
     result.trained_on = trained_on(images, pred.indices.tolist(), weights)
     if pred.skipped:
         default = skipped_file_for(json_path) if json_path else Path("evaluate.skipped.csv")
-        result.skipped_file = Path(skipped_path or default)
-        if rank.is_main:
+        result.skipped_file = Path(config.skipped_path or default)
+        if session.is_main:
             data.write_skipped(result.skipped_file, pred.skipped)
-    if json_path and rank.is_main:
+    if json_path and session.is_main:
         checkpoint.atomic_write_json(Path(json_path), result.to_dict())
-    if strict and pred.skipped:
+    if config.strict and pred.skipped:
         raise StrictModeError(f"--strict: {len(pred.skipped)} unreadable image(s) skipped; see {result.skipped_file}")
     return result
 

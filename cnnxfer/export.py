@@ -43,10 +43,11 @@ import torch
 from torch import nn
 
 from . import checkpoint, data, device as dev, models, rundir
-from .config import ExportConfig, ExportFormat
+from .config import ExportConfig, ExportFormat, Precision, Tta
 from .errors import CnnxferError, DeviceError, ModelError, UsageError
 from .predictor import Predictor, TorchPredictor, predict_images
 from .preprocess import Normalize
+from .session import Session, resolve_session
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +173,11 @@ def export_model(config: ExportConfig) -> ExportResult:
     example = torch.randint(0, 256, (2, *loaded.data_config["input_size"]), dtype=torch.uint8,
                             generator=torch.Generator().manual_seed(0))
     classes = _class_names(reference, example, classes, notes)
-    module, device, precision = reference, torch.device("cpu"), "float32"
+    # where the exported file is verified: fp16 on the GPU (--half), else fp32 on the CPU
+    session = resolve_session("cuda" if config.half else "cpu", "fp32", 0)
+    module, device, precision = reference, session.device, "float32"
     if config.half:  # a copy: the reference stays fp32 on the CPU
-        device, precision = torch.device("cuda"), "float16"
+        precision = "float16"
         module = ExportedClassifier(copy.deepcopy(loaded.model).half(), mean, std, torch.float16).eval().to(device)
     info = _info(loaded, classes, precision)
     tolerance = config.tolerance if config.tolerance is not None else TOLERANCE[precision]
@@ -182,10 +185,10 @@ def export_model(config: ExportConfig) -> ExportResult:
     with tempfile.TemporaryDirectory(prefix="cnnxfer-export-") as scratch, checkpoint.atomic_path(out) as tmp:
         if fmt == ExportFormat.onnx:
             _write_onnx(module, example.to(device), tmp, info)
-            exported = OnnxPredictor(tmp, info, device=str(device))
+            exported = OnnxPredictor(tmp, info, session)
         else:
             notes += _write_torchscript(module, example.to(device), tmp, info)
-            exported = TorchScriptPredictor(tmp, info, device=str(device))
+            exported = TorchScriptPredictor(tmp, info, session)
         images, source = _verify_images(config, loaded, Path(scratch), notes)
         # the reference is the model as `predict` runs it from a run directory, normalised outside the graph
         verification = verify(TorchPredictor(loaded.model, loaded.data_config, classes, _fp32_cpu()), exported, images,
@@ -287,9 +290,9 @@ def _info(loaded: models.LoadedModel, classes: list[str], precision: str) -> Exp
                       cnnxfer_version=__version__, torch_version=torch.__version__)
 
 
-def _fp32_cpu() -> dev.Runtime:
-    """The reference: eager PyTorch, fp32, NCHW, on the CPU."""
-    return dev.Runtime(torch.device("cpu"), None, False, 0, 0, False)
+def _fp32_cpu() -> Session:
+    """The reference: eager PyTorch, fp32, NCHW, on the CPU, one process."""
+    return Session(dev.Runtime(torch.device("cpu"), None, False, 0, 0, False))
 
 
 # ---------------------------------------------------------------- formats
@@ -461,17 +464,19 @@ def read_info(path: Path) -> ExportInfo:
     return ExportInfo.from_dict(json.loads(extra), path)
 
 
-def load_predictor(path: Path, *, device: str = "auto", precision: str = "auto", tta: str = "none") -> Predictor:
-    """The backend for an exported file: onnxruntime for .onnx, torch.jit for TorchScript."""
+def load_predictor(path: Path, session: Session, *, precision: Precision | str = Precision.auto,
+                   tta: Tta | str = Tta.none) -> Predictor:
+    """The backend for an exported file on `session`'s device: onnxruntime for .onnx, torch.jit for
+    TorchScript. The file computes in the precision it was exported in: `precision` (--precision)
+    other than auto must name that one."""
     info = read_info(path)
-    precision = getattr(precision, "value", precision)
-    wanted = {"auto": info.precision, "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(precision, precision)
-    if wanted != info.precision:
-        raise UsageError(f"--precision {precision}: {path} computes in {info.precision}, as it was exported; leave "
-                         f"--precision out")
+    precision = Precision(precision)
+    if precision != Precision.auto and dev.precision_dtype_name(precision) != info.precision:
+        raise UsageError(f"--precision {precision.value}: {path} computes in {info.precision}, as it was exported; "
+                         f"leave --precision out")
     if Path(path).suffix.lower() == ".onnx":
-        return OnnxPredictor(path, info, device=device, tta=tta)
-    return TorchScriptPredictor(path, info, device=device, tta=tta)
+        return OnnxPredictor(path, info, session, tta)
+    return TorchScriptPredictor(path, info, session, tta)
 
 
 class OnnxPredictor(Predictor):
@@ -479,36 +484,37 @@ class OnnxPredictor(Predictor):
 
     backend = "onnxruntime"
 
-    def __init__(self, path: Path, info: ExportInfo, *, device: str = "auto", tta: str = "none"):
+    def __init__(self, path: Path, info: ExportInfo, session: Session, tta: Tta | str = Tta.none):
         require_extra()
         import onnxruntime as ort
 
-        where, providers = _ort_providers(ort, device)
+        where, providers = _ort_providers(ort, session.runtime)
         if info.precision == "float16" and where == "cpu":
             raise UsageError(f"{path} was exported in fp16 for GPUs: predict with --device cuda (onnxruntime-gpu), or "
                              f"export again without --half")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: its warnings about providers are not the user's concern
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
-        super().__init__(info.classes, info.data_config, where, info.precision, tta)
+        self.ort = ort.InferenceSession(str(path), options, providers=providers)
+        super().__init__(info.classes, info.data_config, session, where, info.precision, tta)
 
     def _logits(self, images) -> np.ndarray:
         x = images.numpy() if isinstance(images, torch.Tensor) else images
-        return self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(x, dtype=np.uint8)})[0]
+        return self.ort.run([OUTPUT], {INPUT: np.ascontiguousarray(x, dtype=np.uint8)})[0]
 
 
-def _ort_providers(ort, device: str) -> tuple[str, list]:
-    """(device in words, onnxruntime providers) for --device."""
-    spec = (device or "auto").strip().lower()
+def _ort_providers(ort, runtime: dev.Runtime) -> tuple[str, list]:
+    """(device in words, onnxruntime providers) for the session's device (under torchrun already
+    this process's own GPU). --device auto runs on the CPU where onnxruntime has no CUDA provider."""
+    device = runtime.device
     has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-    if spec in ("cpu", "cpu:0") or (spec == "auto" and not has_cuda):
-        return "cpu", ["CPUExecutionProvider"]
-    if spec == "auto" or re.fullmatch(r"cuda(:\d+)?", spec):
-        if not has_cuda:
-            raise DeviceError(f"device {spec}: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)")
-        index = int(spec.partition(":")[2] or 0)
+    if device.type == "cuda" and has_cuda:
+        index = device.index or 0
         return f"cuda:{index}", [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
-    raise DeviceError(f"device {spec}: an ONNX file runs on cpu or cuda[:N] in onnxruntime")
+    if device.type == "cpu" or runtime.auto_device:
+        return "cpu", ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        raise DeviceError(f"device {device}: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)")
+    raise DeviceError(f"device {device}: an ONNX file runs on cpu or cuda[:N] in onnxruntime")
 
 
 class TorchScriptPredictor(Predictor):
@@ -516,8 +522,8 @@ class TorchScriptPredictor(Predictor):
 
     backend = "torchscript"
 
-    def __init__(self, path: Path, info: ExportInfo, *, device: str = "auto", tta: str = "none"):
-        where = dev.resolve_device(device)
+    def __init__(self, path: Path, info: ExportInfo, session: Session, tta: Tta | str = Tta.none):
+        where = session.device
         if info.precision == "float16" and where.type == "cpu":
             raise UsageError(f"{path} was exported in fp16 for GPUs: predict with --device cuda, or export again "
                              f"without --half")
@@ -526,7 +532,7 @@ class TorchScriptPredictor(Predictor):
             self.module = torch.jit.load(str(path), map_location=where).eval()
         self.where = where
         self.pin_memory = where.type == "cuda"
-        super().__init__(info.classes, info.data_config, str(where), info.precision, tta)
+        super().__init__(info.classes, info.data_config, session, str(where), info.precision, tta)
 
     @torch.inference_mode()
     def _logits(self, images: torch.Tensor) -> np.ndarray:

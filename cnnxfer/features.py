@@ -24,13 +24,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from . import checkpoint, data, device as dev, distributed, loader as loaders, models
+from . import checkpoint, data, loader as loaders, models
 from .activations import Activations
 from .predictor import flip_average
-from .preprocess import Preprocess
-from .config import ExtractConfig, to_dict
+from .preprocess import Normalize, Preprocess
+from .config import ExtractConfig, Tta, to_dict
 from .errors import DataError, OutputExistsError, StrictModeError
-from .signals import check_signals, deferred_signals
+from .session import Session, open_session
+from .signals import deferred_signals
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +68,16 @@ def skipped_path(out: Path) -> Path:
 
 
 class Embedder:
-    """Model + options -> {column: (N, D) float32 features} for a batch of uint8 images.
+    """Model + options -> {column: (N, D) float32 features} for a batch of model inputs
+    (Session.to_input's: normalised, on the device; Session.infer gives them, in autocast).
 
     The `--layers` hooks are registered once, for every batch; `close()` (or a `with` block)
     removes them.
     """
 
-    def __init__(self, model: torch.nn.Module, layers: list[str], pool: str | None, tta: str,
-                 runtime: dev.Runtime, preprocess: Preprocess):
-        self.model, self.layers, self.tta = model, layers, tta
+    def __init__(self, model: torch.nn.Module, layers: list[str], pool: str | None, tta: Tta | str):
+        self.model, self.layers, self.tta = model, layers, Tta(tta)
         self.layer_pool = pool or "avg"
-        self.device, self.dtype, self.channels_last = runtime.device, runtime.dtype, runtime.channels_last
-        self.normalize = preprocess.normalizer().to(runtime.device)
         self.taps = Activations(model, layers) if layers else None
 
     def close(self) -> None:
@@ -91,18 +90,13 @@ class Embedder:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    @torch.inference_mode()
-    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = self.normalize(images.to(self.device, non_blocking=True))
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if self.tta == "flip":
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.tta == Tta.flip:
             return flip_average(self._forward, x)
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        with dev.autocast(self.device, self.dtype):
-            final = models.pre_logits(self.model, x)
+        final = models.pre_logits(self.model, x)
         out = {column_name(None): final.float().flatten(1)}
         if self.taps is not None:
             for layer in self.layers:
@@ -151,7 +145,7 @@ def _part_batches(n: int, part_size: int, batch_size: int, todo: list[int]) -> l
     return out
 
 
-def _open_parts(config: ExtractConfig, parts_dir: Path, fingerprint: dict) -> dict[int, dict]:
+def _open_parts(config: ExtractConfig, parts_dir: Path, fingerprint: dict, session: Session) -> dict[int, dict]:
     """The finished parts of this job, by part number: none for a new job, the interrupted run's
     when resuming the same one. Rank 0 prepares the folder; every rank raises its errors."""
 
@@ -172,7 +166,7 @@ def _open_parts(config: ExtractConfig, parts_dir: Path, fingerprint: dict) -> di
         parts_dir.mkdir(parents=True)
         checkpoint.atomic_write_json(job, {"fingerprint": fingerprint})
 
-    distributed.main_first(prepare)
+    session.main_first(prepare)
     return {int(p.name[5:11]): checkpoint.read_json(p) for p in sorted(parts_dir.glob("part-*.json"))}
 
 
@@ -216,21 +210,20 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None) ->
         if not config.resume:
             raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
     start = time.perf_counter()
-    runtime = dev.resolve_runtime(config.device, config.precision, config.num_workers)
-    models.check_model_options(config.model, config.weights)  # before the data scan: a bad option is named first
-    with distributed.session(runtime.device.type) as rank:
-        job = _prepare_job(config, runtime)
-        done = _open_parts(config, parts_dir, job.fingerprint)
+    with open_session(config.device, config.precision, config.num_workers) as session:
+        models.check_model_options(config.model, config.weights)  # before the data scan: a bad option is named first
+        job = _prepare_job(config, session)
+        done = _open_parts(config, parts_dir, job.fingerprint, session)
         n_parts = -(-len(job.images) // config.part_size)
-        mine = [p for p in range(n_parts) if p not in done and p % rank.world == rank.rank]
+        mine = [p for p in range(n_parts) if p not in done and p % session.world == session.rank]
         resumed = sum(v["rows"] + len(v["skipped"]) for v in done.values())
         with deferred_signals(), job.embedder:  # the embedder's layer hooks come off at the end
-            _run_parts(config, job, parts_dir, mine, runtime, resumed, progress if rank.is_main else None)
-        distributed.barrier()  # every part written before rank 0 merges them
-        if not rank.is_main:
-            return ExtractSummary(out, 0, 0, None, {}, time.perf_counter() - start, str(runtime.device),
-                                  runtime.precision, resumed)
-        return _finish(config, job, parts_dir, n_parts, resumed, runtime, time.perf_counter() - start)
+            _run_parts(config, job, parts_dir, mine, session, resumed, progress if session.is_main else None)
+        session.barrier()  # every part written before rank 0 merges them
+        if not session.is_main:
+            return ExtractSummary(out, 0, 0, None, {}, time.perf_counter() - start, str(session.device),
+                                  session.precision, resumed)
+        return _finish(config, job, parts_dir, n_parts, resumed, session, time.perf_counter() - start)
 
 
 @dataclass
@@ -238,34 +231,34 @@ class _Job:
     images: data.ImageList
     loaded: models.LoadedModel
     preprocess: Preprocess
+    normalizer: Normalize  # on the session's device
     embedder: Embedder
     metadata: dict
     fingerprint: dict
 
 
-def _prepare_job(config: ExtractConfig, runtime: dev.Runtime) -> _Job:
+def _prepare_job(config: ExtractConfig, session: Session) -> _Job:
     """Images, model, preprocessing and the fingerprint a resume must match (the same on every rank)."""
     # train/ + val/: rows labelled by class as finetune reads them, with a split column (not "train"/"val")
     images = data.discover_split_dataset(config.data) or data.discover(config.data)
     loaded = models.load_model(config.model, config.weights, None, img_size=config.img_size)
-    model = loaded.model.eval().to(runtime.device)
-    if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    pool = getattr(config.pool, "value", config.pool)
+    model = session.place(loaded.model.eval())
+    pool = config.pool.value if config.pool is not None else None
     if pool is not None:
         models.set_global_pool(model, pool)
     layers = models.resolve_layers(model, config.layers)
     preprocess = Preprocess.from_data_config(loaded.data_config, max_pixels=config.max_image_pixels,
                                              reduced_decode=config.reduced_decode)
-    embedder = Embedder(model, layers, pool, getattr(config.tta, "value", config.tta), runtime, preprocess)
-    metadata = _metadata(config, loaded, layers, runtime)
+    embedder = Embedder(model, layers, pool, config.tta)
+    metadata = _metadata(config, loaded, layers, session)
     fingerprint = {"inputs": _input_fingerprint(images), "model": loaded.arch, "weights": loaded.weights,
                    "options": {k: metadata[k] for k in ("layers", "pool", "tta", "data_config", "precision", "decode")},
                    "part_size": config.part_size}
-    return _Job(images, loaded, preprocess, embedder, metadata, fingerprint)
+    return _Job(images, loaded, preprocess, preprocess.normalizer().to(session.device), embedder, metadata, fingerprint)
 
 
-def _finish(config, job: _Job, parts_dir: Path, n_parts: int, resumed: int, runtime, seconds: float) -> ExtractSummary:
+def _finish(config, job: _Job, parts_dir: Path, n_parts: int, resumed: int, session: Session,
+            seconds: float) -> ExtractSummary:
     """Rank 0, every part done: merge them into `config.out`, list the skipped files, tidy up."""
     out = Path(config.out)
     records = {int(p.name[5:11]): checkpoint.read_json(p) for p in parts_dir.glob("part-*.json")}
@@ -279,13 +272,13 @@ def _finish(config, job: _Job, parts_dir: Path, n_parts: int, resumed: int, runt
         skip_file.unlink()
     shutil.rmtree(parts_dir, ignore_errors=True)
     summary = ExtractSummary(out, rows, len(skipped), skip_file if skipped else None, columns, seconds,
-                             str(runtime.device), runtime.precision, resumed, job.images.warnings + job.loaded.notes)
+                             str(session.device), session.precision, resumed, job.images.warnings + job.loaded.notes)
     if config.strict and skipped:
         raise StrictModeError(f"--strict: {len(skipped)} unreadable image(s) skipped; see {skip_file}")
     return summary
 
 
-def _metadata(config: ExtractConfig, loaded: models.LoadedModel, layers, runtime: dev.Runtime) -> dict:
+def _metadata(config: ExtractConfig, loaded: models.LoadedModel, layers, session: Session) -> dict:
     import timm
 
     return {
@@ -293,12 +286,12 @@ def _metadata(config: ExtractConfig, loaded: models.LoadedModel, layers, runtime
         "weights": loaded.weights,
         "layers": [column_name(None)] + [column_name(l) for l in layers],
         "layer_modules": layers,
-        "pool": getattr(config.pool, "value", config.pool) or "model",
-        "tta": getattr(config.tta, "value", config.tta),
+        "pool": config.pool.value if config.pool is not None else "model",
+        "tta": config.tta.value,
         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in loaded.data_config.items()},
-        "precision": runtime.precision,
+        "precision": session.precision,
         "decode": "working resolution" if config.reduced_decode else "full",
-        "device": str(runtime.device),
+        "device": str(session.device),
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "cnnxfer": _version()},
         "classes": loaded.classes,
         "config": to_dict(config),
@@ -311,27 +304,27 @@ def _version() -> str:
     return __version__
 
 
-def _run_parts(config: ExtractConfig, job: _Job, parts_dir: Path, todo: list[int], runtime, done: int, progress):
+def _run_parts(config: ExtractConfig, job: _Job, parts_dir: Path, todo: list[int], session: Session, done: int,
+               progress):
     """Embed the parts in `todo`, each into its own Parquet file with a JSON record beside it (a
     part counts as finished once its record exists; each part has one writer, so ranks never
     write the same file)."""
     images = job.images
-    loader = loaders.Loader(loaders.ImageDataset(images, job.preprocess), config.batch_size,
-                            batches=_part_batches(len(images), config.part_size, config.batch_size, todo),
-                            threads=runtime.decode_threads, ahead=runtime.ahead, pin_memory=runtime.pin_memory)
-    scale = distributed.current().world  # rank 0 shows its own progress as the job's
+    loader = session.loader(loaders.ImageDataset(images, job.preprocess), config.batch_size, shard=False,
+                            batches=_part_batches(len(images), config.part_size, config.batch_size, todo))
+    scale = session.world  # rank 0 shows its own progress as the job's
     part = _PartWriter(parts_dir, job.metadata)
     try:
-        for batch in loader:
-            check_signals()  # Ctrl-C / SIGTERM act here, between batches (see signals.py)
+        # Session.infer: Ctrl-C / SIGTERM act between batches (see signals.py)
+        for batch, feats in session.infer(loader, job.embedder, job.normalizer):
             first = int(batch.indices[0]) if len(batch.indices) else batch.skipped[0][0]
             part.start(first // config.part_size)
             part.skipped += [(str(images.paths[i]), reason) for i, reason in batch.skipped]
-            if len(batch.indices):
+            if feats is not None:
                 idx = batch.indices.tolist()
                 labels = [images.classes[images.labels[i]] if images.labels[i] is not None else None for i in idx]
                 splits = [images.splits[i] for i in idx] if images.splits is not None else None
-                part.write([str(images.paths[i]) for i in idx], labels, job.embedder(batch.images), splits)
+                part.write([str(images.paths[i]) for i in idx], labels, feats, splits)
             if part.rows + len(part.skipped) == min((part.part + 1) * config.part_size, len(images)) - part.part * config.part_size:
                 part.start(None)  # its last image is in: the part is finished now, not when the next one starts
             done += (len(batch.indices) + len(batch.skipped)) * scale

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .check_result import FAIL, PASS, WARN, CheckResult
+from .session import Session
 
 EXTEND = 10  # while the loss still falls clearly the check may run up to 10x its step budget
 FALLING = 0.9  # "still falling clearly": a window's mean loss below 90% of the window before
@@ -57,22 +58,24 @@ def chance_loss(labels: torch.Tensor) -> float:
     return float(-(p * p.log()).sum())
 
 
-def check_overfit(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device, dtype=None, *,
-                  lr: float | None = None, budget: Budget = Budget()) -> CheckResult:
+def check_overfit(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], session: Session, *,
+                  precision: str = "auto", lr: float | None = None, budget: Budget = Budget()) -> CheckResult:
     """Train a copy of `model` on `batches` (usually one fixed batch, repeated) with augmentation,
-    dropout and weight decay off, through the engine's own training step, and judge it with
-    `check_overfit_result`. A non-finite loss is a finding (FAIL); any other exception propagates
-    (run_checks reports it as an ERROR naming the exception).
+    dropout and weight decay off, through the engine's own training step as training runs it on
+    `session` (engine.step_context: the training dtype for `precision`, channels_last), and judge it
+    with `check_overfit_result`. A non-finite loss is a finding (FAIL); any other exception
+    propagates (run_checks reports it as an ERROR naming the exception).
 
     Args:
         batches: (images, labels) per step; the chance loss comes from the first batch's labels.
+        precision: --precision as given (auto trains some models in fp32 on a CPU: device.training_dtype).
         lr: AdamW's learning rate (default 1e-3).
     """
-    from . import device as dev, engine
+    from . import engine
     from .errors import TrainingError
 
     start = time.perf_counter()
-    net = _fitting_copy(model, device)
+    net = _fitting_copy(model, session)
     trainable = [p for p in net.parameters() if p.requires_grad]
     if not trainable:
         return CheckResult("overfit", FAIL, "no trainable parameter: every parameter has requires_grad=False",
@@ -80,9 +83,8 @@ def check_overfit(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.
                            seconds=time.perf_counter() - start)
     hp = {"optimizer": "adamw", "lr": 1e-3 if lr is None else lr, "weight_decay": 0.0, "backbone_lr_mult": 1.0}
     optimizer = engine.build_optimizer(net, {n for n, _ in net.named_parameters()}, hp, 0.9)
-    ctx = engine.StepContext(net, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), None,
-                             nn.CrossEntropyLoss(), torch.device(device), dtype,
-                             channels_last=dev.use_channels_last(torch.device(device)))
+    ctx = engine.step_context(net, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                              nn.CrossEntropyLoss(), session, precision)
     losses, accuracies, chance, stopped, y = [], [], None, "", None
     try:
         for x, y in batches:
@@ -108,9 +110,10 @@ def check_overfit(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.
     return result
 
 
-def _fitting_copy(model: nn.Module, device) -> nn.Module:
-    """A train-mode copy with dropout and stochastic depth off: the check is about fitting."""
-    net = copy.deepcopy(model).to(device).train()
+def _fitting_copy(model: nn.Module, session: Session) -> nn.Module:
+    """A train-mode copy, placed by `session`, with dropout and stochastic depth off: the check is
+    about fitting."""
+    net = session.place(copy.deepcopy(model)).train()
     for module in net.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0

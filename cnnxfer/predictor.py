@@ -1,10 +1,12 @@
 """Inference behind one small interface: uint8 image batches in, logits out as numpy.
 
-A `Predictor` knows its classes and the preprocessing its input needs (`data_config`); calling
-it on a uint8 (N, 3, H, W) batch returns (N, C) float32 logits. `TorchPredictor` runs a PyTorch
-model (a run directory's); export.py adds backends that run an exported ONNX or TorchScript file.
-`predict_images` is the one batch loop every backend goes through, and flip test-time
-augmentation is written once here (`flip_average`), for predictions and for extracted features.
+A `Predictor` knows its classes, the preprocessing its input needs (`data_config`) and the
+command's Session; calling it on a uint8 (N, 3, H, W) batch as the loader gives it (on the CPU)
+returns (N, C) float32 logits. `TorchPredictor` runs a PyTorch model (a run directory's) on the
+Session's device; export.py adds backends that run an exported ONNX or TorchScript file, which
+place their input themselves. `predict_images` is the one batch loop every backend goes through
+(Session.infer), and flip test-time augmentation is written once here (`flip_average`), for
+predictions and for extracted features.
 
 This module imports neither the training engine nor `evaluate`: both import it.
 """
@@ -16,9 +18,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import data, device as dev, loader as loaders
-from .preprocess import Preprocess
-from .signals import check_signals
+from . import data, loader as loaders
+from .config import Tta
+from .preprocess import Normalize, Preprocess
+from .session import Session
 
 Progress = Callable[[int, int], None]  # (images done, total images)
 
@@ -46,19 +49,22 @@ class Predictor:
         classes: the class name of each logit.
         data_config: timm's preprocessing keys (input_size, interpolation, mean, std, crop_pct,
             crop_mode): how files become the uint8 batches this predictor takes.
+        session: the command's Session: decode threads, this process's share under torchrun and,
+            for a PyTorch model, where and how it computes.
         device, precision: where and how it computes, as the summary reports it.
-        tta: "none" or "flip".
+        tta: none or flip.
     """
 
     backend = ""  # what runs the model, as the summary names it
     pin_memory = False  # page-locked batches: only worth it when a GPU copies them
 
-    def __init__(self, classes: list[str], data_config: dict, device: str, precision: str, tta: str = "none"):
-        self.classes, self.data_config = list(classes), dict(data_config)
-        self.device, self.precision, self.tta = device, precision, getattr(tta, "value", tta)
+    def __init__(self, classes: list[str], data_config: dict, session: Session, device: str, precision: str,
+                 tta: Tta | str = Tta.none):
+        self.classes, self.data_config, self.session = list(classes), dict(data_config), session
+        self.device, self.precision, self.tta = device, precision, Tta(tta)
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
-        if self.tta == "flip":
+        if self.tta == Tta.flip:
             return flip_average(self._logits, images)
         return self._logits(images)
 
@@ -67,34 +73,28 @@ class Predictor:
 
 
 class TorchPredictor(Predictor):
-    """A PyTorch model: normalised on the device, channels_last and autocast as the Runtime says."""
+    """A PyTorch model, placed, normalised, channels_last and in autocast as the Session says."""
 
     backend = "pytorch"
 
-    def __init__(self, model: torch.nn.Module, data_config: dict, classes: list[str], runtime: dev.Runtime,
-                 tta: str = "none"):
-        super().__init__(classes, data_config, str(runtime.device), runtime.precision, tta)
-        model = model.eval().to(runtime.device)
-        if runtime.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model, self.runtime, self.pin_memory = model, runtime, runtime.pin_memory
-        self.normalize = Preprocess.from_data_config(data_config).normalizer().to(runtime.device)
+    def __init__(self, model: torch.nn.Module, data_config: dict, classes: list[str], session: Session,
+                 tta: Tta | str = Tta.none):
+        super().__init__(classes, data_config, session, str(session.device), session.precision, tta)
+        self.model, self.pin_memory = session.place(model.eval()), session.runtime.pin_memory
+        self.normalize = Normalize(data_config["mean"], data_config["std"]).to(session.device)
 
     @classmethod
-    def from_run(cls, run_dir, runtime: dev.Runtime, tta: str = "none") -> "TorchPredictor":
+    def from_run(cls, run_dir, session: Session, tta: Tta | str = Tta.none) -> "TorchPredictor":
         """The best weights of a cnnxfer run directory, with its classes and preprocessing."""
         from . import models
 
         loaded = models.load_model(None, str(run_dir))
-        return cls(loaded.model, loaded.data_config, loaded.classes, runtime, tta)
+        return cls(loaded.model, loaded.data_config, loaded.classes, session, tta)
 
     @torch.inference_mode()
     def _logits(self, images: torch.Tensor) -> np.ndarray:
-        x = self.normalize(images.to(self.runtime.device, non_blocking=True))
-        if self.runtime.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with self.runtime.autocast():
-            logits = self.model(x)
+        with self.session.autocast():
+            logits = self.model(self.session.to_input(images, self.normalize))
         return logits.float().cpu().numpy()
 
 
@@ -107,27 +107,26 @@ class Outputs:
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (index, reason) of unreadable images
 
 
-def predict_images(predictor: Predictor, images: data.ImageList, *, batch_size: int = 64, threads: int = 0,
-                   max_pixels: int = data.DEFAULT_MAX_IMAGE_PIXELS, progress: Progress | None = None,
-                   shard: tuple[int, int] | None = None) -> Outputs:
-    """The one inference loop: decode `images` as the predictor's preprocessing says (`threads`
-    decoding threads; 0 decodes in this thread), run every batch through it, keep the logits.
+def predict_images(predictor: Predictor, images: data.ImageList, *, batch_size: int = 64,
+                   max_pixels: int = data.DEFAULT_MAX_IMAGE_PIXELS, progress: Progress | None = None) -> Outputs:
+    """The one inference loop: decode `images` as the predictor's preprocessing says, run every
+    batch through it (Session.infer), keep the logits.
 
-    `shard` (rank, world): this process's slice of every batch only (under torchrun); progress
-    then counts this share for the whole job's."""
+    Under torchrun (the predictor's session joined to the job) this process takes its slice of
+    every batch only; progress then counts this share for the whole job's."""
+    session = predictor.session
     preprocess = Preprocess.from_data_config(predictor.data_config, max_pixels=max_pixels)
-    ahead = 0 if predictor.device == "cpu" else 3  # on a CPU the decoders and the model take turns (loader.py)
-    loader = loaders.Loader(loaders.ImageDataset(images, preprocess), batch_size, threads=threads, ahead=ahead,
-                            pin_memory=predictor.pin_memory, shard=shard)
-    scale = shard[1] if shard else 1
+    # an exported file's runtime may compute on the CPU beside a GPU session: the decoders then take turns with it
+    ahead = 0 if predictor.device == "cpu" else session.runtime.ahead
+    loader = session.loader(loaders.ImageDataset(images, preprocess), batch_size, ahead=ahead,
+                            pin_memory=predictor.pin_memory)
     logits, indices, skipped, done = [], [], [], 0
-    for batch in loader:
-        check_signals()
+    for batch, out in session.infer(loader, predictor, raw=True):  # the predictor places its input itself
         skipped += batch.skipped
-        if len(batch.indices):
-            logits.append(np.asarray(predictor(batch.images), dtype=np.float32))
+        if out is not None:
+            logits.append(np.asarray(out, dtype=np.float32))
             indices.append(batch.indices.numpy())
-        done += (len(batch.indices) + len(batch.skipped)) * scale
+        done += (len(batch.indices) + len(batch.skipped)) * session.world
         if progress:
             progress(min(done, len(images)), len(images))
     if not logits:

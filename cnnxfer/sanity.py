@@ -6,8 +6,9 @@ the learning-rate range test) work on a deep copy; the others restore the modes 
 touch and take gradients with `torch.autograd.grad`, which never writes `.grad`. Checks also run
 under a forked RNG so that calling them does not shift the caller's random stream.
 
-The gradient check lives in gradcheck.py and the overfit check in overfit.py (it trains through
-the engine's own training step); `run_checks` at the end wires every check to a data folder and a
+The gradient check lives in gradcheck.py and the overfit check in overfit.py; it and the
+learning-rate range test train through the engine's own training step, in the numerics training
+runs with (engine.step_context); `run_checks` at the end wires every check to a data folder and a
 model, and reports a check that raises as an ERROR naming the exception.
 """
 from __future__ import annotations
@@ -29,10 +30,12 @@ from torch import nn
 
 from .activations import Activations
 from .check_result import ERROR, FAIL, PASS, SKIP, WARN, CheckResult, _model_device, _restored, _timed, _to_model
-from .device import autocast
-from .errors import CnnxferError, UsageError
+from .device import Runtime, autocast, dtype_name, training_dtype
+from .errors import CnnxferError, TrainingError, UsageError
 from .gradcheck import check_gradients
 from .overfit import Budget, check_overfit, check_overfit_result
+from .preprocess import Preprocess
+from .session import Session, resolve_session
 
 __all__ = [
     "CheckResult", "SanityReport", "check_cost", "check_data", "check_gradient_flow", "check_gradients", "check_init_loss",
@@ -264,7 +267,7 @@ def _measure_cost(model, x, y, device, dtype) -> CheckResult:
         "flops_per_image": counter.get_total_flops() / n,
         "activation_bytes_per_image": activation_bytes / n,
         "forward_s": forward_s, "forward_backward_s": backward_s, "batch_size": n,
-        "device": str(device), "dtype": str(dtype).replace("torch.", "") if dtype else "float32",
+        "device": str(device), "dtype": dtype_name(dtype),
     }
     summary = (f"{details['params_total'] / 1e6:.3g}M params "
                f"({details['params_trainable'] / 1e6:.3g}M trainable), "
@@ -377,19 +380,26 @@ def _batchnorm_report(model: nn.Module) -> dict:
 
 @_timed
 def lr_range_test(model, x, y, *, lr_min=1e-6, lr_max=10.0, steps=60, configured_lr=None,
-                  optimizer="sgd") -> CheckResult:
+                  optimizer="sgd", session: Session | None = None, precision: str = "auto") -> CheckResult:
     """Leslie Smith's range test on a copy: raise the lr exponentially, watch the loss.
 
-    Stops when the smoothed loss exceeds 4x its minimum or turns non-finite. The suggestion is
-    the lr of the minimum smoothed loss divided by 10 (fastai's rule); `configured_lr` draws a
-    WARN when it is at or past the lr where the loss blew up, or past the minimum, where the loss
-    has stopped falling (the upper end of a usable range in Smith's paper).
+    Each step is the engine's training step (engine.train_step) as training runs it on `session`
+    (engine.step_context: the training dtype for `precision`, channels_last; without a session,
+    fp32 on the model's device). Stops when the smoothed loss exceeds 4x its minimum or turns
+    non-finite. The suggestion is the lr of the minimum smoothed loss divided by 10 (fastai's
+    rule); `configured_lr` draws a WARN when it is at or past the lr where the loss blew up, or
+    past the minimum, where the loss has stopped falling (the upper end of a usable range in
+    Smith's paper).
 
     Args:
         optimizer: "sgd" (momentum 0.9) or "adamw".
+        precision: --precision as given (auto trains some models in fp32 on a CPU: device.training_dtype).
     """
+    from . import engine
+
     work = copy.deepcopy(model).train()
-    x, y = _to_model(work, x, y)
+    session = session or Session(Runtime(_model_device(work), None, False, 0, 0, False))
+    work = session.place(work)
     params = [p for p in work.parameters() if p.requires_grad]
     if not params:
         return CheckResult("lr_find", SKIP, "no trainable parameters")
@@ -399,25 +409,29 @@ def lr_range_test(model, x, y, *, lr_min=1e-6, lr_max=10.0, steps=60, configured
         opt = torch.optim.AdamW(params, lr=lr_min)
     else:
         raise UsageError(f"unknown optimizer '{optimizer}'; use sgd or adamw")
+    growth = lr_max / lr_min  # the lr of step k: lr_min * growth ** (k / (steps - 1))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: growth ** (k / max(steps - 1, 1)))
+    ctx = engine.step_context(work, opt, schedule, nn.CrossEntropyLoss(), session, precision)
     try:
-        lrs, losses, smoothed, diverged_at = _sweep_lr(work, opt, x, y, lr_min, lr_max, steps)
+        lrs, losses, smoothed, diverged_at = _sweep_lr(ctx, x, y, steps)
     except ValueError as exc:  # train-mode BatchNorm refuses a batch of one
         return CheckResult("lr_find", SKIP, f"train-mode forward failed: {exc}",
                            hint="use a batch of at least 2 images")
     return _judge_lr(lrs, losses, smoothed, diverged_at, configured_lr, optimizer.lower())
 
 
-def _sweep_lr(model, opt, x, y, lr_min, lr_max, steps):
+def _sweep_lr(ctx, x, y, steps):
+    """`steps` training steps on (x, y) along ctx's schedule; (lrs, losses, smoothed losses, the lr
+    where the loss blew up or None)."""
+    from .engine import train_step
+
     lrs, losses, smoothed, diverged_at = [], [], [], None
     average, best = 0.0, math.inf
     for step in range(steps):
-        lr = lr_min * (lr_max / lr_min) ** (step / max(steps - 1, 1))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        value = loss.item()
-        if not math.isfinite(value):
+        lr = ctx.optimizer.param_groups[0]["lr"]
+        try:
+            value, _ = train_step(ctx, x, y)
+        except TrainingError:  # a non-finite loss (train_step stops before the update)
             diverged_at = lr
             break
         # light smoothing: the batch is the same each step, so the noise is small but BN-driven
@@ -430,8 +444,6 @@ def _sweep_lr(model, opt, x, y, lr_min, lr_max, steps):
             diverged_at = lr
             break
         best = min(best, smooth)
-        loss.backward()
-        opt.step()
     return lrs, losses, smoothed, diverged_at
 
 
@@ -494,7 +506,7 @@ class SanityReport:
 def run_checks(config, progress=None) -> SanityReport:
     """Run the selected checks on `config.data` with `config.model`; never raises for a failed
     check (it is a FAIL result), only for unusable input (bad folder, unknown model...)."""
-    from . import data as data_mod, device as dev, models, recipe
+    from . import data as data_mod, models, recipe
     from .config import SANITY_CHECKS
     from .errors import UsageError
 
@@ -504,8 +516,7 @@ def run_checks(config, progress=None) -> SanityReport:
     unknown = [c for c in selected if c not in SANITY_CHECKS]
     if unknown:
         raise UsageError(f"unknown check(s) {', '.join(unknown)} for --only; choose from {', '.join(SANITY_CHECKS)}")
-    runtime = dev.resolve_runtime(config.device, config.precision, config.num_workers)
-    device, dtype = runtime.device, runtime.dtype
+    session = resolve_session(config.device, config.precision, config.num_workers)
     train_cfg = _as_train_config(config)
     models.check_model_options(config.model, config.weights)  # before the data scan: a bad option is named first
     train_images, val_images = recipe.split_data(train_cfg.data, train_cfg.val_split, train_cfg.seed)
@@ -513,22 +524,23 @@ def run_checks(config, progress=None) -> SanityReport:
     img_size = recipe.working_img_size(config.img_size, config.weights, train_images)
     torch.manual_seed(config.seed)
     loaded = models.load_model(config.model, config.weights, len(classes), img_size=img_size, classes=classes)
-    model = loaded.model.to(device)
+    model = session.place(loaded.model)
     out_dir = Path(config.out_dir or (Path(config.json_path).parent if config.json_path else Path(".")))
-    report = SanityReport([], loaded.arch, loaded.weights, str(device), str(dtype).replace("torch.", "") if dtype else "float32",
+    report = SanityReport([], loaded.arch, loaded.weights, str(session.device), session.precision,
                           str(config.data), classes, warnings=list(train_images.warnings))
+    preprocess = Preprocess.from_data_config(loaded.data_config, max_pixels=config.max_image_pixels)
     results, batch = {}, None
     if "data" in selected:
-        results["data"], skipped = check_data(train_images, val_images, config, loaded.data_config, runtime.decode_threads)
+        results["data"], skipped = check_data(train_images, val_images, preprocess, session.runtime.decode_threads)
         report.skipped_file = str(data_mod.write_skipped(out_dir / "sanity.skipped.csv", skipped)) if skipped else None
     needs_batch = [c for c in selected if c != "data"]
     if needs_batch:
-        batch = _overfit_batch(train_images, loaded.data_config, config)
+        batch = _overfit_batch(train_images, preprocess, config)
     x, y = (batch if batch else (None, None))
     for name in needs_batch:
         if progress:
             progress(name)
-        results[name] = _run_guarded(name, model, x, y, classes, config, device, dtype, train_cfg, loaded, out_dir, report)
+        results[name] = _run_guarded(name, model, x, y, classes, config, session, train_cfg, out_dir, report)
     report.checks = [results[c] for c in selected if c in results]
     if config.json_path:
         from .checkpoint import atomic_write_json
@@ -566,12 +578,14 @@ def _run_guarded(name, *args) -> CheckResult:
                            seconds=time.perf_counter() - start)
 
 
-def _run_one(name, model, x, y, classes, config, device, dtype, train_cfg, loaded, out_dir, report) -> CheckResult:
+def _run_one(name, model, x, y, classes, config, session: Session, train_cfg, out_dir, report) -> CheckResult:
     from . import overfit, recipe
 
+    device = session.device
     if name == "overfit":
         budget = Budget(config.overfit_steps, config.overfit_seconds, config.overfit_loss)
-        return check_overfit(model, overfit.repeat(x, y), device, dtype, lr=config.lr, budget=budget)
+        return check_overfit(model, overfit.repeat(x, y), session, precision=config.precision, lr=config.lr,
+                             budget=budget)
     if name == "gradcheck":
         small = torch.nn.functional.interpolate(x[:2], size=(config.gradcheck_size,) * 2, mode="bilinear", align_corners=False)
         return check_gradients(model, small, y[:2])
@@ -582,23 +596,20 @@ def _run_one(name, model, x, y, classes, config, device, dtype, train_cfg, loade
     if name == "modes":
         return check_modes(model, x.to(device))
     if name == "cost":
+        # timed in the dtype training steps take (device.training_dtype), as its docstring promises
+        dtype = training_dtype(session.runtime, model, config.precision)
         return check_cost(model, x.to(device), y.to(device), device, dtype)
     hp = recipe.resolve_hparams(train_cfg)
     # sweep past the configured rate, so that a rate that diverges can be seen diverging
-    result = lr_range_test(model, x.to(device), y.to(device), lr_max=max(10.0, 10 * hp["lr"]),
-                           configured_lr=hp["lr"], optimizer=hp["optimizer"])
+    result = lr_range_test(model, x.to(device), y.to(device), lr_max=max(10.0, 10 * hp["lr"]), configured_lr=hp["lr"],
+                           optimizer=hp["optimizer"], session=session, precision=config.precision)
     report.lr_plot = str(out_dir / "lr_find.png")
     result.details["plot"] = report.lr_plot
     return result
 
 
-def _overfit_batch(images, data_config: dict, config) -> tuple[torch.Tensor, torch.Tensor]:
+def _overfit_batch(images, preprocess: Preprocess, config) -> tuple[torch.Tensor, torch.Tensor]:
     """`config.batch_size` readable images drawn round-robin across classes, un-augmented."""
-    from . import data as data_mod, models
-
-    from .preprocess import Preprocess
-
-    preprocess = Preprocess.from_data_config(data_config, max_pixels=config.max_image_pixels)
     rng = np.random.default_rng(config.seed)
     by_class = [rng.permutation([i for i, l in enumerate(images.labels) if l == c]).tolist() for c in range(len(images.classes))]
     xs, ys = [], []
@@ -618,11 +629,12 @@ def _overfit_batch(images, data_config: dict, config) -> tuple[torch.Tensor, tor
     return preprocess.normalizer()(torch.stack(xs)), torch.tensor(ys, dtype=torch.long)
 
 
-def check_data(train, val, config, data_config: dict, threads: int = 0) -> tuple[CheckResult, list[tuple[str, str]]]:
+def check_data(train, val, preprocess: Preprocess, threads: int = 0) -> tuple[CheckResult, list[tuple[str, str]]]:
     """Class counts and imbalance, unreadable files, exact duplicates across train and val
-    (content hash), and the spread of image sizes against the model's input size."""
+    (content hash), and the spread of image sizes against the model's input size (images read as
+    `preprocess` reads them)."""
     start = time.perf_counter()
-    probes = _probe_images(train, config, data_config, threads) + _probe_images(val, config, data_config, threads)
+    probes = _probe_images(train, preprocess, threads) + _probe_images(val, preprocess, threads)
     n_train = len(train)
     skipped = [(str(p), r) for p, r, *_ in probes if r]
     counts = train.class_counts()
@@ -641,7 +653,7 @@ def check_data(train, val, config, data_config: dict, threads: int = 0) -> tuple
     if dupes:
         problems.append(f"{len(dupes)} validation image(s) are exact copies of training images (leakage)")
     sizes = np.array([s for *_, s, _ in probes if s is not None]) if any(p[2] for p in probes) else np.zeros((0, 2))
-    side = int(data_config["input_size"][-1])
+    side = int(preprocess.input_size[-1])
     details = {"classes": counts, "train_images": n_train, "val_images": len(val), "imbalance_ratio": round(ratio, 2),
                "unreadable": len(skipped), "duplicates_train_val": [[a, b] for a, b in dupes[:20]],
                "model_input": side}
@@ -685,13 +697,11 @@ class _ProbeDataset:
             return str(path), data_mod.describe_failure(path, exc), None, None
 
 
-def _probe_images(images, config, data_config: dict, threads: int) -> list[tuple]:
+def _probe_images(images, preprocess: Preprocess, threads: int) -> list[tuple]:
     from . import loader as loaders
-    from .preprocess import Preprocess
 
     if not len(images):
         return []
-    preprocess = Preprocess.from_data_config(data_config, max_pixels=config.max_image_pixels)
     loader = loaders.Loader(_ProbeDataset(images, preprocess), 32, threads=threads, collate_fn=list)
     return [item for batch in loader for item in batch]
 

@@ -93,35 +93,38 @@ class Session:
         return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
 
     def loader(self, dataset, batch_size: int, *, shard: bool = True, **options) -> loaders.Loader:
-        """A Loader with the session's decode threads and pinning, taking this process's slice of
-        every batch under torchrun (`shard=False`: every process reads all of it)."""
-        return loaders.Loader(dataset, batch_size, threads=self.runtime.decode_threads, ahead=self.runtime.ahead,
-                              pin_memory=self.runtime.pin_memory, shard=self.shard if shard else None, **options)
+        """A Loader with the session's decode threads, read-ahead and pinning (`options` may set
+        them otherwise), taking this process's slice of every batch under torchrun (`shard=False`:
+        every process reads all of it, or the batches it is given)."""
+        settings = {"threads": self.runtime.decode_threads, "ahead": self.runtime.ahead,
+                    "pin_memory": self.runtime.pin_memory, "shard": self.shard if shard else None, **options}
+        return loaders.Loader(dataset, batch_size, **settings)
 
     def to_input(self, images: torch.Tensor, normalizer: nn.Module | None = None) -> torch.Tensor:
-        """A batch as the loaders give it (uint8 images, or float features) -> the model's input on
-        the device: normalised (uint8 needs `normalizer`), channels_last for 4-d image batches."""
-        x = images.to(self.device, non_blocking=True)
-        if x.dtype == torch.uint8:
-            assert normalizer is not None, "uint8 images need a Normalize module"
-            x = normalizer(x)
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        """A batch as the loaders give it -> the model's input on the device (device.to_input)."""
+        return dev.to_input(images, self.device, normalizer, self.channels_last)
 
-    def infer(self, loader, forward: Callable[[torch.Tensor], Any], normalizer: nn.Module | None = None,
-              on_batch: Callable[[Any, Any], None] | None = None, dtype: torch.dtype | None | str = "session"):
-        """The one inference batch path: every batch of `loader` through `forward` (under
-        inference mode and autocast), yielding (batch, output) for batches with a readable image and
-        (batch, None) for those without. Ctrl-C and SIGTERM act between batches."""
+    def infer(self, loader, forward: Callable[[Any], Any], normalizer: nn.Module | None = None,
+              dtype: torch.dtype | None | str = "session", *, raw: bool = False) -> Iterator[tuple[Any, Any]]:
+        """The one inference batch path: every batch of `loader` through `forward` under inference
+        mode, yielding (batch, output) for batches with a readable image and (batch, None) for
+        those without. Ctrl-C and SIGTERM act between batches.
+
+        `forward` takes the model's input (`to_input`, in autocast to `dtype`); with `raw` it takes
+        the batch's images as the loader gives them, on the CPU and outside autocast (a Predictor,
+        which places them itself: an exported file's runtime may compute elsewhere, in its own dtype).
+        """
         with torch.inference_mode():
             for batch in loader:
                 check_signals()
                 if not len(batch.indices):
                     yield batch, None
                     continue
-                with self.autocast(dtype):
-                    out = forward(self.to_input(batch.images, normalizer))
+                if raw:
+                    out = forward(batch.images)
+                else:
+                    with self.autocast(dtype):
+                        out = forward(self.to_input(batch.images, normalizer))
                 yield batch, out
 
     # -- several processes

@@ -196,7 +196,7 @@ def _step_dtype(run: trainset.RunData, model: nn.Module, session: Session, saved
         if dtype != session.dtype:
             note(f"precision auto: training steps in float32, evaluation in {session.precision} (bf16 "
                  f"trains models with depthwise convolutions slower than fp32 on a CPU)")
-    run.hp["step_precision"] = str(dtype).replace("torch.", "") if dtype else "float32"
+    run.hp["step_precision"] = dev.dtype_name(dtype)
     return dtype
 
 

@@ -130,3 +130,15 @@ def test_info_command_bad_device_exits_2(cli_runner):
     result = cli_runner.invoke(app, ["info", "--device", "cuda"])
     assert result.exit_code == 2
     assert "not available" in result.stderr and "Traceback" not in result.output
+
+
+def test_precision_vocabularies_translate_both_ways():
+    from cnnxfer.config import Precision
+
+    for option in ("fp32", "bf16", "fp16"):
+        name = dev.precision_dtype_name(option)
+        assert name == dev.dtype_name(dev.resolve_precision(option, torch.device("cuda")))
+        assert dev.dtype_name_precision(name) == option
+        assert dev.precision_dtype_name(Precision(option)) == name  # a config's enum reads the same
+    assert dev.dtype_name(None) == "float32" and dev.dtype_name(torch.bfloat16) == "bfloat16"
+    assert dev.precision_dtype_name("auto") is None and dev.dtype_name_precision("float64") is None

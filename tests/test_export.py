@@ -27,6 +27,7 @@ from helpers import COLOURS, write_colour_folder
 from cnnxfer import checkpoint, data, evaluate, export, rundir, training
 from cnnxfer.cli import app
 from cnnxfer.config import ExportConfig, TrainConfig
+from cnnxfer.session import resolve_session
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -275,8 +276,9 @@ def test_custom_model_run_exports_to_both_formats(custom, tmp_path, fmt):
     assert v.images == 24 and v.source == str(custom["data"]) and v.top1_agreement == 1.0 and v.max_abs_diff < 1e-4
     assert v.batch_sizes == [1, 16] and result.info.classes == sorted(COLOURS) and result.info.model.endswith(":build")
     images = data.discover(custom["data"])
-    from_run = evaluate.predict(images, str(custom["run"]), precision="fp32", num_workers=0)
-    from_file = evaluate.predict(images, str(out), num_workers=0)
+    session = resolve_session("auto", "fp32", 0)
+    from_run = evaluate.predict(images, str(custom["run"]), session)
+    from_file = evaluate.predict(images, str(out), session)
     np.testing.assert_array_equal(from_file.indices, from_run.indices)
     np.testing.assert_allclose(from_file.probs, from_run.probs, rtol=0, atol=1e-6)
 

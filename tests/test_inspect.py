@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cnnxfer.config import InspectConfig, RunConfig
-from cnnxfer.device import resolve_runtime
+from cnnxfer.session import resolve_session
 from cnnxfer.inspect import subject as subj
 from cnnxfer.inspect.class_model import class_models
 from cnnxfer.inspect.embedding import embed, features_from_images, knn_accuracy
@@ -290,7 +290,7 @@ def build(num_classes=2):
 
 def test_layers_rows_add_up_to_the_model():
     model = timm.create_model("resnet10t").eval()
-    subject = subj.Subject(None, model, Preprocess((3, 64, 64)), resolve_runtime("cpu", "fp32", 0))
+    subject = subj.Subject(None, model, Preprocess((3, 64, 64)), resolve_session("cpu", "fp32", 0))
     rows = {r["stage"]: r for r in describe_layers(subject).rows}
     stem = sum(p.numel() for m in (model.conv1, model.bn1) for p in m.parameters())
     assert rows["act1"]["parameters"] == stem  # conv1 and bn1 run before the first stage ends

@@ -9,12 +9,14 @@ from torch import nn
 from cnnxfer import data, predictor
 from cnnxfer.device import Runtime
 from cnnxfer.preprocess import Preprocess
+from cnnxfer.session import Session
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.4, 0.5, 0.6), "std": (0.2, 0.25, 0.3),
           "crop_pct": 1.0, "crop_mode": "center"}
-CPU_FP32 = Runtime(torch.device("cpu"), None, False, 0, 0, False)
+CPU_FP32 = Session(Runtime(torch.device("cpu"), None, False, 0, 0, False))
+TWO_THREADS = Session(Runtime(torch.device("cpu"), None, False, 2, 0, False))
 
 
 def _model() -> nn.Module:
@@ -58,8 +60,8 @@ def test_predict_images_keeps_order_and_lists_unreadable_files(tmp_path, make_im
     images = data.discover(tmp_path / "imgs")
     model = _model()
     model(torch.zeros(1, 3, 32, 32))
-    p = predictor.TorchPredictor(model, CONFIG, ["a", "b", "c"], CPU_FP32)
-    out = predictor.predict_images(p, images, batch_size=2, threads=2)
+    p = predictor.TorchPredictor(model, CONFIG, ["a", "b", "c"], TWO_THREADS)
+    out = predictor.predict_images(p, images, batch_size=2)
     broken = images.paths.index(tmp_path / "imgs" / "img2.jpg")
     assert out.indices.tolist() == [i for i in range(5) if i != broken]
     assert [i for i, _ in out.skipped] == [broken] and "cannot identify" in out.skipped[0][1]

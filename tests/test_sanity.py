@@ -518,11 +518,12 @@ def test_labels_not_aligned_with_the_images_fail_the_overfit_check():
     and labels separately) leave nothing to learn: the loss stays at chance, however able the
     model. (A fixed relabelling is a dataset like any other: a network memorises it.)"""
     from cnnxfer.overfit import Budget, check_overfit, repeat
+    from cnnxfer.session import resolve_session
 
     x, y = batch(n=16, size=16, classes=4)
     torch.manual_seed(0)
     model = SmallCNN(classes=4)
-    aligned = check_overfit(model, repeat(x, y), torch.device("cpu"), budget=Budget(steps=100))
+    aligned = check_overfit(model, repeat(x, y), resolve_session("cpu", "fp32", 0), budget=Budget(steps=100))
     assert aligned.status == "PASS"
 
     def shuffled():
@@ -530,7 +531,7 @@ def test_labels_not_aligned_with_the_images_fail_the_overfit_check():
         while True:
             yield x, y[torch.randperm(len(y), generator=g)]
 
-    result = check_overfit(model, shuffled(), torch.device("cpu"), budget=Budget(steps=100))
+    result = check_overfit(model, shuffled(), resolve_session("cpu", "fp32", 0), budget=Budget(steps=100))
     assert result.status == "FAIL" and "stayed near chance" in result.hint
     assert result.details["chance_loss"] == pytest.approx(math.log(4))
 

@@ -21,7 +21,7 @@ import torch
 from conftest import LITE0
 from safetensors.torch import load_file, save_file
 
-from cnnxfer import ExtractConfig, TrainConfig, epochs, evaluate_folder, extract_features, models, read_features, training
+from cnnxfer import EvaluateConfig, ExtractConfig, TrainConfig, epochs, evaluate_folder, extract_features, models, read_features, training
 from cnnxfer.convert import convert_by_order, convert_weights_file
 from cnnxfer.errors import WeightsError
 from cnnxfer.probe import beats_probe, fit_probe
@@ -84,7 +84,7 @@ def test_linear_is_the_exact_probe_and_the_saved_model_reproduces_it(digits, lit
     _, test_labels, xt = read_features(tmp_path / "test.parquet")
     probe_accuracy = float((reference.logits(torch.from_numpy(xt)).argmax(1).numpy()
                             == np.array([int(v) for v in test_labels])).mean())
-    evaluation = evaluate_folder(digits["test"], str(tmp_path / "run"), precision="fp32", num_workers=0)
+    evaluation = evaluate_folder(EvaluateConfig(digits["test"], str(tmp_path / "run"), precision="fp32", num_workers=0))
     assert evaluation.accuracy == pytest.approx(probe_accuracy, abs=0.011)  # at most one image of 100 differs
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .. import data, models
-from ..config import InspectConfig
+from ..config import InspectConfig, Method
 from ..errors import DataError, UsageError
 from ..preprocess import Preprocess
 from . import subject as subj
@@ -162,7 +162,7 @@ def save_embedding(result: EmbeddingResult, out: Path) -> list[Path]:
 
 def run_embedding(config: InspectConfig) -> EmbeddingResult:
     """`cnnxfer inspect embedding`: features (from Parquet or computed), maps, k-NN, write."""
-    methods = ["pca", "tsne"] if getattr(config.method, "value", config.method) == "both" else [getattr(config.method, "value", config.method)]
+    methods = ["pca", "tsne"] if config.method == Method.both else [config.method.value]
     if config.knn < 1:
         raise UsageError(f"--knn must be at least 1 (got {config.knn})")
     limit = config.max_images or DEFAULT_MAX_IMAGES

@@ -164,6 +164,6 @@ def run_filters(config: InspectConfig) -> FiltersResult:
     """`cnnxfer inspect filters`: load, draw, write."""
     subject = subj.load_subject(config)
     out = subj.output_dir(config, "filters")
-    result = inspect_filters(subject, getattr(config.filter_scale, "value", config.filter_scale), config.compare)
+    result = inspect_filters(subject, config.filter_scale.value, config.compare)
     save_filters(result, out)
     return result

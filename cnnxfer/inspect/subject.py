@@ -1,5 +1,6 @@
 """What every view starts from: the model (from a run directory, a weights file or the hub), how
-it reads images (its own Preprocess), where it runs, which images, and where the files go."""
+it reads images (its own Preprocess), where it runs (one Session, resolved once per command),
+which images, and where the files go."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,20 +12,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import data, device as dev, loader as loaders, models, rundir
+from .. import data, loader as loaders, models, rundir
 from ..config import InspectConfig
 from ..errors import OutputExistsError, UsageError
 from ..preprocess import Preprocess
+from ..session import Session, resolve_session
 
 
 @dataclass
 class Subject:
-    """A model ready to be looked into: eval mode, on its device, with its own preprocessing."""
+    """A model ready to be looked into: eval mode, placed by its Session, with its own preprocessing."""
 
     loaded: models.LoadedModel
     model: nn.Module
     preprocess: Preprocess
-    runtime: dev.Runtime
+    session: Session
     skipped: dict[str, str] = field(default_factory=dict)  # unreadable image -> reason, over every pass
 
     @property
@@ -37,7 +39,7 @@ class Subject:
 
     @property
     def device(self) -> torch.device:
-        return self.runtime.device
+        return self.session.device
 
     @property
     def classes(self) -> list[str]:
@@ -52,8 +54,8 @@ class Subject:
         return self.preprocess.normalizer().to(self.device)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, C, H, W) as the loaders give them -> the model's normalised float input."""
-        return self._normalizer(images.to(self.device))
+        """uint8 (N, C, H, W) as the loaders give them -> the model's input (Session.to_input)."""
+        return self.session.to_input(images, self._normalizer)
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """The model's normalised input -> uint8 images (N, H, W, C) on the CPU, clipped to 0..255."""
@@ -64,8 +66,7 @@ class Subject:
 
     def batches(self, images: data.ImageList, batch_size: int) -> Iterator[loaders.Batch]:
         """The images as uint8 batches through the model's eval transform (unreadable ones skipped)."""
-        loader = loaders.Loader(loaders.ImageDataset(images, self.preprocess), batch_size,
-                                threads=self.runtime.decode_threads, ahead=self.runtime.ahead)
+        loader = self.session.loader(loaders.ImageDataset(images, self.preprocess), batch_size, shard=False)
         for batch in loader:
             for i, reason in batch.skipped:
                 self.skipped[str(images.paths[i])] = reason
@@ -73,7 +74,7 @@ class Subject:
                 yield batch
 
     def autocast(self):
-        return self.runtime.autocast()
+        return self.session.autocast()
 
 
 def write_skipped(subject: Subject, out: Path) -> list[tuple[str, str]]:
@@ -92,16 +93,16 @@ def load_subject(config: InspectConfig, num_classes: int | None = None) -> Subje
     if config.weights is None and config.model is None:
         raise UsageError("give --weights (a run directory or a weights file, with --model for a file) or --model")
     weights = config.weights or models.HUB
-    runtime = dev.resolve_runtime(config.device, config.precision, config.num_workers)
+    session = resolve_session(config.device, config.precision, config.num_workers)
     if num_classes is None and config.model and weights not in (models.HUB, models.NONE) and Path(weights).is_file():
         # a fine-tuned file's head is part of what is inspected (class models, errors): keep its size
         num_classes = models.weights_head_size(config.model, Path(weights))
     loaded = models.load_model(config.model, weights, num_classes, img_size=config.img_size)
-    model = loaded.model.eval().to(runtime.device)
+    model = session.place(loaded.model.eval())
     for p in model.parameters():
         p.requires_grad_(False)  # views that need gradients take them with respect to inputs
     preprocess = Preprocess.from_data_config(loaded.data_config, max_pixels=config.max_image_pixels)
-    return Subject(loaded, model, preprocess, runtime)
+    return Subject(loaded, model, preprocess, session)
 
 
 def read_images(config: InspectConfig, *, limit: int | None = None, labelled: bool | None = None,
