@@ -234,7 +234,9 @@ class EnvironmentInfo:
 
 
 def describe_environment(device_spec: str = "auto", precision: str = "auto") -> EnvironmentInfo:
-    import timm
+    from .timm_import import import_timm
+
+    timm = import_timm()
     import torchvision
 
     device = resolve_device(device_spec)

@@ -279,7 +279,9 @@ def _finish(config, job: _Job, parts_dir: Path, n_parts: int, resumed: int, sess
 
 
 def _metadata(config: ExtractConfig, loaded: models.LoadedModel, layers, session: Session) -> dict:
-    import timm
+    from .timm_import import import_timm
+
+    timm = import_timm()
 
     return {
         "model": loaded.arch,

@@ -89,7 +89,9 @@ def _load_factory(spec: str) -> Callable[..., nn.Module]:
 
 
 def _check_timm_name(name: str) -> None:
-    import timm
+    from .timm_import import import_timm
+
+    timm = import_timm()
 
     if timm.is_model(name):
         return
@@ -109,7 +111,9 @@ def build_architecture(spec: str, num_classes: int | None, drop_rate: float = 0.
         if not isinstance(model, nn.Module):
             raise ModelError(f"custom factory {spec} returned {type(model).__name__}, not a torch.nn.Module")
         return model
-    import timm
+    from .timm_import import import_timm
+
+    timm = import_timm()
 
     _check_timm_name(spec)
     args = dict(pretrained=False, drop_rate=drop_rate, **kwargs)
@@ -242,7 +246,9 @@ def _cached_pretrained_file(cfg: dict) -> str | None:
 
 def create_pretrained(name: str, num_classes: int | None, drop_rate: float = 0.0) -> tuple[nn.Module, str]:
     """timm's pretrained weights: downloaded when online; offline, the local cache or a fast, clear error."""
-    import timm
+    from .timm_import import import_timm
+
+    timm = import_timm()
 
     model = build_architecture(name, num_classes, drop_rate)  # validates the name, gives pretrained_cfg
     cfg = dict(model.pretrained_cfg)
@@ -386,7 +392,7 @@ def resolve_data_config(model: nn.Module, img_size: int | None = None, base: dic
     """
     if base is None:
         try:
-            from timm.data import resolve_model_data_config
+            from timm.data import resolve_model_data_config  # timm is imported: this model was built with it
 
             base = resolve_model_data_config(model)
         except Exception:

@@ -143,6 +143,9 @@ class Preprocess:
 
     @cached_property
     def _eval_transform(self):
+        from .timm_import import import_timm
+
+        import_timm()  # torch._dynamo stays unloaded
         from timm.data import create_transform
 
         return create_transform(

@@ -298,7 +298,9 @@ class _Record:
         return AUTO_RULE if Strategy(self.run.config.strategy) == Strategy.auto else BEST_RULE
 
     def __call__(self, best: dict, final: dict | None = None, status: str = "running") -> RunConfig:
-        import timm
+        from .timm_import import import_timm
+
+        timm = import_timm()
 
         counts, loaded, session = self.skips.class_counts(), self.loaded, self.session
         weights = loaded.weights if self.saved is None else self.saved.weights_source

@@ -19,7 +19,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "cnnxfer"
 
 FLOORS = [
-    "__init__ activations check_result errors signals stopper",
+    "__init__ activations check_result errors signals stopper timm_import",
     "checkpoint distributed gradcheck inspect.receptive",
     "device metrics plots",
     "config report",
