@@ -11,6 +11,7 @@ flat) and removes the parts.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from .activations import Activations
 from .predictor import flip_average
 from .preprocess import Normalize, Preprocess
 from .config import ExtractConfig, Tta, to_dict
-from .errors import DataError, OutputExistsError, StrictModeError
+from .errors import CnnxferError, DataError, OutputExistsError, StrictModeError
 from .session import Session, open_session
 from .signals import deferred_signals
 
@@ -212,14 +213,21 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None) ->
     start = time.perf_counter()
     _import_in_background("pandas")  # pyarrow converts the first batch through it: 0.3-0.5 s, now beside the model loading
     with open_session(config.device, config.precision, config.num_workers) as session:
-        models.check_model_options(config.model, config.weights)  # before the data scan: a bad option is named first
-        job = _prepare_job(config, session)
-        done = _open_parts(config, parts_dir, job.fingerprint, session)
+        early = _FirstBatch.start(config, session)  # decoding while timm imports and the model loads
+        try:
+            models.check_model_options(config.model, config.weights)  # before the data scan: a bad option is named first
+            job = _prepare_job(config, session, early.images if early else None)
+            done = _open_parts(config, parts_dir, job.fingerprint, session)
+        except BaseException:
+            if early:
+                early.drop()
+            raise
         n_parts = -(-len(job.images) // config.part_size)
         mine = [p for p in range(n_parts) if p not in done and p % session.world == session.rank]
         resumed = sum(v["rows"] + len(v["skipped"]) for v in done.values())
         with deferred_signals(), job.embedder:  # the embedder's layer hooks come off at the end
-            _run_parts(config, job, parts_dir, mine, session, resumed, progress if session.is_main else None)
+            _run_parts(config, job, parts_dir, mine, session, resumed, progress if session.is_main else None,
+                       early.take(job.preprocess, mine) if early else None)
         session.barrier()  # every part written before rank 0 merges them
         if not session.is_main:
             return ExtractSummary(out, 0, 0, None, {}, time.perf_counter() - start, str(session.device),
@@ -246,11 +254,17 @@ class _Job:
     fingerprint: dict
 
 
-def _prepare_job(config: ExtractConfig, session: Session) -> _Job:
-    """Images, model, preprocessing and the fingerprint a resume must match (the same on every rank)."""
+def _find_images(config: ExtractConfig) -> data.ImageList:
     # train/ + val/: rows labelled by class as finetune reads them, with a split column (not "train"/"val")
-    images = data.discover_split_dataset(config.data) or data.discover(config.data)
+    return data.discover_split_dataset(config.data) or data.discover(config.data)
+
+
+def _prepare_job(config: ExtractConfig, session: Session, images: data.ImageList | None = None) -> _Job:
+    """Images, model, preprocessing and the fingerprint a resume must match (the same on every rank)."""
+    images = images if images is not None else _find_images(config)
     loaded = models.load_model(config.model, config.weights, None, img_size=config.img_size)
+    if session.is_main:  # the next extract with this model can start decoding before it loads (_FirstBatch)
+        models.remember_data_config(config.model, config.weights, config.img_size, loaded.data_config)
     model = session.place(loaded.model.eval())
     pool = config.pool.value if config.pool is not None else None
     if pool is not None:
@@ -316,13 +330,12 @@ def _version() -> str:
 
 
 def _run_parts(config: ExtractConfig, job: _Job, parts_dir: Path, todo: list[int], session: Session, done: int,
-               progress):
+               progress, early=None):
     """Embed the parts in `todo`, each into its own Parquet file with a JSON record beside it (a
     part counts as finished once its record exists; each part has one writer, so ranks never
-    write the same file)."""
+    write the same file). `early`: these batches, the first decoded already (_FirstBatch.take)."""
     images = job.images
-    loader = session.loader(loaders.ImageDataset(images, job.preprocess), config.batch_size, shard=False,
-                            batches=_part_batches(len(images), config.part_size, config.batch_size, todo))
+    loader = early or _loader(config, images, job.preprocess, todo, session)
     scale = session.world  # rank 0 shows its own progress as the job's
     part = _PartWriter(parts_dir, job.metadata)
     try:
@@ -344,6 +357,65 @@ def _run_parts(config: ExtractConfig, job: _Job, parts_dir: Path, todo: list[int
         part.start(None)
     finally:
         part.abandon()
+
+
+def _loader(config: ExtractConfig, images: data.ImageList, preprocess: Preprocess, todo: list[int], session: Session):
+    return session.loader(loaders.ImageDataset(images, preprocess), config.batch_size, shard=False,
+                          batches=_part_batches(len(images), config.part_size, config.batch_size, todo))
+
+
+class _FirstBatch:
+    """The first batch of a new extraction, decoded in a background thread while timm imports and
+    the model loads (0.8-1 s on a 2-core CPU; decoding releases the GIL, importing holds it), when
+    the preprocessing is known before the model is (models.known_data_config: a run directory's,
+    or recorded by an earlier extract with the same timm model). `take` hands the batches over if
+    the model's preprocessing and the parts to do are the ones guessed, else drops them.
+    Not under torchrun or --resume, where the parts to do are known only later."""
+
+    def __init__(self, config: ExtractConfig, images: data.ImageList, preprocess: Preprocess, session: Session):
+        import threading
+
+        self.images, self.preprocess = images, preprocess
+        self.parts = list(range(-(-len(images) // config.part_size)))
+        self.batches = iter(_loader(config, images, preprocess, self.parts, session))
+        self.first: list = []
+        self.thread = threading.Thread(target=self._decode, name="cnnxfer-first-batch", daemon=True)
+        self.thread.start()
+
+    @classmethod
+    def start(cls, config: ExtractConfig, session: Session) -> "_FirstBatch | None":
+        if session.distributed or config.resume:
+            return None
+        data_config = models.known_data_config(config.model, config.weights, config.img_size)
+        if data_config is None:
+            return None
+        try:
+            images = _find_images(config)
+        except CnnxferError:  # raised again in its turn, after the model options are checked
+            return None
+        preprocess = Preprocess.from_data_config(data_config, max_pixels=config.max_image_pixels,
+                                                 reduced_decode=config.reduced_decode)
+        return cls(config, images, preprocess, session)
+
+    def _decode(self) -> None:
+        try:
+            self.first.append(next(self.batches))
+        except Exception as exc:  # StopIteration (no image), or any failure: the ordinary loader instead
+            self.first.append(exc)
+
+    def take(self, preprocess: Preprocess, todo: list[int]):
+        """The batches, from the first, if they are the ones the job needs; else None."""
+        self.thread.join()
+        first = self.first[0]
+        if isinstance(first, BaseException) or preprocess != self.preprocess or todo != self.parts:
+            self.drop()
+            return None
+        return itertools.chain([first], self.batches)
+
+    def drop(self) -> None:
+        """Stop: the decoding threads end once the first batch is in."""
+        self.thread.join()
+        self.batches.close()
 
 
 class _PartWriter:

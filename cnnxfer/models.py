@@ -385,6 +385,70 @@ def replace_classifier(model: nn.Module, arch: str, num_classes: int, drop_rate:
 
 # ---------------------------------------------------------------- preprocessing
 
+def known_data_config(spec: str | None, weights: str | None, img_size: int | None) -> dict | None:
+    """The preprocessing `load_model(spec, weights, img_size=img_size)` will give, where it is known
+    before timm is imported and the model built: a run directory's own (config.json), or the one an
+    earlier load of the same timm model recorded (`remember_data_config`). None otherwise. A guess
+    to start decoding early with: the caller checks it against the model's once loaded."""
+    weights = weights or HUB
+    if weights not in (HUB, NONE) and rundir.is_run_dir(weights):
+        saved = rundir.read_config(weights).data_config if not img_size else None
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()} if saved else None
+    key = _data_config_key(spec, weights, img_size)
+    found = _read_data_configs().get(key) if key else None
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in found.items()} if isinstance(found, dict) else None
+
+
+def remember_data_config(spec: str | None, weights: str | None, img_size: int | None, data_config: dict) -> None:
+    """Record a timm model's preprocessing for `known_data_config` (in the user's cache folder; a
+    cache that cannot be written is no error)."""
+    key = _data_config_key(spec, weights or HUB, img_size)
+    if key is None:
+        return
+    configs = _read_data_configs()
+    value = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
+    if configs.get(key) == value:
+        return
+    configs[key] = value
+    try:
+        from .checkpoint import atomic_write_json
+
+        atomic_write_json(_data_config_file(), configs)
+    except Exception as exc:  # a read-only home, a full disk: the next command decodes later, nothing else
+        log.debug("cannot record the preprocessing of %s: %s", spec, exc)
+
+
+def _data_config_key(spec: str | None, weights: str, img_size: int | None) -> str | None:
+    """timm version, model name, pretrained or not, --img-size: what timm's data config depends on
+    (custom models and run directories have none here)."""
+    if not spec or is_custom_spec(spec) or (weights not in (HUB, NONE) and rundir.is_run_dir(weights)):
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        timm_version = version("timm")
+    except PackageNotFoundError:
+        return None
+    return f"timm {timm_version}|{spec}|{'hub' if weights == HUB else 'random or file'}|{img_size or ''}"
+
+
+def _data_config_file() -> Path:
+    """$CNNXFER_CACHE, else $XDG_CACHE_HOME/cnnxfer, else ~/.cache/cnnxfer: data_configs.json."""
+    cache = os.environ.get("CNNXFER_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "cnnxfer")
+    return Path(cache) / "data_configs.json"
+
+
+def _read_data_configs() -> dict:
+    import json
+
+    try:
+        configs = json.loads(_data_config_file().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return configs if isinstance(configs, dict) else {}
+
+
 def resolve_data_config(model: nn.Module, img_size: int | None = None, base: dict | None = None) -> dict:
     """timm's preprocessing for the model (input size, mean/std, interpolation, crop), `img_size` overriding.
 

@@ -60,6 +60,11 @@ def pytest_configure(config):
     itself keeps an inherited ignore: someone who ran it under nohup meant it.)"""
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    # cnnxfer's own cache (models.remember_data_config) goes to a temporary folder, for this
+    # process and the commands it starts, never into the user's ~/.cache
+    import tempfile
+
+    os.environ.setdefault("CNNXFER_CACHE", tempfile.mkdtemp(prefix="cnnxfer-test-cache-"))
 
 _FORMATS = {
     ".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP",

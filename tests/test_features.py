@@ -394,3 +394,45 @@ def test_bad_layer_fails_before_writing(tmp_path, tiny_folder, test_resnet_weigh
     with pytest.raises(UsageError, match="unknown layer 'layer9'"):
         _extract(tmp_path, tiny_folder, model="test_resnet", weights=str(test_resnet_weights), layers=("layer9",))
     assert list(tmp_path.iterdir()) == [tiny_folder]
+
+
+def test_the_first_batch_decodes_while_the_model_loads_and_changes_nothing(tmp_path, make_images, test_resnet_weights,
+                                                                           monkeypatch):
+    """A first extract records the model's preprocessing; the next decodes its first batch before
+    timm imports (features._FirstBatch) and writes the same file; a wrong record is dropped."""
+    from cnnxfer import features, models
+
+    monkeypatch.setenv("CNNXFER_CACHE", str(tmp_path / "cache"))
+    make_images(tmp_path / "data", {"a": 5, "b": 4})
+    taken = []
+    take = features._FirstBatch.take
+
+    def counted(self, *args):
+        batches = take(self, *args)
+        taken.append(batches is not None)
+        return batches
+
+    monkeypatch.setattr(features._FirstBatch, "take", counted)
+    common = dict(model="test_resnet", weights=str(test_resnet_weights), img_size=40, batch_size=4, part_size=4)
+    _extract(tmp_path, tmp_path / "data", "cold.parquet", **common)
+    assert taken == []  # nothing known yet: the ordinary loader
+    known = models.known_data_config("test_resnet", str(test_resnet_weights), 40)
+    assert known is not None and known["input_size"] == (3, 40, 40)
+    _extract(tmp_path, tmp_path / "data", "warm.parquet", **common)
+    assert taken == [True]
+    cold, warm = _rows(tmp_path / "cold.parquet"), _rows(tmp_path / "warm.parquet")
+    assert cold[0] == warm[0] and cold[1] == warm[1] and torch.equal(cold[2], warm[2])
+    models.remember_data_config("test_resnet", str(test_resnet_weights), 40, dict(known, crop_pct=0.5))  # a wrong guess
+    _extract(tmp_path, tmp_path / "data", "wrong.parquet", **common)
+    assert taken == [True, False] and torch.equal(_rows(tmp_path / "wrong.parquet")[2], cold[2])
+    assert models.known_data_config("test_resnet", str(test_resnet_weights), 40)["crop_pct"] == known["crop_pct"]
+
+
+def test_a_run_directory_knows_its_preprocessing_before_it_loads(digits_run, tmp_path):
+    from cnnxfer import models
+
+    loaded = models.load_model(None, str(digits_run))
+    known = models.known_data_config(None, str(digits_run), None)
+    assert known == {k: tuple(v) if isinstance(v, list) else v for k, v in loaded.data_config.items()}
+    assert models.known_data_config(None, str(digits_run), 48) is None  # another size: only the model knows
+    assert models.known_data_config(f"{tmp_path / 'net.py'}:build", "none", None) is None  # a custom model: no record
