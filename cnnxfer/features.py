@@ -30,7 +30,7 @@ from .activations import Activations
 from .predictor import flip_average
 from .preprocess import Normalize, Preprocess
 from .config import ExtractConfig, Tta, to_dict
-from .errors import CnnxferError, DataError, OutputExistsError, StrictModeError
+from .errors import DataError, OutputExistsError, StrictModeError
 from .session import Session, open_session
 from .signals import deferred_signals
 
@@ -238,8 +238,11 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None) ->
 def _import_in_background(name: str) -> None:
     """Import `name` in a daemon thread (a later import in this thread waits for it, or finds it done)."""
     import importlib
+    import sys
     import threading
 
+    if name in sys.modules:
+        return
     threading.Thread(target=importlib.import_module, args=(name,), name=f"import-{name}", daemon=True).start()
 
 
@@ -313,7 +316,7 @@ def _metadata(config: ExtractConfig, loaded: models.LoadedModel, layers, session
         "layer_modules": layers,
         "pool": config.pool.value if config.pool is not None else "model",
         "tta": config.tta.value,
-        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in loaded.data_config.items()},
+        "data_config": models.data_config_json(loaded.data_config),
         "precision": session.precision,
         "decode": "working resolution" if config.reduced_decode else "full",
         "device": str(session.device),
@@ -386,15 +389,15 @@ class _FirstBatch:
     def start(cls, config: ExtractConfig, session: Session) -> "_FirstBatch | None":
         if session.distributed or config.resume:
             return None
-        data_config = models.known_data_config(config.model, config.weights, config.img_size)
-        if data_config is None:
-            return None
         try:
+            data_config = models.known_data_config(config.model, config.weights, config.img_size)
+            if data_config is None:
+                return None
+            preprocess = Preprocess.from_data_config(data_config, max_pixels=config.max_image_pixels,
+                                                     reduced_decode=config.reduced_decode)
             images = _find_images(config)
-        except CnnxferError:  # raised again in its turn, after the model options are checked
+        except Exception:  # a damaged record or config.json, bad input: met again in its turn, with its own message
             return None
-        preprocess = Preprocess.from_data_config(data_config, max_pixels=config.max_image_pixels,
-                                                 reduced_decode=config.reduced_decode)
         return cls(config, images, preprocess, session)
 
     def _decode(self) -> None:

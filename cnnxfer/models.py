@@ -385,6 +385,16 @@ def replace_classifier(model: nn.Module, arch: str, num_classes: int, drop_rate:
 
 # ---------------------------------------------------------------- preprocessing
 
+def as_data_config(values: dict) -> dict:
+    """A data config as cnnxfer holds it in memory: sequences as tuples (JSON gives lists)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def data_config_json(values: dict) -> dict:
+    """A data config as JSON keeps it: sequences as lists (what config.json and the caches compare)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
 def known_data_config(spec: str | None, weights: str | None, img_size: int | None) -> dict | None:
     """The preprocessing `load_model(spec, weights, img_size=img_size)` will give, where it is known
     before timm is imported and the model built: a run directory's own (config.json), or the one an
@@ -393,10 +403,10 @@ def known_data_config(spec: str | None, weights: str | None, img_size: int | Non
     weights = weights or HUB
     if weights not in (HUB, NONE) and rundir.is_run_dir(weights):
         saved = rundir.read_config(weights).data_config if not img_size else None
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()} if saved else None
+        return as_data_config(saved) if saved else None
     key = _data_config_key(spec, weights, img_size)
     found = _read_data_configs().get(key) if key else None
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in found.items()} if isinstance(found, dict) else None
+    return as_data_config(found) if isinstance(found, dict) else None
 
 
 def remember_data_config(spec: str | None, weights: str | None, img_size: int | None, data_config: dict) -> None:
@@ -406,7 +416,7 @@ def remember_data_config(spec: str | None, weights: str | None, img_size: int | 
     if key is None:
         return
     configs = _read_data_configs()
-    value = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
+    value = data_config_json(data_config)
     if configs.get(key) == value:
         return
     configs[key] = value
@@ -464,7 +474,7 @@ def resolve_data_config(model: nn.Module, img_size: int | None = None, base: dic
     config = {k: base[k] for k in DEFAULT_DATA_CONFIG if k in base}
     for k, v in DEFAULT_DATA_CONFIG.items():
         config.setdefault(k, v)
-    config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    config = as_data_config(config)
     if img_size:
         config["input_size"] = (3, int(img_size), int(img_size))
         if img_size <= 64:

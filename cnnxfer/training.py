@@ -181,7 +181,7 @@ def _build_model(run: trainset.RunData, session: Session, saved: RunConfig | Non
         models.zero_head(loaded.model)  # every class equally likely: the loss starts at ln(classes), not above
     loaded.model = session.place(loaded.model)
     if saved is not None:
-        loaded.data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.data_config.items()}
+        loaded.data_config = models.as_data_config(saved.data_config)
     return loaded, _step_dtype(run, loaded.model, session, saved, note)
 
 
@@ -306,7 +306,7 @@ class _Record:
         weights = loaded.weights if self.saved is None else self.saved.weights_source
         return RunConfig(
             model=loaded.arch, classes=self.run.classes, train_config=self.recorded_config(), weights_source=weights,
-            data_config={k: list(v) if isinstance(v, tuple) else v for k, v in loaded.data_config.items()},
+            data_config=models.data_config_json(loaded.data_config),
             hparams=self.run.hp, best=best, best_rule=self.best_rule, final=final, status=status,
             train_images=sum(c["train"] for c in counts.values()), val_images=sum(c["val"] for c in counts.values()),
             class_counts=counts, data_fingerprint=self.run.fingerprint, precision=session.precision,

@@ -426,6 +426,10 @@ def test_the_first_batch_decodes_while_the_model_loads_and_changes_nothing(tmp_p
     _extract(tmp_path, tmp_path / "data", "wrong.parquet", **common)
     assert taken == [True, False] and torch.equal(_rows(tmp_path / "wrong.parquet")[2], cold[2])
     assert models.known_data_config("test_resnet", str(test_resnet_weights), 40)["crop_pct"] == known["crop_pct"]
+    (tmp_path / "cache" / "data_configs.json").write_text('{"timm 0|x": 1, ' + '"' + next(iter(
+        json.loads((tmp_path / "cache" / "data_configs.json").read_text()))) + '": {"input_size": [3]}}')
+    _extract(tmp_path, tmp_path / "data", "damaged.parquet", **common)  # a damaged record: the ordinary loader
+    assert taken == [True, False] and torch.equal(_rows(tmp_path / "damaged.parquet")[2], cold[2])
 
 
 def test_a_run_directory_knows_its_preprocessing_before_it_loads(digits_run, tmp_path):
