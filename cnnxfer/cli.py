@@ -113,6 +113,9 @@ PrecisionOpt = Annotated[cfg.Precision, typer.Option("--precision", help="auto: 
 Weights = Annotated[Optional[str], typer.Option("--weights", "-w", help="hub (timm pretrained), none (random init), a .safetensors/.pth file, or a cnnxfer run directory.")]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="timm architecture (resnet50) or your own path/to/file.py:factory.")]
 ImgSize = Annotated[Optional[int], typer.Option("--img-size", help="Input size in pixels (default: the model's own).")]
+Candidates = Annotated[Optional[str], typer.Option("--model", "-m", help="timm architecture (resnet50) or your own path/to/file.py:factory; several, comma-separated (with one --weights each), are ranked by the cross-validated probe on their frozen features and the best is fine-tuned (leaderboard.csv).")]
+CandidateWeights = Annotated[Optional[str], typer.Option("--weights", "-w", help="hub (timm pretrained), none (random init), a .safetensors/.pth file, or a cnnxfer run directory; comma-separated, one per --model.")]
+Budget = Annotated[Optional[str], typer.Option("--budget", help="Wall time for the whole command, start-up included: 90s, 10m, 2h, 1h30m. The candidates' ranking, the probe and a fine-tuning schedule sized to the measured speed fit in it; the run stops in time even mid-epoch, keeping its best. With --resume: the time the continuation may take (default: what the run had left).")]
 MaxPixels = Annotated[int, typer.Option("--max-image-pixels", min=1, help="Refuse (skip) images with more pixels: a guard against decompression bombs. Raise it for huge scans.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", min=0, help="Image decoding threads (default: every core; 0 decodes in the main thread).")]
 Strict = Annotated[bool, typer.Option("--strict", help="Exit 1 if any image was skipped as unreadable.")]
@@ -210,17 +213,20 @@ def _given(ctx: typer.Context) -> set[str]:
 
 def _run_fit(ctx: typer.Context, values: dict, resume: Optional[Path]) -> None:
     from . import report, training
+    from .budget import process_started
     from .errors import UsageError
 
     if resume is None and values["data"] is None:
         raise UsageError("give DATA (a folder of labelled images) or --resume RUN_DIR")
+    started = process_started()  # --budget counts from here: the interpreter's start
     with report.fit_progress() as hooks:
         if resume is None:
             overwrite = values.pop("overwrite")
-            result = training.fit(cfg.TrainConfig(**values), training.FitHooks(*hooks), overwrite=overwrite)
+            result = training.fit(cfg.TrainConfig(**values), training.FitHooks(*hooks), overwrite=overwrite,
+                                  started=started)
         else:  # the run's own settings; what was typed beside --resume is applied or refused, never ignored
             given = {k: v for k, v in values.items() if k in _given(ctx)}
-            result = training.resume(resume, training.FitHooks(*hooks), **given)
+            result = training.resume(resume, training.FitHooks(*hooks), started=started, **given)
     report.fit_summary(result, notes_shown=True)
 
 
@@ -229,9 +235,10 @@ def _run_fit(ctx: typer.Context, values: dict, resume: Optional[Path]) -> None:
 def finetune(
     ctx: typer.Context,
     data: DataArg = None,
-    model: ModelOpt = None,
-    weights: Weights = "hub",
+    model: Candidates = None,
+    weights: CandidateWeights = "hub",
     out: RunOut = Path("runs/finetune"),
+    budget: Budget = None,
     strategy: Annotated[cfg.Strategy, typer.Option("--strategy", help="auto: the probe, then fine-tuning from it; the run keeps whichever validates better. linear: the probe alone (logistic regression on the frozen backbone's features, its strength chosen by cross-validation; seconds). gradual: head first, then unfreeze stage by stage; full: everything.")] = cfg.Strategy.auto,
     epochs: Epochs = None,
     batch_size: BatchSize = None,
@@ -278,7 +285,7 @@ def finetune(
         head_init=head_init, bn_stats=bn_stats, val_split=val_split, patience=patience,
         img_size=img_size, seed=seed, num_workers=workers, device=device, precision=precision,
         overwrite=overwrite, strict=strict, max_image_pixels=max_image_pixels, checkpoint_every=checkpoint_every,
-        sync_bn=sync_bn,
+        sync_bn=sync_bn, budget=budget,
     )
     _run_fit(ctx, values, resume)
 

@@ -95,7 +95,23 @@ def _coerce(config) -> None:
             value = tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else tuple(value)
         elif f.name == "units" and isinstance(value, (list, str)):
             value = _parse_units(value)
+        elif f.name == "budget" and isinstance(value, str):
+            value = parse_duration(value, "--budget")
         object.__setattr__(config, f.name, value)
+
+
+def parse_duration(text: str, option: str) -> float:
+    """Seconds from "90", "90s", "10m", "2h" or "1h30m"; UsageError naming `option` otherwise."""
+    import re
+
+    spoken = str(text).strip().lower().replace(" ", "")
+    parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", spoken)
+    if not spoken or parts is None or not any(parts.groups()):
+        from .errors import UsageError
+
+        raise UsageError(f"{option} takes a duration such as 90s, 10m, 2h or 1h30m; got '{text}'")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in parts.groups())
+    return hours * 3600 + minutes * 60 + seconds
 
 
 def _parse_units(value) -> tuple[int, ...]:
@@ -194,6 +210,9 @@ class TrainConfig:
     checkpoint_every: float = 30.0  # seconds between checkpoint writes (0: every epoch); see epochs.Checkpoints
     reduced_decode: bool = True  # decode at the working resolution (False: every pixel of the file, e.g. to compare)
     sync_bn: bool = False  # several GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
+    # seconds of wall time for the whole command (budget.py): the schedule is sized to fit, and the
+    # run stops in time. "90s", "10m", "1h30m" are accepted too.
+    budget: float | None = None
 
     def __post_init__(self):
         _coerce(self)
@@ -216,6 +235,8 @@ def _check_ranges(config: TrainConfig) -> None:
 
     if not 0.0 <= config.val_split < 1.0:
         raise UsageError(f"--val-split must be at least 0 and below 1 (got {config.val_split})")
+    if config.budget is not None and not config.budget > 0:
+        raise UsageError(f"--budget must be more than 0 seconds (got {config.budget})")
     for name, low in (("epochs", 1), ("batch_size", 1), ("patience", 1), ("head_epochs", 0)):
         value = getattr(config, name)
         if value is not None and value < low:
@@ -225,7 +246,8 @@ def _check_ranges(config: TrainConfig) -> None:
 # What --resume does with the options given beside it. The run's own settings decide its result;
 # these only say where and how it computes, so a resumed run takes them as given (images held in
 # memory or read every epoch give the same batches: tests/test_engine.py checks it).
-RUN_FIELDS = frozenset({"device", "num_workers", "checkpoint_every", "cache_images", "strict"})
+# --budget beside --resume is the time the continuation may take (without it: what the run had left).
+RUN_FIELDS = frozenset({"device", "num_workers", "checkpoint_every", "cache_images", "strict", "budget"})
 # `data` says where the images are now (fit checks they are the same images); `precision` is
 # taken when it trains in the run's own dtype (fit checks that, on the device resolved).
 WHERE_FIELDS = frozenset({"data", "precision"})

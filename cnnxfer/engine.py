@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -56,6 +57,7 @@ class StepContext:
     # run must be the same on every rank, or the ranks that go on wait forever for the others.
     agree: Callable[[bool], bool] | None = None
     world: int = 1  # processes sharing each batch
+    stop_at: float | None = None  # time.monotonic() past which no step starts (--budget: stopper.Stopper)
 
 
 BatchHook = Callable[[int, int, float], None]  # (step in epoch, steps in epoch, loss)
@@ -93,16 +95,25 @@ def build_optimizer(model: nn.Module, head_names: set[str], hp: dict, momentum: 
     return torch.optim.AdamW(param_groups, lr=hp["lr"])
 
 
-def cosine_with_warmup(optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup to each group's lr, then cosine decay to zero, stepped per batch."""
+class Cosine:
+    """The learning-rate factor at each step: linear warm-up to each group's lr, then cosine decay to
+    zero at `total_steps`. An object rather than a closure, so that a --budget run can re-size its
+    schedule as the measured speed changes (budget.TimePlan) and LambdaLR's state_dict keeps the
+    sizes for --resume."""
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    def __init__(self, total_steps: int, warmup_steps: int):
+        self.total_steps, self.warmup_steps = total_steps, warmup_steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+def cosine_with_warmup(optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to each group's lr, then cosine decay to zero, stepped per batch (Cosine)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, Cosine(total_steps, warmup_steps))
 
 
 def seed_everything(seed: int) -> None:
@@ -184,6 +195,10 @@ def train_one_epoch(ctx: StepContext, loader, on_batch: BatchHook | None = None)
             continue
         if ctx.max_steps is not None and ctx.global_step >= ctx.max_steps:
             break
+        if ctx.stop_at is not None:  # --budget: the epoch ends where the time does, even mid-way
+            late = time.monotonic() >= ctx.stop_at
+            if ctx.agree(late) if ctx.agree is not None else late:
+                break
         try:
             loss, right = train_step(ctx, batch.images, batch.labels)
         except torch.OutOfMemoryError as exc:

@@ -21,6 +21,7 @@ from . import loader as loaders, models, recipe
 from .config import MIN_FINETUNE_STEPS, BnStats, TrainConfig
 from .engine import (BatchHook, EpochStats, StepContext, build_optimizer, cosine_with_warmup, evaluate as evaluate_loader,
                      seed_everything, steps_per_epoch, train_one_epoch)
+from .budget import TimePlan
 from .errors import DataError
 from .probe import calibrated_nll
 from .rundir import RunDir
@@ -157,6 +158,8 @@ class Loop:
                                session.device, step_dtype, c.grad_clip, session.channels_last, 0, c.max_steps,
                                data.normalizer, agree, session.world)
         self.phase: Phase | None = None
+        self.time_plan: TimePlan | None = None  # --budget (training._train sets it)
+        self.last_seconds = (0.0, 0.0)
 
     def _cached_loaders(self):
         """Run the frozen backbone once over un-augmented train and val images (each process its
@@ -202,10 +205,16 @@ class Loop:
         """Epochs from `start_epoch` until the Stopper says stop; `scored`: each epoch's calibrated
         validation loss too (--strategy auto weighs it against the probe's)."""
         c, session = self.config, self.session
-        for epoch in range(start_epoch, stopper.epochs):
+        if self.time_plan is not None:
+            self.fit_schedule(stopper)
+            on_batch = self._timed(on_batch, stopper)
+        epoch = start_epoch
+        while epoch < stopper.epochs:
             check_signals()
             seed_everything(c.seed * 1000 + epoch + 7919 * session.rank)  # rank 0: what one process draws
             self.loaders[0].set_epoch(epoch)
+            if self.time_plan is not None:
+                self.time_plan.epoch_started(self.ctx.global_step)
             row = self._epoch(epoch, self.plan.phase(epoch), scored, on_batch)
             if epoch == start_epoch:
                 self.skips.check(saver.runs.write_skipped, c.strict)
@@ -218,9 +227,33 @@ class Loop:
             saver.save(epoch, self.state(epoch, history, best, stopper.bad_epochs), improved)
             if on_epoch:
                 on_epoch(row)
+            if self.time_plan is not None:
+                self.time_plan.epoch_done(self.ctx.global_step, *self.last_seconds)
+                self.fit_schedule(stopper)
             if stopper.should_stop(self.ctx.global_step):
                 break
+            epoch += 1
         return history, best
+
+    # -- --budget: the schedule sized to the time (budget.TimePlan)
+    def fit_schedule(self, stopper: Stopper) -> None:
+        """Size the cosine, the step limit, the epochs and the stop time to the time left."""
+        plan = self.time_plan
+        total = plan.size(self.ctx.global_step)
+        for cosine in {id(f): f for f in self.scheduler.lr_lambdas}.values():
+            cosine.total_steps, cosine.warmup_steps = total, plan.warmup_steps()
+        self.ctx.max_steps = stopper.max_steps = total
+        stopper.epochs = plan.epochs()
+        self.ctx.stop_at = stopper.stop_at = plan.stop_at
+
+    def _timed(self, on_batch: BatchHook | None, stopper: Stopper) -> BatchHook:
+        """`on_batch`, and the schedule re-sized once the first steps are timed."""
+        def hook(step: int, steps: int, loss: float) -> None:
+            if self.time_plan.step_done(self.ctx.global_step):
+                self.fit_schedule(stopper)
+            if on_batch:
+                on_batch(step, steps, loss)
+        return hook
 
     def _epoch(self, epoch: int, phase: Phase, scored: bool, on_batch: BatchHook | None) -> dict:
         """One epoch of `phase` and its validation: the epoch's row of metrics.csv."""
@@ -232,7 +265,9 @@ class Loop:
         stats = _reduce_stats(train_one_epoch(self.ctx, self.loaders[0], on_batch), self.session)
         self.skips.record(self.loaders[0], stats.skipped)
         _average_norm_statistics(self.model, self.session)
+        trained = time.perf_counter()
         val, probs, targets, _ = evaluate(self.plan.module, self.loaders[1], self.session, self.data.normalizer)
+        self.last_seconds = (trained - start, time.perf_counter() - trained)  # (training, validation)
         self.skips.record(self.loaders[1], val.skipped)
         row = {"epoch": epoch + 1, "phase": phase.name, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
                "val_loss": val.loss, "val_accuracy": val.accuracy, "lr": self.optimizer.param_groups[-1]["lr"],

@@ -45,6 +45,9 @@ class ProbeStage:
         self.features: tuple | None = None  # (train, val) features of a probe that may be kept, for its refit
         self.refit: dict | None = None  # the kept probe fitted again on training + validation images
         self.keeps_probe = False  # auto without validation images: cross-validation chose the probe
+        self.handover: dict | None = None  # the leaderboard's features and probe of every training image
+        self.val_seconds = 0.0  # the validation pass, timed (budget.TimePlan's first estimate)
+        self.images_per_second: float | None = None
 
     @property
     def auto(self) -> bool:
@@ -65,12 +68,21 @@ class ProbeStage:
         the best epoch under --strategy linear and auto (`save(row, best, candidate)` checkpoints
         it); gradual and full start from it."""
         start = time.perf_counter()
-        train = features(self.model, data.train_eval, self.session, data.normalizer, self.skips)
+        known = self.handover or {}
+        if known:  # the leaderboard embedded every training image with this backbone already
+            train = known["features"]
+            self.skips.skipped.update(known["skipped"])
+        else:
+            train = features(self.model, data.train_eval, self.session, data.normalizer, self.skips)
+        train_seconds = known.get("seconds", time.perf_counter() - start)
+        began = time.perf_counter()
         val = features(self.model, data.val, self.session, data.normalizer, self.skips)
+        self.val_seconds = time.perf_counter() - began
+        self.images_per_second = (len(train[1]) + len(val[1])) / max(train_seconds + self.val_seconds, 1e-6)
         if not len(train[1]):
             raise DataError(f"{self.run.config.data}: no image could be read")
         self.skips.check(self.runs.write_skipped, self.run.config.strict)  # every image decoded once
-        solution = self._fit_head(train[0], train[1])
+        solution = self._fit_head(train[0], train[1], known.get("fit"))
         if solution is None:
             self.note("the classifier is not one linear layer on the pooled features: it starts from zeros, not the probe")
             return [], {}
@@ -92,20 +104,23 @@ class ProbeStage:
             models.zero_head(self.model)  # auto --head-init zero: the probe was a candidate, not the start
         return [row], best
 
-    def _fit_head(self, feats: torch.Tensor, labels: torch.Tensor) -> ProbeFit | None:
-        """The probe on these features, put in the model's classifier (None: it is not one linear layer)."""
+    def _fit_head(self, feats: torch.Tensor, labels: torch.Tensor, solution: ProbeFit | None = None) -> ProbeFit | None:
+        """The probe on these features (`solution`: already fitted on them), put in the model's
+        classifier (None: it is not one linear layer)."""
         c = self.run.config
-        solution = fit_probe(feats, labels.numpy(), len(self.run.classes), balanced=Balance(c.balance) != Balance.none,
-                             seed=c.seed)
+        if solution is None:
+            solution = fit_probe(feats, labels.numpy(), len(self.run.classes),
+                                 balanced=Balance(c.balance) != Balance.none, seed=c.seed)
         weight, bias = solution.head()
         device = self.session.device
         return solution if models.set_linear_head(self.model, weight.to(device), bias.to(device)) else None
 
-    def select_by_cross_validation(self, fit: Callable) -> None:
+    def select_by_cross_validation(self, fit: Callable, fold_budget: float | None = None) -> None:
         """--strategy auto with no validation images: the probe and fine-tuning are compared by k-fold
         cross-validation on the training images (selection.py); when the probe wins, it is the run.
-        `fit(config)` runs one fold."""
+        `fit(config)` runs one fold; under --budget each fold has `fold_budget` seconds."""
         from . import selection
+        from .errors import UsageError
 
         c = self.run.config
         if not self.auto or len(self.run.val) or self.selection is not None:
@@ -118,7 +133,14 @@ class ProbeStage:
                   f"cross-validation on the training images (a short run per fold)")
         # the run's own resolved settings (batch size, epochs), which a resumed run reads back from config.json:
         # the folds of an interrupted run and of an uninterrupted one are the same runs
-        folds = selection.cross_validate(dataclasses.replace(c, strict=False), self.run.train, fit)
+        try:
+            folds = selection.cross_validate(dataclasses.replace(c, strict=False, budget=fold_budget), self.run.train, fit)
+        except UsageError as exc:
+            if fold_budget is None:
+                raise
+            self.note(f"the budget leaves too little time to cross-validate ({exc}): the probe is kept")
+            self.keeps_probe = True
+            return
         if folds is None:
             self.note("a class has one training image: too few to cross-validate; the fine-tuned model is kept")
             return

@@ -60,13 +60,19 @@ def resolve_schedule(config: TrainConfig, n_train: int) -> tuple[TrainConfig, st
     batch_size = config.batch_size or auto_batch_size(n_train)
     epochs = config.epochs or auto_epochs(n_train, batch_size, from_scratch)
     chosen = {"--batch-size": batch_size} if config.batch_size is None and batch_size != BATCH_SIZE else {}
-    if config.epochs is None and epochs != (TRAIN_EPOCHS if from_scratch else FINETUNE_EPOCHS):
+    if config.epochs is None and config.budget:
+        from .budget import MAX_EPOCHS_FACTOR
+
+        epochs *= MAX_EPOCHS_FACTOR  # at most: the time decides (budget.TimePlan)
+        chosen["--epochs"] = f"{epochs} at most"
+    elif config.epochs is None and epochs != (TRAIN_EPOCHS if from_scratch else FINETUNE_EPOCHS):
         chosen["--epochs"] = epochs
     note = None
     if chosen:
         steps = epochs * epoch_steps(n_train, batch_size)
+        steps = "as many as the --budget fits" if config.budget else f"{steps} optimizer steps in all"
         note = (f"{n_train} training images: {' and '.join(f'{k} {v}' for k, v in chosen.items())} chosen "
-                f"({steps} optimizer steps in all); set {' and '.join(chosen)} to choose otherwise")
+                f"({steps}); set {' and '.join(chosen)} to choose otherwise")
     return dataclasses.replace(config, batch_size=batch_size, epochs=epochs), note
 
 

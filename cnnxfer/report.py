@@ -222,9 +222,30 @@ def fit_summary(result, notes_shown: bool = False) -> None:
         ("val loss", _metric(best.get("val_loss")) + " (cross-entropy)"),
         ("time", f"{result.seconds:.1f} s on {result.device} / {result.precision}"),
     ]
+    if result.budget:
+        rows.append(("budget", f"{result.budget['spent']:.0f} s of {result.budget['seconds']:.0f} s when the run "
+                               f"ended (start-up included)"))
+    if result.leaderboard:
+        show(leaderboard_table(result.leaderboard))
     show(table("fit", rows))
     if result.class_counts:
         show(class_counts_table(result.class_counts))
+
+
+def leaderboard_table(rows: list[dict]):
+    """The candidate backbones, best first (leaderboard.csv)."""
+    from pathlib import Path
+
+    out = Table(title="leaderboard: the cross-validated probe on each backbone's frozen features")
+    for name in ("rank", "backbone", "CV accuracy", "images/s", "params", "note"):
+        out.add_column(name)
+    for row in rows:
+        weights = row["weights"] if row["weights"] in ("hub", "none") else Path(row["weights"]).name
+        out.add_row(str(row["rank"] or "-"), escape(f"{row['model']} ({weights})"),
+                    "-" if row["probe_cv_accuracy"] is None else f"{row['probe_cv_accuracy']:.4f}",
+                    f"{row['images_per_second']:.0f}" if row["images_per_second"] else "-",
+                    f"{row['parameters'] / 1e6:.1f}M", escape(row["note"] or ""))
+    return out
 
 
 def _strategy_rows(result) -> list[tuple[str, str]]:

@@ -23,11 +23,12 @@ PROBE_FILE = "probe.safetensors"  # --strategy auto: the probe's weights while f
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.pt"
 METRICS_FILE, SKIPPED_FILE, SPLITS_FILE = "metrics.csv", "skipped.csv", "splits.csv"
+LEADERBOARD_FILE = "leaderboard.csv"  # several candidate backbones: how they ranked (leaderboard.py)
 CURVES_PLOT, CONFUSION_CSV, CONFUSION_PLOT, REPORT_CSV = "curves.png", "confusion_matrix.csv", "confusion_matrix.png", "report.csv"
 
 # The files a training run writes into its directory (--overwrite removes them, and nothing else).
 RUN_FILES = (MODEL_FILE, PROBE_FILE, CONFIG_FILE, STATE_FILE, METRICS_FILE, SKIPPED_FILE, SPLITS_FILE, CONFUSION_CSV,
-             REPORT_CSV, CURVES_PLOT, CONFUSION_PLOT)
+             REPORT_CSV, CURVES_PLOT, CONFUSION_PLOT, LEADERBOARD_FILE)
 
 
 def is_run_dir(path: Path | str) -> bool:
@@ -174,6 +175,15 @@ class RunDir:
                     for split, images in (("train", train), ("val", val)) for p, label in zip(images.paths, images.labels)]
             frame = pd.DataFrame(rows, columns=["path", "label", "split"])
             checkpoint.atomic_write_text(self.file(SPLITS_FILE), frame.to_csv(index=False))
+
+    def save_leaderboard(self, rows: list[dict]) -> None:
+        """leaderboard.csv: the candidate backbones, best first (leaderboard.Entry.row)."""
+        if self.writer:
+            import pandas as pd
+
+            frame = pd.DataFrame(rows)
+            frame["rank"] = frame["rank"].astype("Int64")  # skipped candidates have none
+            checkpoint.atomic_write_text(self.file(LEADERBOARD_FILE), frame.to_csv(index=False))
 
     def read_splits(self):
         """splits.csv as a DataFrame (path, label, split); CnnxferError when the run has none."""

@@ -2,11 +2,13 @@
 
 A run trains for its --epochs unless --max-steps optimizer steps come first, or --patience epochs
 pass with no new best (validation gathered from every process, so the decision is the same on
-every rank). The issue of a wall-clock budget will add its limit here.
+every rank), or under --budget the time is up (`stop_at`: budget.TimePlan sizes the epochs and
+steps to the time and sets it; the training loop also stops mid-epoch there).
 """
 from __future__ import annotations
 
 import math
+import time
 
 BEST_RULE = "the lowest validation loss"  # how the best epoch is chosen (is_new_best), as the summary says it
 
@@ -36,6 +38,8 @@ class Stopper:
                  bad_epochs: int = 0):
         self.epochs, self.patience, self.max_steps, self.validated = epochs, patience, max_steps, validated
         self.bad_epochs, self.stopped_early = bad_epochs, False
+        self.stop_at: float | None = None  # --budget: a time.monotonic() after which no epoch starts
+        self.out_of_time = False  # stopped by the budget
 
     def improved(self, row: dict, best: dict) -> bool:
         """Whether `row` is the new best epoch (is_new_best); counts the epochs without one."""
@@ -44,9 +48,12 @@ class Stopper:
         return new
 
     def should_stop(self, global_step: int) -> bool:
-        """After an epoch: stop now? (--max-steps reached, or --patience epochs without a new best:
-        the latter is an early stop)."""
+        """After an epoch: stop now? (--max-steps or the budget's steps reached, the budget's time
+        up, or --patience epochs without a new best: the latter is an early stop)."""
         if self.max_steps is not None and global_step >= self.max_steps:
+            return True
+        if self.stop_at is not None and time.monotonic() >= self.stop_at:
+            self.out_of_time = True
             return True
         if self.patience and self.bad_epochs >= self.patience:
             self.stopped_early = True

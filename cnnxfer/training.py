@@ -22,6 +22,7 @@ versions), with any number of processes that divides the batch.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +31,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import device as dev, models, rundir, trainset
+from . import budget, device as dev, models, rundir, trainset
+from .budget import END_SECONDS, Clock, refuse_if_short
 from .config import RunConfig, Strategy, TrainConfig, resumed_config, to_dict
 from .engine import BatchHook, seed_everything
 from .epochs import Checkpoints, Loop
 from .errors import TrainingError, UsageError
+from .leaderboard import Leaderboard, parse_candidates
 from .probing import AUTO_RULE, ProbeStage
 from .rundir import RunDir
 from .session import Session, open_session
@@ -74,22 +77,30 @@ class FitResult:
     probe: dict | None = None  # the probe's strength, cross-validated and validation figures (probe.describe_fit)
     strategy: str = ""  # as run: auto, linear, gradual or full
     selection: dict | None = None  # auto without validation images: the cross-validation (selection.CrossValidation)
+    leaderboard: list[dict] | None = None  # several candidate backbones: their ranking (leaderboard.csv's rows)
+    budget: dict | None = None  # --budget: {"seconds", "spent"} (spent: until the result, the summary aside)
 
 
 # ---------------------------------------------------------------- the two entry points
 
-def fit(config: TrainConfig, hooks: FitHooks | None = None, *, overwrite: bool = False) -> FitResult:
+def fit(config: TrainConfig, hooks: FitHooks | None = None, *, overwrite: bool = False,
+        started: float | None = None) -> FitResult:
     """Train a classifier on `config.data` into the run directory `config.out` (finetune and train).
+    Several candidate backbones (`model="a,b"`, `weights="wa,wb"`) are ranked first (leaderboard.py)
+    and the leader is the run's model.
 
     Args:
         overwrite: replace the files of an earlier run in `config.out` (else an existing run is refused).
+        started: the time.monotonic() from which `config.budget` counts (the CLI: the process's
+            start, budget.process_started); default now.
     """
     start = time.perf_counter()
+    clock = Clock(config.budget, time.monotonic() if started is None else started) if config.budget else None
     with open_session(config.device, config.precision, config.num_workers) as session:
-        return _fit(config, hooks, session, start, overwrite=overwrite)
+        return _fit(config, hooks, session, start, overwrite=overwrite, clock=clock)
 
 
-def resume(run_dir: Path | str, hooks: FitHooks | None = None, **given) -> FitResult:
+def resume(run_dir: Path | str, hooks: FitHooks | None = None, started: float | None = None, **given) -> FitResult:
     """Continue the interrupted run in `run_dir` after its last saved epoch, or start it again when
     no epoch had finished, with the run's own settings.
 
@@ -101,13 +112,17 @@ def resume(run_dir: Path | str, hooks: FitHooks | None = None, **given) -> FitRe
     """
     start, run_dir = time.perf_counter(), Path(run_dir)
     saved, config, point = resume_config(run_dir, **given)
+    clock = None
+    if config.budget:  # the time the run had left, or a --budget given beside --resume
+        spent = 0.0 if given.get("budget") else float((saved.hparams or {}).get("budget", {}).get("spent", 0.0))
+        clock = Clock(max(config.budget - spent, 0.0), time.monotonic() if started is None else started, before=spent)
     with open_session(config.device, config.precision, config.num_workers) as session:
         if saved.precision and session.precision != saved.precision:
             raise UsageError(f"--precision {config.precision.value} trains in {session.precision} on this device; the "
                              f"run trained in {saved.precision}: leave --precision out to resume in {saved.precision}")
         if point == "start":  # nothing to continue from: the same run from its beginning
-            return _fit(config, hooks, session, start, overwrite=True, restarted=True)
-        return _fit(config, hooks, session, start, saved=saved)
+            return _fit(config, hooks, session, start, overwrite=True, restarted=True, clock=clock)
+        return _fit(config, hooks, session, start, saved=saved, clock=clock)
 
 
 def resume_config(run_dir: Path | str, **given) -> tuple[RunConfig, TrainConfig, str]:
@@ -126,8 +141,9 @@ def resume_config(run_dir: Path | str, **given) -> tuple[RunConfig, TrainConfig,
 # ---------------------------------------------------------------- one run, top to bottom
 
 def _fit(config: TrainConfig, hooks: FitHooks | None, session: Session, start: float, *, overwrite: bool = False,
-         saved: RunConfig | None = None, restarted: bool = False) -> FitResult:
-    """Data, model, run directory, probe, epochs, the end. `saved`: the interrupted run resumed."""
+         saved: RunConfig | None = None, restarted: bool = False, clock: Clock | None = None) -> FitResult:
+    """Candidates, data, model, run directory, probe, epochs, the end. `saved`: the interrupted run
+    resumed; `clock`: the --budget."""
     hooks = (hooks or FitHooks()) if session.is_main else FitHooks()
     notes = _Notes(hooks.on_message)
     if restarted:
@@ -136,6 +152,9 @@ def _fit(config: TrainConfig, hooks: FitHooks | None, session: Session, start: f
         raise UsageError(f"--batch-size {config.batch_size} is the global batch: it must divide by the "
                          f"{session.world} processes (each takes an equal share of every batch)")
     session.main_first(lambda: rundir.prepare(config.out, overwrite, resume=saved is not None))
+    board = None
+    if saved is None and len(parse_candidates(config.model, config.weights)) > 1:
+        config, board = _rank(config, session, clock, notes)
     # a resumed run takes its weights from state.pt: the original --weights need not exist any more
     models.check_model_options(config.model, models.NONE if saved else config.weights)
     run = trainset.read_data(config, notes)
@@ -145,13 +164,21 @@ def _fit(config: TrainConfig, hooks: FitHooks | None, session: Session, start: f
         trainset.check_same_data(saved, run, Path(config.out))
     seed_everything(run.config.seed)  # the random initialisation of the model and head
     loaded, step_dtype = _build_model(run, session, saved, notes)
+    if clock is not None and saved is None and board is None:
+        _refuse_short_budget(run, loaded, session, clock)
     runs = RunDir(config.out, writer=session.is_main)
     skips = trainset.Skips(session, run)
     probe = ProbeStage(run, loaded.model, loaded.arch, session, skips, runs, notes, saved)
-    record = _Record(run, loaded, session, skips, probe, saved)
+    if board is not None:
+        handover = board.handover(board.leader())
+        if handover and handover["data_config"] == models.data_config_json(loaded.data_config):
+            probe.handover = handover  # the same images through the same preprocessing: the same features
+    record = _Record(run, loaded, session, skips, probe, saved, clock, board)
     if saved is None:  # from here on an interrupt leaves a run that --resume can start again
         runs.start(overwrite, record(best={}))
         runs.save_splits(run.train, run.val)
+        if board is not None:
+            runs.save_leaderboard(board.rows())
     with deferred_signals():
         data = trainset.build_loaders(run, loaded.data_config, session, notes)
         state = runs.load_state() if saved is not None else None
@@ -159,10 +186,36 @@ def _fit(config: TrainConfig, hooks: FitHooks | None, session: Session, start: f
             loaded.model.load_state_dict(state["model"])
             skips.skipped.update(state.get("skipped", {}))
         history, best, stopped = _train(run, loaded, step_dtype, session, data, skips, probe, runs, record, state, hooks,
-                                        notes)
+                                        notes, clock)
         final = _finish(run, loaded.model, session, data, probe, runs, record, best)
     seconds = time.perf_counter() - start
     return record.result(runs, history, dict(best, **final), stopped, seconds, notes.all)
+
+
+def _rank(config: TrainConfig, session: Session, clock: Clock | None, notes) -> tuple[TrainConfig, Leaderboard]:
+    """The leaderboard of the candidate backbones; the config of the leader's run."""
+    from . import recipe
+
+    candidates = parse_candidates(config.model, config.weights)
+    for candidate in candidates:  # a typo in any of them is named before anything is computed
+        models.check_model_options(candidate.model, candidate.weights)
+    train, val = recipe.split_data(config.data, config.val_split, config.seed)  # the run's own split (read_data)
+    board = Leaderboard(config, candidates, train, len(val), session, notes, clock)
+    leader = board.rank().candidate
+    return dataclasses.replace(config, model=leader.model, weights=leader.weights), board
+
+
+def _refuse_short_budget(run: trainset.RunData, loaded: models.LoadedModel, session: Session, clock: Clock) -> None:
+    """A --budget too small for even the probe is refused before the run directory is written."""
+    from .leaderboard import inference_speed, probe_seconds
+
+    model = loaded.model
+    was_training = model.training
+    speed, dim = inference_speed(loaded, run.train, run.config, session)
+    model.train(was_training)
+    images = len(run.train) + len(run.val)
+    needed = images / speed + probe_seconds(len(run.train), dim, len(run.classes)) + END_SECONDS
+    refuse_if_short(clock, needed, f"the probe on {images} images with {loaded.arch} ({speed:.0f} images/s)")
 
 
 def _build_model(run: trainset.RunData, session: Session, saved: RunConfig | None, note) -> tuple[models.LoadedModel, torch.dtype | None]:
@@ -200,7 +253,8 @@ def _step_dtype(run: trainset.RunData, model: nn.Module, session: Session, saved
     return dtype
 
 
-def _train(run, loaded, step_dtype, session, data, skips, probe: ProbeStage, runs: RunDir, record, state, hooks, notes):
+def _train(run, loaded, step_dtype, session, data, skips, probe: ProbeStage, runs: RunDir, record, state, hooks, notes,
+           clock: Clock | None = None):
     """The probe, then the epochs; (history, best, stopped early). Failures name the last good checkpoint."""
     c, history = run.config, []
     try:
@@ -213,7 +267,8 @@ def _train(run, loaded, step_dtype, session, data, skips, probe: ProbeStage, run
             start_epoch, history, best, stopper.bad_epochs = (state["epoch"], list(state["history"]), dict(state["best"]),
                                                                state["bad_epochs"])
             if start_epoch == 0 and history and history[0].get("phase") == "probe":
-                probe.select_by_cross_validation(_fold)  # interrupted after the probe, before the folds decided
+                # interrupted after the probe, before the folds decided
+                probe.select_by_cross_validation(_fold, _fold_budget(clock))
         else:
             start_epoch = 0
             if probe.comes_first(loop.plan.probe_only, loaded.new_head):
@@ -223,9 +278,16 @@ def _train(run, loaded, step_dtype, session, data, skips, probe: ProbeStage, run
 
                 history, best = probe.fit_epoch_zero(data, loop.plan.probe_only, save)
                 if probe.row is not None:
-                    probe.select_by_cross_validation(_fold)
+                    probe.select_by_cross_validation(_fold, _fold_budget(clock))
         if loop.plan.probe_only or probe.keeps_probe:
             return history, best, False
+        if clock is not None:
+            loop.time_plan = _time_plan(clock, run, loop, probe, loaded)
+            more = loop.time_plan.size(loop.ctx.global_step) - loop.ctx.global_step
+            if more < budget.MIN_STEPS and probe.candidate(history) is not None:
+                notes(f"--budget: {budget.describe(max(clock.left(), 0))} left, time for about {more} fine-tuning "
+                      f"step(s): fewer than {budget.MIN_STEPS}, so the probe is the run")
+                return history, best, False
         try:
             history, best = loop.run_epochs(start_epoch, history, best, stopper, saver, hooks.on_batch, hooks.on_epoch,
                                             scored=probe.candidate(history) is not None)
@@ -238,6 +300,31 @@ def _train(run, loaded, step_dtype, session, data, skips, probe: ProbeStage, run
         bs = c.batch_size
         raise TrainingError(f"out of memory on {session.device} outside the training step (evaluation or feature cache) "
                             f"at batch size {bs}: try --batch-size {max(1, bs // 2)}; {_last_good(history, runs)}") from exc
+
+
+def _time_plan(clock: Clock, run, loop: Loop, probe: ProbeStage, loaded: models.LoadedModel) -> budget.TimePlan:
+    """The fine-tuning schedule sized to the budget, first from the probe's inference speed."""
+    from .engine import steps_per_epoch
+
+    from .leaderboard import inference_speed
+
+    c = run.config
+    speed = probe.images_per_second
+    if not speed:  # no probe ran: the inference speed, measured
+        speed = inference_speed(loaded, run.train, c, loop.session)[0]
+    val_seconds = probe.val_seconds or len(run.val) / speed
+    may_refit = probe.auto and len(run.val) and probe.fit is not None
+    reserve = val_seconds + (1.3 * probe.fit.seconds if may_refit else 0.0) + budget.END_SECONDS
+    spe = steps_per_epoch(loop.loaders[0])
+    return budget.TimePlan(clock, reserve, spe, budget.BACKWARD_FACTOR * c.batch_size / speed, val_seconds,
+                           warmup_steps=int(c.warmup_epochs * spe), max_epochs=c.epochs, max_steps=c.max_steps)
+
+
+def _fold_budget(clock: Clock | None) -> float | None:
+    """Under --budget, each cross-validation fold's share of the time left (the run keeps one)."""
+    from .selection import FOLDS
+
+    return None if clock is None else max(clock.left(), 0.0) / (FOLDS + 1)
 
 
 def _fold(config: TrainConfig) -> FitResult:
@@ -289,8 +376,10 @@ class _Record:
     """config.json's RunConfig and the FitResult, from the run's parts."""
 
     def __init__(self, run: trainset.RunData, loaded: models.LoadedModel, session: Session, skips: trainset.Skips,
-                 probe: ProbeStage, saved: RunConfig | None):
+                 probe: ProbeStage, saved: RunConfig | None, clock: Clock | None = None,
+                 board: Leaderboard | None = None):
         self.run, self.loaded, self.session, self.skips, self.probe, self.saved = run, loaded, session, skips, probe, saved
+        self.clock, self.board = clock, board
 
     @property
     def best_rule(self) -> str:
@@ -304,6 +393,8 @@ class _Record:
 
         counts, loaded, session = self.skips.class_counts(), self.loaded, self.session
         weights = loaded.weights if self.saved is None else self.saved.weights_source
+        if self.clock is not None:
+            self.run.hp["budget"] = self.clock.record()
         return RunConfig(
             model=loaded.arch, classes=self.run.classes, train_config=self.recorded_config(), weights_source=weights,
             data_config=models.data_config_json(loaded.data_config),
@@ -333,4 +424,5 @@ class _Record:
                          sum(c["val"] for c in counts.values()), len(self.skips), skipped_file, self.run.hp, notes,
                          counts, world_size=session.world, probe=self.probe.summary(),
                          strategy=Strategy(self.run.config.strategy).value, selection=self.probe.selection,
-                         best_rule=self.best_rule)
+                         best_rule=self.best_rule, leaderboard=self.board.rows() if self.board else None,
+                         budget=self.clock.record() if self.clock else None)

@@ -149,10 +149,8 @@ def build_loaders(run: RunData, data_config: dict, session: Session, note: Note)
     loader gives this process its slice of every batch.
     """
     c = run.config
-    pre = Preprocess.from_data_config(data_config, max_pixels=c.max_image_pixels, reduced_decode=c.reduced_decode)
-    augment = Augment(scale=recipe.crop_scale(data_config), hflip=c.hflip) if c.augment else None
-    train_pre = pre.training(augment)
-    train_eval_pre, val_pre = train_pre.evaluation(), pre
+    train_pre, val_pre = _preprocessing(c, data_config)
+    train_eval_pre, pre = train_pre.evaluation(), val_pre
     decoded = _decode_in_memory(run, train_pre, val_pre, session, note)
     if decoded is None:
         train_set = loaders.ImageDataset(run.train, train_pre)
@@ -168,6 +166,19 @@ def build_loaders(run: RunData, data_config: dict, session: Session, note: Note)
     return Loaders(session.loader(train_set, c.batch_size, shuffle=True, weights=weights, seed=c.seed, augment_seed=True),
                    session.loader(val_set, c.batch_size), session.loader(train_eval_set, c.batch_size),
                    pre.normalizer().to(session.device))
+
+
+def _preprocessing(c: TrainConfig, data_config: dict) -> tuple[Preprocess, Preprocess]:
+    """(training, validation) preprocessing of a run on a model with `data_config`."""
+    pre = Preprocess.from_data_config(data_config, max_pixels=c.max_image_pixels, reduced_decode=c.reduced_decode)
+    augment = Augment(scale=recipe.crop_scale(data_config), hflip=c.hflip) if c.augment else None
+    return pre.training(augment), pre
+
+
+def eval_preprocess(c: TrainConfig, data_config: dict) -> Preprocess:
+    """The un-augmented pass over a run's training images (the probe's features, the feature cache
+    and the leaderboard's): decoded as training decodes them, transformed as evaluation does."""
+    return _preprocessing(c, data_config)[0].evaluation()
 
 
 def _decode_in_memory(run: RunData, train_pre: Preprocess, val_pre: Preprocess, session: Session, note: Note):

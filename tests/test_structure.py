@@ -3,7 +3,8 @@
 FLOORS lists every module of cnnxfer/ (the inspect subpackage as `inspect.<name>`, its
 `__init__` as `inspect`), bottom to top: each module one floor above the highest module it imports, as the graph stood when
 the list was written (35 modules of cnnxfer/ on 16 floors since `fit` was taken apart into trainset,
-epochs, probing and stopper, issue 18; STYLE.md's 31 on 10 before). A new module must be placed
+epochs, probing and stopper, issue 18; STYLE.md's 31 on 10 before; 37 with budget and leaderboard,
+issue 19). A new module must be placed
 here, and an import that goes sideways or up fails with the file, line and both floors named. Lazy imports
 inside functions count like top-level ones: they are the same dependency, paid later.
 
@@ -20,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cnnxfer"
 
 FLOORS = [
     "__init__ activations check_result errors signals stopper timm_import",
-    "checkpoint distributed gradcheck inspect.receptive",
+    "budget checkpoint distributed gradcheck inspect.receptive",
     "device metrics plots",
     "config report",
     "data",
@@ -31,7 +32,7 @@ FLOORS = [
     "export features overfit recipe inspect.class_model inspect.filters inspect.invariance inspect.layers inspect.worst",
     "evaluate sanity trainset inspect.embedding inspect.patches",
     "epochs inspect.page",
-    "probing inspect",
+    "leaderboard probing inspect",
     "training",
     "cli",
     "__main__",
