@@ -175,7 +175,8 @@ class Leaderboard:
 
     def _sample_size(self, live: list[Entry], seconds: float | None) -> int:
         """Training images per class to rank on: all of them without a time limit, else as many as
-        fit in `seconds`; candidates are skipped (slowest first) while even the fewest do not fit."""
+        fit in `seconds`; candidates are skipped (a random initialisation first, then the slowest)
+        while even the fewest do not fit."""
         counts = np.bincount(np.asarray(self.train.labels), minlength=len(self.train.classes))
         most = int(counts.max())
         if seconds is None:
@@ -188,10 +189,12 @@ class Leaderboard:
         while len(live) > 1 and sum(self._estimate(e, images(fewest)) for e in live) > seconds:
             # a random initialisation first (the weakest prior), then the slowest
             slow = max(live, key=lambda e: (e.candidate.weights == models.NONE, self._estimate(e, images(fewest))))
-            slow.status = "skipped"
-            slow.reason = (f"too slow for the budget: {slow.images_per_second:.0f} images/s, about "
-                           f"{self._estimate(slow, images(fewest)):.0f} s to rank on {images(fewest)} images")
-            self.note(f"leaderboard: {slow.candidate.label} skipped, {slow.reason}")
+            why = "a random initialisation goes first" if slow.candidate.weights == models.NONE else "the slowest"
+            slow.status, slow.loaded = "skipped", None
+            slow.reason = (f"the budget does not fit every candidate and {why}: {slow.images_per_second:.0f} "
+                           f"images/s, about {self._estimate(slow, images(fewest)):.0f} s to rank on "
+                           f"{images(fewest)} images")
+            self.note(f"leaderboard: {slow.candidate.label} skipped: {slow.reason}")
             live.remove(slow)
         if len(live) == 1:  # the leader already: its features of every image are the run's probe
             return most

@@ -184,3 +184,29 @@ def test_a_budgeted_run_resumes_with_the_time_it_had_left(tmp_path):
     assert json.loads((run / "config.json").read_text())["status"] == "finished"
     tuned = [row for row in result.history if row.get("phase") != "probe"]
     assert tuned[0]["epoch"] == 1 and len(tuned) >= 2  # the first epoch kept, more after it
+
+
+def test_a_short_budget_ranks_on_fewer_images_and_leaves_out_a_random_backbone_first():
+    """The ranking sample shrinks to fit the leaderboard's time; when even 10 images per class do
+    not fit, candidates are left out: the random initialisation first, then the slowest."""
+    from cnnxfer.data import ImageList
+    from cnnxfer.leaderboard import Candidate, Entry, Leaderboard
+
+    train = ImageList([Path(f"{k}.png") for k in range(400)], [k % 4 for k in range(400)], list("abcd"), Path("."))
+    config = TrainConfig(data=Path("."), out=Path("."))
+
+    def board(seconds):
+        b = Leaderboard(config, [], train, 0, session=None, note=lambda text: None)
+        b.entries = [Entry(Candidate("fast", "w1"), images_per_second=100.0, dim=8),
+                     Entry(Candidate("slow", "w2"), images_per_second=10.0, dim=8),
+                     Entry(Candidate("fast", "none"), images_per_second=100.0, dim=8)]
+        live = list(b.entries)
+        return b._sample_size(live, seconds), [e.candidate.label for e in live]
+
+    assert board(None) == (100, ["fast (w1)", "slow (w2)", "fast (none)"])  # no limit: every image
+    assert board(1000.0) == (100, ["fast (w1)", "slow (w2)", "fast (none)"])  # it all fits
+    per_class, live = board(25.0)  # 100 per class would take 4 + 40 + 4 s: fewer per class
+    assert 10 <= per_class < 100 and len(live) == 3
+    # 10 per class take 0.4 + 4 + 0.4 s: the random one goes first, then the slowest
+    assert board(4.5) == (10, ["fast (w1)", "slow (w2)"])
+    assert board(4.0) == (100, ["fast (w1)"])  # one left: it leads, ranked on every image (handed to its run)
