@@ -55,6 +55,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import machine, print_table  # noqa: E402
+import transfer  # noqa: E402
 from transfer import _lines, cnnxfer, fastai_python, lite_weights, test_accuracy, write_draws  # noqa: E402
 
 METHODS = ("cnnxfer", "fastai", "sklearn")
@@ -228,27 +229,9 @@ def method_fastai(root: Path, weights: Path, size: int, budget: float, fastai: t
 def method_sklearn(root: Path, weights: Path, size: int, scratch: Path, test_features: Path) -> dict:
     """`cnnxfer extract` on Lite{size} (timed) + StandardScaler and LogisticRegressionCV (timed),
     as benchmarks/transfer.py's sklearn method; the test features are extracted once per dataset."""
-    import warnings
-
-    import numpy as np
-    from sklearn.linear_model import LogisticRegressionCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    from cnnxfer import read_features
-
-    train = scratch / f"train_lite{size}.parquet"
-    seconds = cnnxfer("extract", str(root / "train"), "--model", arch(size), "--weights", str(weights), "--out",
-                      str(train), "--overwrite")
-    start = time.perf_counter()
-    _, labels, x = read_features(train)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ConvergenceWarning at the weakest penalties
-        clf = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=list(10.0 ** np.arange(-4, 2.01, 0.25)), cv=5,
-                                                                   max_iter=3000)).fit(x, labels)
-    seconds += time.perf_counter() - start
-    _, test_labels, xt = read_features(test_features)
-    return {"accuracy": float(clf.score(xt, test_labels)), "seconds": seconds}
+    accuracy, seconds = transfer.method_sklearn(root, weights, scratch, test_features, arch(size),
+                                                f"train_lite{size}.parquet")
+    return {"accuracy": accuracy, "seconds": seconds}
 
 
 def _is_none(weights) -> bool:

@@ -142,7 +142,8 @@ def method_cnnxfer(strategy: str, root: Path, weights: Path, work: Path, digits:
     return test_accuracy(out, root / "test"), seconds
 
 
-def method_sklearn(root: Path, weights: Path, work: Path, test_features: Path) -> tuple[float, float]:
+def method_sklearn(root: Path, weights: Path, work: Path, test_features: Path, model: str = MODEL,
+                   name: str = "train.parquet") -> tuple[float, float]:
     """Extract (timed) + LogisticRegressionCV (timed); the test features are extracted once per dataset."""
     import warnings
 
@@ -152,8 +153,8 @@ def method_sklearn(root: Path, weights: Path, work: Path, test_features: Path) -
 
     from cnnxfer import read_features
 
-    train = work / "train.parquet"
-    seconds = cnnxfer("extract", str(root / "train"), "--model", MODEL, "--weights", str(weights), "--out", str(train),
+    train = work / name
+    seconds = cnnxfer("extract", str(root / "train"), "--model", model, "--weights", str(weights), "--out", str(train),
                       "--overwrite")
     start = time.perf_counter()
     _, labels, x = read_features(train)
