@@ -148,7 +148,9 @@ class _CrossValidation:
 
         self.num_classes = num_classes
         self.parts = []
-        for train, held in stratified_folds(labels, folds, seed):
+        splits = stratified_folds(labels, folds, seed)
+        self.order = np.concatenate([held for _, held in splits])  # row of the held-out logits -> image
+        for train, held in splits:
             scaled = _Standardised.of(features[train])
             sw = weights[labels[train]] if weights is not None else None
             self.parts.append((scaled.x, labels[train], sw, scaled.apply(features[held]), labels[held]))
@@ -232,6 +234,11 @@ def choose_c(features: np.ndarray, labels: np.ndarray, num_classes: int, weights
     """(the best {"c", "accuracy", "loss"}, every strength tried, the folds used, the temperature of
     the best's held-out logits): a coarse sweep over COARSE, then the best refined by half a decade
     and a quarter of a decade either side."""
+    best, searched, folds, temperature, _ = _choose(features, labels, num_classes, weights, folds, seed)
+    return best, searched, folds, temperature
+
+
+def _choose(features, labels, num_classes, weights, folds, seed):
     folds = min(folds, int(np.bincount(labels, minlength=num_classes)[np.unique(labels)].min()))
     cv = _CrossValidation(features, labels, num_classes, weights, folds, seed)
     for c in COARSE:
@@ -241,7 +248,31 @@ def choose_c(features: np.ndarray, labels: np.ndarray, num_classes: int, weights
         for c in (best * 10 ** -step, best * 10 ** step):
             cv.score(c)
     best = cv.best()
-    return best, sorted(cv.scores.values(), key=lambda s: s["c"]), folds, fit_temperature(*cv.held_out[best["c"]])
+    return best, sorted(cv.scores.values(), key=lambda s: s["c"]), folds, fit_temperature(*cv.held_out[best["c"]]), cv
+
+
+def out_of_sample_probabilities(features, labels, num_classes: int, folds: int = FOLDS, seed: int = 0,
+                                balanced: bool = False) -> tuple[np.ndarray, dict]:
+    """Every image's class probabilities from a probe that never saw it (the audit's input): the
+    held-out softmax of stratified k-fold cross-validation at the strength C it chooses (choose_c),
+    divided by the temperature fitted on those same held-out logits.
+
+    Returns:
+        (probabilities (N, classes) in the images' order, {"c", "accuracy", "loss", "folds", "temperature"}).
+    """
+    features = np.asarray(features, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(labels, minlength=num_classes)
+    if (counts > 0).sum() < 2 or counts[counts > 0].min() < 2:
+        raise ValueError("out-of-sample probabilities need 2+ classes with 2+ images each")
+    weights = class_weights(labels, num_classes) if balanced else None
+    with _blas_limits(features, num_classes):
+        best, _, used, temperature, cv = _choose(features, labels, num_classes, weights, folds, seed)
+    z = np.empty((len(labels), num_classes))
+    z[cv.order] = cv.held_out[best["c"]][0] / temperature
+    z -= z.max(1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(1, keepdims=True), {**best, "folds": used, "temperature": temperature}
 
 
 def fit_probe(features, labels, num_classes: int, *, balanced: bool = False, c: float | None = None,
@@ -255,17 +286,21 @@ def fit_probe(features, labels, num_classes: int, *, balanced: bool = False, c: 
         folds: k of the stratified k-fold cross-validation (fewer when the smallest class has fewer
             images; with a class of one image there is no cross-validation and C is DEFAULT_C).
     """
-    import threadpoolctl
-
-    with threadpoolctl.threadpool_limits(_blas_threads(features, num_classes)):
+    with _blas_limits(features, num_classes):
         return _fit(features, labels, num_classes, balanced, c, folds, seed)
 
 
-def _blas_threads(features, num_classes: int) -> int | None:
+def _blas_limits(features, num_classes: int):
     """One BLAS thread unless the problem is large: on probe-sized products (160 x 1280 features, 10
-    classes) two OpenBLAS threads took 2x one thread's time alone and 25x inside a process whose
-    torch threads had just run (90 s against 3.8 s for a whole cross-validated probe, measured)."""
-    return 1 if len(features) * features.shape[1] * num_classes < 2e8 else None
+    classes) two OpenBLAS threads took 2x one thread's time alone and 25-65x on a machine whose
+    cores were busy (90 s against 3.8 s, and 131 s against 2.0 s for 240 images, measured): their
+    threads wait for each other by spinning. threadpoolctl limits only the libraries loaded when
+    it is called, and scipy brings its own OpenBLAS: scipy.optimize is imported first, or its
+    solver would run unlimited (it did, until the 131 s were traced to it)."""
+    import scipy.optimize  # noqa: F401  (loads scipy's OpenBLAS, so that the limit reaches it)
+    import threadpoolctl
+
+    return threadpoolctl.threadpool_limits(1 if len(features) * features.shape[1] * num_classes < 2e8 else None)
 
 
 def _fit(features, labels, num_classes: int, balanced: bool, c: float | None, folds: int, seed: int) -> ProbeFit:
