@@ -11,7 +11,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "ExtractConfig": "config", "TrainConfig": "config", "SanityConfig": "config", "ExportConfig": "config",
-    "PredictConfig": "config", "EvaluateConfig": "config",
+    "PredictConfig": "config", "EvaluateConfig": "config", "AuditConfig": "config",
+    "AuditResult": "audit", "run_audit": "audit",
     "FitHooks": "training", "FitResult": "training", "fit": "training", "resume": "training",
     "CnnxferError": "errors",
     "evaluate_folder": "evaluate", "predict_folder": "evaluate",

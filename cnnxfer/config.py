@@ -550,3 +550,47 @@ class EvaluateConfig:
         _coerce(self)
         object.__setattr__(self, "weights", str(self.weights))
         _check_at_least(self, batch_size=1, num_workers=0, max_image_pixels=1)
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """`cnnxfer audit`: the images (and the features, extracted or given), where the findings go,
+    and every detector's threshold. The defaults were measured on planted damage (benchmarks/audit.py)."""
+
+    data: Path | None = None  # class folders (train/ + val/ for the split), or a CSV manifest; None with `features`
+    out: Path = Path("audit")
+    model: str | None = None
+    weights: str | None = "hub"
+    features: Path | None = None  # a cnnxfer extract Parquet file with labels, instead of a model
+    against: Path | None = None  # a second folder (a test set): its duplicates of DATA are leakage
+    folds: int = 5  # of the cross-validated probe whose held-out probabilities confident learning reads
+    rank_by: str = "self_confidence"  # or "margin"
+    duplicate_threshold: float = 0.95  # cosine similarity of embeddings from which a pair is a near-duplicate
+    neighbours: int = 10  # k of the k-NN distances of the outlier checks
+    outlier_z: float = 4.0  # robust SDs of the log k-NN distance above its class's median
+    val_split: float = 0.2  # without train/ and val/ folders: the split finetune would make, for leakage
+    seed: int = 0
+    dark: float = 0.25
+    overexposed: float = 0.9
+    blur_z: float = 4.0
+    min_entropy: float = 1.0
+    max_aspect: float = 3.0
+    img_size: int | None = None
+    batch_size: int = 64
+    num_workers: int | None = None
+    device: str = "auto"
+    precision: Precision = Precision.auto
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    overwrite: bool = False
+
+    def __post_init__(self):
+        from .errors import UsageError
+
+        _coerce(self)
+        if self.data is None and self.features is None:
+            raise UsageError("audit needs DATA (an image folder or manifest) or --features FILE.parquet")
+        if self.rank_by not in ("self_confidence", "margin"):
+            raise UsageError(f"--rank-by must be self_confidence or margin (got {self.rank_by})")
+        if not 0.0 < self.duplicate_threshold <= 1.0:
+            raise UsageError(f"--duplicate-threshold must be in (0, 1] (got {self.duplicate_threshold})")
+        _check_at_least(self, folds=2, neighbours=1, batch_size=1)

@@ -197,8 +197,10 @@ def _shown(key: str, value) -> str:
     return str(value)
 
 
-def extract_features(config: ExtractConfig, progress: Progress | None = None) -> ExtractSummary:
+def extract_features(config: ExtractConfig, progress: Progress | None = None, observe=None) -> ExtractSummary:
     """Run level 1: embeddings of every image in `config.data` to the Parquet file `config.out`.
+
+    `observe(path, image, shown_size)` sees every image this run decodes (Preprocess.observe).
 
     Under torchrun every process embeds its share of the parts (part k goes to rank k % world);
     rank 0 merges them, in input order, into the same file one process writes.
@@ -213,10 +215,10 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None) ->
     start = time.perf_counter()
     _import_in_background("pandas")  # pyarrow converts the first batch through it: 0.3-0.5 s, now beside the model loading
     with open_session(config.device, config.precision, config.num_workers) as session:
-        early = _FirstBatch.start(config, session)  # decoding while timm imports and the model loads
+        early = _FirstBatch.start(config, session, observe)  # decoding while timm imports and the model loads
         try:
             models.check_model_options(config.model, config.weights)  # before the data scan: a bad option is named first
-            job = _prepare_job(config, session, early.images if early else None)
+            job = _prepare_job(config, session, early.images if early else None, observe)
             done = _open_parts(config, parts_dir, job.fingerprint, session)
         except BaseException:
             if early:
@@ -262,7 +264,7 @@ def _find_images(config: ExtractConfig) -> data.ImageList:
     return data.discover_split_dataset(config.data) or data.discover(config.data)
 
 
-def _prepare_job(config: ExtractConfig, session: Session, images: data.ImageList | None = None) -> _Job:
+def _prepare_job(config: ExtractConfig, session: Session, images: data.ImageList | None = None, observe=None) -> _Job:
     """Images, model, preprocessing and the fingerprint a resume must match (the same on every rank)."""
     images = images if images is not None else _find_images(config)
     loaded = models.load_model(config.model, config.weights, None, img_size=config.img_size)
@@ -274,7 +276,7 @@ def _prepare_job(config: ExtractConfig, session: Session, images: data.ImageList
         models.set_global_pool(model, pool)
     layers = models.resolve_layers(model, config.layers)
     preprocess = Preprocess.from_data_config(loaded.data_config, max_pixels=config.max_image_pixels,
-                                             reduced_decode=config.reduced_decode)
+                                             reduced_decode=config.reduced_decode, observe=observe)
     embedder = Embedder(model, layers, pool, config.tta)
     metadata = _metadata(config, loaded, layers, session)
     fingerprint = {"inputs": _input_fingerprint(images), "model": loaded.arch, "weights": loaded.weights,
@@ -386,7 +388,7 @@ class _FirstBatch:
         self.thread.start()
 
     @classmethod
-    def start(cls, config: ExtractConfig, session: Session) -> "_FirstBatch | None":
+    def start(cls, config: ExtractConfig, session: Session, observe=None) -> "_FirstBatch | None":
         if session.distributed or config.resume:
             return None
         try:
@@ -394,7 +396,7 @@ class _FirstBatch:
             if data_config is None:
                 return None
             preprocess = Preprocess.from_data_config(data_config, max_pixels=config.max_image_pixels,
-                                                     reduced_decode=config.reduced_decode)
+                                                     reduced_decode=config.reduced_decode, observe=observe)
             images = _find_images(config)
         except Exception:  # a damaged record or config.json, bad input: met again in its turn, with its own message
             return None

@@ -21,6 +21,7 @@ import random
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -60,15 +61,18 @@ class Preprocess:
     # decode alike, so cached and streamed items are the same pixels.
     decode_for: Augment | None = None
     reduced_decode: bool = True
+    # called with (path, decoded image, displayed size) from the decoding thread: the audit's image
+    # quality and content hash, computed on the decode the features need anyway
+    observe: Callable[[Path, Image.Image, tuple[int, int]], None] | None = dataclasses.field(default=None, compare=False)
 
     @classmethod
     def from_data_config(cls, data_config: dict, *, max_pixels: int = data.DEFAULT_MAX_IMAGE_PIXELS,
-                         reduced_decode: bool = True) -> "Preprocess":
+                         reduced_decode: bool = True, observe=None) -> "Preprocess":
         c = data_config
         return cls(tuple(int(v) for v in c["input_size"]), c.get("interpolation", "bilinear"),
                    tuple(float(v) for v in c["mean"]), tuple(float(v) for v in c["std"]),
                    float(c.get("crop_pct") or 0.875), c.get("crop_mode") or "center", max_pixels,
-                   reduced_decode=reduced_decode)
+                   reduced_decode=reduced_decode, observe=observe)
 
     @property
     def data_config(self) -> dict:
@@ -139,7 +143,10 @@ class Preprocess:
         return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
     def __call__(self, path: Path, seed: str | None = None) -> torch.Tensor:
-        return self.transform(self.decode(path)[0], seed)
+        image, shown = self.decode(path)
+        if self.observe is not None:
+            self.observe(path, image, shown)
+        return self.transform(image, seed)
 
     @cached_property
     def _eval_transform(self):

@@ -4,7 +4,7 @@ FLOORS lists every module of cnnxfer/ (the inspect subpackage as `inspect.<name>
 `__init__` as `inspect`), bottom to top: each module one floor above the highest module it imports, as the graph stood when
 the list was written (35 modules of cnnxfer/ on 16 floors since `fit` was taken apart into trainset,
 epochs, probing and stopper, issue 18; STYLE.md's 31 on 10 before; 37 with budget and leaderboard,
-issue 19). A new module must be placed
+issue 19; 41 with audit, confident, neighbours and quality, issue 20). A new module must be placed
 here, and an import that goes sideways or up fails with the file, line and both floors named. Lazy imports
 inside functions count like top-level ones: they are the same dependency, paid later.
 
@@ -20,7 +20,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "cnnxfer"
 
 FLOORS = [
-    "__init__ activations check_result errors signals stopper timm_import",
+    "__init__ activations check_result confident errors neighbours quality signals stopper timm_import",
     "budget checkpoint distributed gradcheck inspect.receptive",
     "device metrics plots",
     "config report",
@@ -30,7 +30,7 @@ FLOORS = [
     "convert session strategy",
     "engine predictor inspect.subject",
     "export features overfit recipe inspect.class_model inspect.filters inspect.invariance inspect.layers inspect.worst",
-    "evaluate sanity trainset inspect.embedding inspect.patches",
+    "audit evaluate sanity trainset inspect.embedding inspect.patches",
     "epochs inspect.page",
     "leaderboard probing inspect",
     "training",
