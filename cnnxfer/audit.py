@@ -87,7 +87,7 @@ def run_audit(config: AuditConfig, progress: Progress | None = None) -> AuditRes
     start = time.perf_counter()
     step = progress or (lambda name: None)
     out = Path(config.out)
-    _prepare(out, config.overwrite)
+    _prepare(out, config.overwrite, config.resume)
     notes: list[str] = []
     step("features")
     images, split = _audited_images(config, out, notes)
@@ -96,10 +96,12 @@ def run_audit(config: AuditConfig, progress: Progress | None = None) -> AuditRes
     labels, probabilities, probe = _label_issues(images, config)
     step("duplicates")
     rows = _unreadable(images) + labels
-    duplicates, threshold = _duplicates(images, against, config)
+    x = normalise(images.features)
+    near = nearest(x, x, max(DUPLICATE_NEIGHBOURS, config.neighbours), same=True)  # one pass for both
+    duplicates, threshold = _duplicates(images, near, against, config)
     rows += duplicates
     step("outliers")
-    rows += _outliers(images, config)
+    rows += _outliers(images, near, config)
     rows += [_row(images, f["row"], f["issue"], f["score"], detail=f["detail"]) for f in quality.flag(images.quality, _thresholds(config))]
     counts = np.bincount(images.labels, minlength=len(images.classes))
     class_counts = dict(zip(images.classes, counts.tolist()))
@@ -113,14 +115,21 @@ def run_audit(config: AuditConfig, progress: Progress | None = None) -> AuditRes
     return result
 
 
-def _prepare(out: Path, overwrite: bool) -> None:
+def _prepare(out: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse an earlier audit's files unless --overwrite (all replaced) or --resume (its features,
+    finished or interrupted, are kept and continued; the findings are made again)."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the audit's files")
     present = [name for name in OUTPUTS if (out / name).exists()]
-    if present and not overwrite:
-        raise OutputExistsError(f"{out / present[0]} already exists; pass --overwrite to replace the audit")
+    interrupted = checkpoint.parts_dir(out / FEATURES).exists()
+    if (present or interrupted) and not (overwrite or resume):
+        hint = " or --resume to finish its interrupted extraction" if interrupted else " (--resume keeps its features)"
+        raise OutputExistsError(f"{out / (present[0] if present else FEATURES)} already exists; pass --overwrite to "
+                                f"replace the audit{hint}")
+    kept = (FEATURES, AGAINST, "features.skipped.csv", "against.skipped.csv") if resume else ()
     for name in present:
-        (out / name).unlink()
+        if name not in kept:
+            (out / name).unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -149,10 +158,13 @@ def _extract(config: AuditConfig, folder: Path, out: Path, labelled: bool, class
     if labelled and not Path(folder).is_file() and data.find_split_folders(folder) is None:
         data.discover(folder, labelled=True)  # a flat folder or an empty one: named here, not as an extraction fault
     measured: dict[str, dict] = {}
-    extract_features(ExtractConfig(data=folder, out=out, model=config.model, weights=config.weights, img_size=config.img_size,
-                                   batch_size=config.batch_size, num_workers=config.num_workers, device=config.device,
-                                   precision=config.precision, max_image_pixels=config.max_image_pixels, overwrite=True),
-                     observe=lambda path, image, shown: measured.__setitem__(os.path.abspath(path), quality.measure(path, image, shown)))
+    finished = config.resume and out.exists() and not checkpoint.parts_dir(out).exists()
+    if not finished:  # --resume of a finished extraction: its features as they are, the quality decoded again
+        extract_features(ExtractConfig(data=folder, out=out, model=config.model, weights=config.weights, img_size=config.img_size,
+                                       batch_size=config.batch_size, num_workers=config.num_workers, device=config.device,
+                                       precision=config.precision, max_image_pixels=config.max_image_pixels,
+                                       resume=config.resume, overwrite=not config.resume),
+                         observe=lambda path, image, shown: measured.__setitem__(os.path.abspath(path), quality.measure(path, image, shown)))
     images = _read_features(out, measured, config, classes, need_labels=labelled)
     skip = skipped_path(out)
     if skip.exists():
@@ -271,9 +283,9 @@ def _label_issues(images: ImageSet, config: AuditConfig) -> tuple[list[dict], np
     return rows, probabilities, probe
 
 
-def _duplicates(images: ImageSet, against: ImageSet | None, config: AuditConfig) -> tuple[list[dict], float]:
-    x = normalise(images.features)
-    sims, idx = nearest(x, x, DUPLICATE_NEIGHBOURS, same=True)
+def _duplicates(images: ImageSet, near: tuple[np.ndarray, np.ndarray], against: ImageSet | None,
+                config: AuditConfig) -> tuple[list[dict], float]:
+    sims, idx = near[0][:, :DUPLICATE_NEIGHBOURS], near[1][:, :DUPLICATE_NEIGHBOURS]
     threshold = duplicate_threshold(sims[:, 0], config.duplicate_threshold)
     found = {(a, b): s for a, b, s in pairs_above(sims, idx, threshold)}
     for group in _same_hash(images.quality["sha256"].tolist()):
@@ -353,7 +365,7 @@ def knn_distances(features: np.ndarray, labels: np.ndarray, classes: int, k: int
     return out
 
 
-def _outliers(images: ImageSet, config: AuditConfig) -> list[dict]:
+def _outliers(images: ImageSet, near: tuple[np.ndarray, np.ndarray], config: AuditConfig) -> list[dict]:
     k = len(images.classes)
     dist = knn_distances(images.features, images.labels, k, config.neighbours)
     rows = np.arange(len(images.labels))
@@ -369,8 +381,7 @@ def _outliers(images: ImageSet, config: AuditConfig) -> list[dict]:
             found.append(_row(images, int(i), "outlier", float(own[i]),
                               detail=f"mean cosine distance {own[i]:.3f} to its {config.neighbours} nearest "
                                      f"{images.classes[c]} images, {zi:.1f} robust SDs above the class's median"))
-    x = normalise(images.features)
-    _, idx = nearest(x, x, config.neighbours, same=True)
+    idx = near[1][:, :config.neighbours]
     votes = np.stack([np.bincount(images.labels[r], minlength=k) for r in idx]) if idx.shape[1] else np.zeros((len(rows), k))
     majority = votes.argmax(1)
     share = votes[rows, majority] / max(idx.shape[1], 1)

@@ -582,6 +582,7 @@ class AuditConfig:
     precision: Precision = Precision.auto
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     overwrite: bool = False
+    resume: bool = False  # keep an earlier audit's features (finish an interrupted extraction); make the findings again
 
     def __post_init__(self):
         from .errors import UsageError

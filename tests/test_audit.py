@@ -206,12 +206,23 @@ def test_audit_from_features_agrees_and_against_finds_a_test_copy(audited, damag
     assert list(leak["other_path"]) == [str(source)]
 
 
-def test_an_existing_audit_is_kept_without_overwrite(audited, cli_runner):
-    out, *_ = audited
+def test_an_existing_audit_is_kept_without_overwrite_and_resumed_with_its_features(audited, damaged, cli_runner,
+                                                                                   lite0_weights):
+    """Without --overwrite nothing is touched; --resume keeps the features (not extracted again)
+    and makes the findings again with new thresholds."""
+    out, issues, *_ = audited
+    root, _ = damaged
     before = (out / "issues.csv").read_bytes()
-    result = cli_runner.invoke(app, ["audit", "--features", str(out / "features.parquet"), "--out", str(out)])
-    assert result.exit_code == 2 and "--overwrite" in result.output
+    result = cli_runner.invoke(app, ["audit", str(root), "--out", str(out), "--model", LITE0])
+    assert result.exit_code == 2 and "--overwrite" in result.output and "--resume" in result.output
     assert (out / "issues.csv").read_bytes() == before
+    features = (out / "features.parquet").stat().st_mtime_ns
+    result = cli_runner.invoke(app, ["audit", str(root), "--out", str(out), "--model", LITE0, "--weights", str(lite0_weights),
+                                     "--resume", "--dark", "0.0"])
+    assert result.exit_code == 0, result.output
+    assert (out / "features.parquet").stat().st_mtime_ns == features
+    redo = pd.read_csv(out / "issues.csv", keep_default_na=False)
+    assert "dark" not in set(redo["issue"]) and len(redo[redo["issue"] == "label_issue"]) == len(issues[issues["issue"] == "label_issue"])
 
 
 def test_bad_input_gets_one_line(tmp_path, cli_runner, test_resnet_weights, make_images):
