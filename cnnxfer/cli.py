@@ -683,19 +683,66 @@ def inspect_errors(
              overwrite=overwrite)
 
 
+_A = cfg.AuditConfig.__dataclass_fields__
+
+
+@app.command("audit")
+@handle_errors
+def audit(
+    data: Annotated[Optional[Path], typer.Argument(exists=True, metavar="[DATA]", help="Labelled images: class folders (train/ and val/ inside for your split), or a CSV manifest (path,label). Not needed with --features.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for issues.csv, relabel.csv, probabilities.csv, quality.csv, audit.json and the features.")] = _default(_A, "out"),
+    model: ModelOpt = None, weights: Weights = "hub",
+    features: Annotated[Optional[Path], typer.Option("--features", exists=True, dir_okay=False, help="Labelled features from cnnxfer extract (or an earlier audit's features.parquet) instead of a model.")] = None,
+    against: Annotated[Optional[Path], typer.Option("--against", exists=True, help="A second folder (a test set): its duplicates of DATA images are reported as leakage.")] = None,
+    folds: Annotated[int, typer.Option("--folds", help="Folds of the cross-validated probe whose held-out probabilities find label issues.")] = _default(_A, "folds"),
+    rank_by: Annotated[str, typer.Option("--rank-by", help="Order of the label issues: self_confidence (p of the given label) or margin.")] = _default(_A, "rank_by"),
+    filter_by: Annotated[str, typer.Option("--filter-by", help="Which images confident learning flags: below_threshold (its pruned set where p(given) is far under its class's threshold, plus any such image), or the paper's both, prune_by_noise_rate, confident_joint.")] = _default(_A, "filter_by"),
+    duplicate_threshold: Annotated[float, typer.Option("--duplicate-threshold", help="Cosine similarity of embeddings from which two images are near-duplicates.")] = _default(_A, "duplicate_threshold"),
+    neighbours: Annotated[int, typer.Option("--neighbours", help="k of the k-nearest-neighbour distances of the outlier checks.")] = _default(_A, "neighbours"),
+    outlier_z: Annotated[float, typer.Option("--outlier-z", help="Outlier: log k-NN distance this many robust SDs above its class's median.")] = _default(_A, "outlier_z"),
+    dark: Annotated[float, typer.Option("--dark", help="Dark: the 99th percentile of luminance (0-1) below this.")] = _default(_A, "dark"),
+    overexposed: Annotated[float, typer.Option("--overexposed", help="Overexposed: the 1st percentile of luminance (0-1) above this.")] = _default(_A, "overexposed"),
+    blur_z: Annotated[float, typer.Option("--blur-z", help="Blurry: log sharpness this many robust SDs below the folder's median.")] = _default(_A, "blur_z"),
+    val_split: ValSplit = _default(_A, "val_split"), seed: Seed = _default(_A, "seed"),
+    img_size: ImgSize = None, batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = _default(_A, "batch_size"),
+    workers: Workers = None, max_image_pixels: MaxPixels = DEFAULT_MAX_IMAGE_PIXELS, device: Device = "auto",
+    precision: PrecisionOpt = cfg.Precision.auto,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier audit's files in --out.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Keep the features of an earlier audit in --out (finishing an interrupted extraction) and make the findings again, e.g. with other thresholds.")] = False,
+) -> None:
+    """Find the mislabelled, duplicated, leaked, odd and unreadable images of a labelled folder; never changes a file of yours.
+
+    Writes OUT/issues.csv (path, issue, score, given and suggested label, the other image of a pair, how it was found) and OUT/relabel.csv, a path,label manifest with the suggested labels that finetune reads.
+    Example: cnnxfer audit photos/ --model resnet50 --out audit/
+    """
+    from . import audit as audit_module, report
+
+    config = cfg.AuditConfig(data=data, out=out, model=model, weights=weights, features=features, against=against, folds=folds,
+                             rank_by=rank_by, filter_by=filter_by, duplicate_threshold=duplicate_threshold, neighbours=neighbours, outlier_z=outlier_z,
+                             val_split=val_split, seed=seed, dark=dark, overexposed=overexposed, blur_z=blur_z, img_size=img_size,
+                             batch_size=batch_size, num_workers=workers, device=device, precision=precision,
+                             max_image_pixels=max_image_pixels, overwrite=overwrite, resume=resume)
+    with report.status("audit") as progress:
+        result = audit_module.run_audit(config, progress)
+    report.audit_summary(result)
+
+
 @app.command("report")
 @handle_errors
 def report_page(
-    run_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="A cnnxfer run directory (from finetune or train).")],
+    run_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="A cnnxfer run directory (from finetune or train), or an audit folder (from audit).")],
     data: Annotated[Optional[Path], typer.Option("--data", exists=True, help="Labelled images for errors, embedding and invariance (default: the run's validation images, if its data folder is still there).")] = None,
     max_images: Annotated[Optional[int], typer.Option("--max-images", min=3, help="Use at most this many images (default 500), evenly across classes.")] = None,
     batch_size: BatchSize = _default(_I, "batch_size"), workers: Workers = None, device: Device = "auto",
     precision: PrecisionOpt = cfg.Precision.auto, overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report.html.")] = False,
+    audit: Annotated[Optional[Path], typer.Option("--audit", exists=True, file_okay=False, help="An audit folder (from cnnxfer audit) whose findings the run's page shows too.")] = None,
 ) -> None:
     """One offline page, RUN_DIR/report.html: summary, curves, confusion matrix, per-class table, worst errors, filters, embedding, invariance.
 
-    Images and tables are files beside it (RUN_DIR/report_files/), linked relatively: no network, no server.
-    Example: cnnxfer report runs/photos --data test_photos/
+    Given an audit folder instead, AUDIT_DIR/report.html shows what cnnxfer audit found: the counts, the estimated
+    label errors, and the worst images of each issue as thumbnails (pairs side by side).
+    Images and tables are files beside it (report_files/), linked relatively: no network, no server.
+    Example: cnnxfer report runs/photos --data test_photos/ --audit audit/
     """
     from . import report
     from .inspect import page
@@ -703,7 +750,7 @@ def report_page(
     config = cfg.InspectConfig(weights=str(run_dir), data=data, max_images=max_images, batch_size=batch_size,
                                num_workers=workers, device=device, precision=precision, overwrite=overwrite)
     with report.status("report") as progress:
-        result = page.write_report(config, progress)
+        result = page.write_report(config, progress, audit=audit)
     report.page_summary(result)
 
 

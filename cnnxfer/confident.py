@@ -12,6 +12,20 @@ Input: every image's given label and class probabilities from a model that never
    largest margin p_j - p_i are label issues ...
 5. ... kept only when the model's most probable class is not the given one (the paper's "both":
    pruning by noise rate AND the confusion of argmax and given label).
+The default filter ("below_threshold") adds two steps, measured on Lite0 features of Fashion-MNIST
+and the digits at 50 per class with 10% of the labels flipped at random (4 draws each): with a
+held-out accuracy of 75-80%, the joint counts a weak model's natural confusions (shirt and
+T-shirt) as noise and estimates 60-90 errors for 50; step 5 then flagged 1.6x the flips (precision
+0.53, recall 0.81 on Fashion-MNIST). Ranking by p_given was far better than the pruned set: the 40
+least confident held 38 flips.
+6. A flagged image is kept only when p_given is under FAR (0.35) of its class's threshold t_given:
+   much less likely than a typical image of its class;
+7. and any image whose most probable class is another and whose p_given is under VERY_FAR (0.2) of
+   t_given is added, counted by the joint or not;
+8. at most as many as the joint estimates in all (the least self-confident first): on a nearly
+   clean folder, where the joint estimates a few, the model's own few errors are not all flagged.
+Measured: precision 0.64-0.71 at recall 0.94-0.95 (random flips), 0.55-0.58 at 0.73-0.89 when 20%
+of five classes are relabelled as the next class (CL's "both": 0.49-0.56 at 0.67-0.79).
 Ranked by self-confidence p_given (lowest first) or by the normalised margin p_given - max_other.
 """
 from __future__ import annotations
@@ -20,7 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FILTERS = ("both", "prune_by_noise_rate", "confident_joint")
+FILTERS = ("below_threshold", "both", "prune_by_noise_rate", "confident_joint")
+FAR, VERY_FAR = 0.35, 0.2  # of the class's threshold t_given (steps 6 and 7)
 
 
 @dataclass
@@ -34,11 +49,24 @@ class LabelIssues:
 
     @property
     def estimated_total(self) -> int:
-        q = self.estimated_errors
-        return int(round(q.sum() - np.trace(q)))
+        return _total(self.estimated_errors)
 
 
-def find_label_issues(labels, probabilities, *, filter_by: str = "both", rank_by: str = "self_confidence") -> LabelIssues:
+def _total(estimated: np.ndarray) -> int:
+    return int(round(estimated.sum() - np.trace(estimated)))
+
+
+def _at_most(flagged: np.ndarray, self_confidence: np.ndarray, count: int) -> np.ndarray:
+    """`flagged` cut to its `count` least self-confident images."""
+    members = np.flatnonzero(flagged)
+    if len(members) <= count:
+        return flagged
+    out = np.zeros_like(flagged)
+    out[members[np.argsort(self_confidence[members], kind="stable")[:count]]] = True
+    return out
+
+
+def find_label_issues(labels, probabilities, *, filter_by: str = "below_threshold", rank_by: str = "self_confidence") -> LabelIssues:
     """Confident learning on out-of-sample `probabilities` (N, classes) for the given `labels` (N,)."""
     if filter_by not in FILTERS:
         raise ValueError(f"filter_by must be one of {FILTERS}, not {filter_by!r}")
@@ -57,8 +85,12 @@ def find_label_issues(labels, probabilities, *, filter_by: str = "both", rank_by
         for i, j in zip(*np.nonzero(estimated)):
             if i != j:
                 flagged |= _largest_margins(labels, p, i, j, int(round(estimated[i, j])))
-        if filter_by == "both":
+        if filter_by != "prune_by_noise_rate":
             flagged &= p.argmax(1) != labels
+        if filter_by == "below_threshold":
+            below = p[rows, labels] / thresholds[labels]
+            flagged = (flagged & (below < FAR)) | ((p.argmax(1) != labels) & (below < VERY_FAR))
+            flagged = _at_most(flagged, p[rows, labels], _total(estimated))
     others = p.copy()
     others[rows, labels] = -np.inf
     suggested = others.argmax(1)

@@ -565,6 +565,7 @@ class AuditConfig:
     against: Path | None = None  # a second folder (a test set): its duplicates of DATA are leakage
     folds: int = 5  # of the cross-validated probe whose held-out probabilities confident learning reads
     rank_by: str = "self_confidence"  # or "margin"
+    filter_by: str = "below_threshold"  # confident.FILTERS: which images confident learning flags
     duplicate_threshold: float = 0.95  # cosine similarity of embeddings from which a pair is a near-duplicate
     neighbours: int = 10  # k of the k-NN distances of the outlier checks
     outlier_z: float = 4.0  # robust SDs of the log k-NN distance above its class's median
@@ -590,6 +591,8 @@ class AuditConfig:
         _coerce(self)
         if self.data is None and self.features is None:
             raise UsageError("audit needs DATA (an image folder or manifest) or --features FILE.parquet")
+        if self.filter_by not in ("below_threshold", "both", "prune_by_noise_rate", "confident_joint"):
+            raise UsageError(f"--filter-by must be below_threshold, both, prune_by_noise_rate or confident_joint (got {self.filter_by})")
         if self.rank_by not in ("self_confidence", "margin"):
             raise UsageError(f"--rank-by must be self_confidence or margin (got {self.rank_by})")
         if not 0.0 < self.duplicate_threshold <= 1.0:

@@ -143,12 +143,12 @@ class _CrossValidation:
     solution at the nearest C already tried."""
 
     def __init__(self, features: np.ndarray, labels: np.ndarray, num_classes: int, weights: np.ndarray | None,
-                 folds: int, seed: int):
+                 folds: int, seed: int, groups=None):
         from .data import stratified_folds
 
         self.num_classes = num_classes
         self.parts = []
-        splits = stratified_folds(labels, folds, seed)
+        splits = [(t, h) for t, h in stratified_folds(labels, folds, seed, groups) if len(h)]
         self.order = np.concatenate([held for _, held in splits])  # row of the held-out logits -> image
         for train, held in splits:
             scaled = _Standardised.of(features[train])
@@ -238,9 +238,9 @@ def choose_c(features: np.ndarray, labels: np.ndarray, num_classes: int, weights
     return best, searched, folds, temperature
 
 
-def _choose(features, labels, num_classes, weights, folds, seed):
+def _choose(features, labels, num_classes, weights, folds, seed, groups=None):
     folds = min(folds, int(np.bincount(labels, minlength=num_classes)[np.unique(labels)].min()))
-    cv = _CrossValidation(features, labels, num_classes, weights, folds, seed)
+    cv = _CrossValidation(features, labels, num_classes, weights, folds, seed, groups)
     for c in COARSE:
         cv.score(c)
     for step in (0.5, 0.25):
@@ -252,10 +252,11 @@ def _choose(features, labels, num_classes, weights, folds, seed):
 
 
 def out_of_sample_probabilities(features, labels, num_classes: int, folds: int = FOLDS, seed: int = 0,
-                                balanced: bool = False) -> tuple[np.ndarray, dict]:
+                                balanced: bool = False, groups=None) -> tuple[np.ndarray, dict]:
     """Every image's class probabilities from a probe that never saw it (the audit's input): the
     held-out softmax of stratified k-fold cross-validation at the strength C it chooses (choose_c),
-    divided by the temperature fitted on those same held-out logits.
+    divided by the temperature fitted on those same held-out logits. `groups`: images that must be
+    held out together (copies of one image), see data.stratified_folds.
 
     Returns:
         (probabilities (N, classes) in the images' order, {"c", "accuracy", "loss", "folds", "temperature"}).
@@ -267,7 +268,7 @@ def out_of_sample_probabilities(features, labels, num_classes: int, folds: int =
         raise ValueError("out-of-sample probabilities need 2+ classes with 2+ images each")
     weights = class_weights(labels, num_classes) if balanced else None
     with _blas_limits(features, num_classes):
-        best, _, used, temperature, cv = _choose(features, labels, num_classes, weights, folds, seed)
+        best, _, used, temperature, cv = _choose(features, labels, num_classes, weights, folds, seed, groups)
     z = np.empty((len(labels), num_classes))
     z[cv.order] = cv.held_out[best["c"]][0] / temperature
     z -= z.max(1, keepdims=True)

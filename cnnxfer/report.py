@@ -700,3 +700,32 @@ def skipped_images(skipped) -> None:
     if skipped:
         path, reason = skipped[0]
         warn(f"{len(skipped)} unreadable image(s) skipped and listed in skipped.csv, e.g. {path}: {reason}")
+
+
+AUDIT_ORDER = ("label_issue", "duplicate_conflicting_labels", "leakage", "duplicate", "outlier", "nearer_other_class",
+               "unreadable", "dark", "overexposed", "blurry", "low_information", "grayscale", "odd_aspect", "small")
+
+
+def audit_summary(r) -> None:
+    """The counts of each issue and where the files are."""
+    for message in r.notes:
+        warn(message)
+    t = Table(title=f"audit: {r.images:,} images, {len(r.classes)} classes", title_justify="left")
+    t.add_column("issue")
+    t.add_column("found", justify="right")
+    for issue in AUDIT_ORDER:
+        if r.counts.get(issue):
+            t.add_row(issue, f"{r.counts[issue]:,}")
+    if not r.counts:
+        t.add_row("none", "0")
+    show(t)
+    probe = r.probe
+    rows = [("label errors", f"about {r.estimated_label_errors:,} estimated by confident learning; {r.relabelled:,} relabelled "
+                             f"in {r.out / 'relabel.csv'}"),
+            ("probe", f"{probe['folds']}-fold held-out accuracy {probe['accuracy']:.1%} (C={probe['c']:.3g})"),
+            ("split", f"train/val from {r.split}" + (f"; {r.against:,} --against images" if r.against else "")),
+            ("balance", r.balance),
+            ("unreadable", f"{r.skipped:,}"),
+            ("issues", r.out / "issues.csv"),
+            ("time", f"{r.seconds:.1f} s")]
+    show(table("audit", rows))

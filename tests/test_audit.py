@@ -62,6 +62,17 @@ def test_out_of_sample_probabilities_come_from_folds_that_never_saw_the_image():
     assert (p[:10].argmax(1) == d.target[idx][:10]).mean() >= 0.8  # the true class, not the given one
 
 
+def test_folds_keep_a_group_together_and_stay_stratified():
+    labels = np.repeat(np.arange(4), 25)
+    groups = np.arange(100)
+    groups[[3, 40, 77]] = 3  # copies of one image under three labels
+    folds = data.stratified_folds(labels, 5, seed=0, groups=groups)
+    held = [set(h.tolist()) for _, h in folds]
+    assert sum({3, 40, 77} <= h for h in held) == 1
+    assert sorted(i for h in held for i in h) == list(range(100))
+    assert all(abs(len(h) - 20) <= 3 for h in held)
+
+
 def test_nearest_matches_brute_force_across_blocks():
     rng = np.random.default_rng(0)
     x = normalise(rng.normal(size=(37, 6)))
@@ -112,7 +123,8 @@ def _sha(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def damaged(tmp_path_factory, digits_folder):
     """25 digits per class in train/ and 5 in val/, with planted damage: a train image copied
-    byte for byte into val/ (leakage), two 3s filed as 8s (label issues), a dark copy, a broken file."""
+    byte for byte into val/ (leakage), two 3s filed as 8s (label issues), a 3 copied into 8/ (a
+    conflicting pair), a dark copy, a broken file."""
     root = tmp_path_factory.mktemp("audit") / "digits"
     for c in range(10):
         files = sorted((digits_folder / str(c)).glob("*.png"))[:30]
@@ -125,12 +137,15 @@ def damaged(tmp_path_factory, digits_folder):
     wrong = sorted((root / "train" / "3").glob("*.png"))[:2]
     for f in wrong:
         f.rename(root / "train" / "8" / f.name)
+    twin = sorted((root / "train" / "3").glob("*.png"))[5]
+    shutil.copy(twin, root / "train" / "8" / ("twin_" + twin.name))  # a 3 filed twice: once as 8
     dark = sorted((root / "train" / "6").glob("*.png"))[0]
     ImageEnhance.Brightness(Image.open(dark).convert("RGB")).enhance(0.15).save(dark.with_name("dark_" + dark.name))
     (root / "train" / "2" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     truth = {"leak": (str(leak), str(root / "val" / "4" / ("copy_" + leak.name))),
              "wrong": [str(root / "train" / "8" / f.name) for f in wrong], "dark": str(dark.with_name("dark_" + dark.name)),
-             "broken": str(root / "train" / "2" / "broken.png")}
+             "broken": str(root / "train" / "2" / "broken.png"),
+             "twin": (str(twin), str(root / "train" / "8" / ("twin_" + twin.name)))}
     return root, truth
 
 
@@ -162,10 +177,15 @@ def test_audit_finds_the_planted_damage(audited):
     caught = set(truth["wrong"]) & set(flagged.index)
     assert caught and all(str(flagged.loc[p, "given_label"]) == "8" and str(flagged.loc[p, "suggested_label"]) == "3" for p in caught)
     assert len(labels) <= 8  # two planted, a few real digits at most
+    # the twin pair is a conflict; held out together, the 3 is judged by a model that never saw
+    # its copy labelled 8, so the copy is the label issue and the original keeps its label
+    conflict = kind("duplicate_conflicting_labels")
+    assert {tuple(sorted((r.path, r.other_path))) for r in conflict.itertuples()} == {tuple(sorted(truth["twin"]))}
+    assert truth["twin"][0] not in set(labels["path"])
     assert truth["dark"] in set(kind("dark")["path"])
     assert list(kind("unreadable")["path"]) == [truth["broken"]]
     summary = json.loads((out / "audit.json").read_text())
-    assert summary["images"] == 302 and summary["split"] == "the train/ and val/ folders"
+    assert summary["images"] == 303 and summary["split"] == "the train/ and val/ folders"
     assert summary["counts"]["label_issue"] == len(labels) and summary["how"]["label_issue"].startswith("confident learning")
     assert "label_issue" in output and "relabel.csv" in output
 
@@ -174,7 +194,7 @@ def test_relabel_manifest_is_what_finetune_reads(audited):
     out, issues, truth, _ = audited
     images = data.discover(out / "relabel.csv", labelled=True)
     label_of = {str(p): images.classes[l] for p, l in zip(images.paths, images.labels)}
-    assert len(label_of) == 302 and any(label_of[p] == "3" for p in truth["wrong"])
+    assert len(label_of) == 303 and any(label_of[p] == "3" for p in truth["wrong"])
     relabelled = set(issues.loc[issues["issue"] == "label_issue", "path"])
     probs = pd.read_csv(out / "probabilities.csv")
     assert list(probs.columns) == ["path", "given_label"] + [str(c) for c in range(10)]

@@ -25,7 +25,7 @@ FLOORS = [
     "device metrics plots",
     "config report",
     "data",
-    "preprocess probe rundir",
+    "preprocess probe rundir inspect.audit_page",
     "loader models selection",
     "convert session strategy",
     "engine predictor inspect.subject",

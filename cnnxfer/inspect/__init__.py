@@ -11,7 +11,7 @@ PNG + CSV/JSON files through `cnnxfer.report`:
 - invariance: units invariant to flips, a 2^-1/2 scale and a quarter turn, per stage
 - layers: per stage shape, stride, receptive field, parameters, FLOPs, dead units
 - worst: the highest-loss images with Grad-CAM heat maps (`cnnxfer inspect errors`)
-- page: the report page (templates/)
+- page: the report page (templates/); audit_page: its section for a `cnnxfer audit` folder
 Everything that reads activations goes through `cnnxfer.activations`.
 """
 from .class_model import ClassModelResult, class_models

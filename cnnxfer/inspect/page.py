@@ -6,6 +6,10 @@ maps, the first-layer filters, the embedding map and the invariance table. Their
 files go to RUN_DIR/report_files/<view>/ and the page links them relatively, so the folder can be
 zipped, copied or opened from disk: no script, no CDN, no server, nothing fetched. The page is a
 jinja2 template (templates/report.html.j2, with its stylesheet inlined).
+
+`cnnxfer report AUDIT_DIR` (a folder `cnnxfer audit` wrote) writes AUDIT_DIR/report.html instead:
+the audit's findings as tables and thumbnail galleries (audit_page.py, templates/audit.html.j2);
+`--audit AUDIT_DIR` adds the same section to a run's page.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import pandas as pd
 from .. import checkpoint, data, rundir
 from ..config import InspectConfig, RunConfig
 from ..errors import CnnxferError, DataError, OutputExistsError, UsageError
+from . import audit_page
 from . import subject as subj
 from .embedding import embed, features_from_images, pick_thumbnails, read_thumbnails, save_embedding
 from .filters import inspect_filters, save_filters
@@ -42,17 +47,19 @@ class PageResult:
     seconds: float = 0.0
 
 
-def write_report(config: InspectConfig, progress: Callable[[str], None] | None = None) -> PageResult:
-    """Compute the views for the run directory `config.weights` and write RUN_DIR/report.html."""
+def write_report(config: InspectConfig, progress: Callable[[str], None] | None = None,
+                 audit: Path | None = None) -> PageResult:
+    """Compute the views for the run directory `config.weights` (with the findings of the audit
+    folder `audit`, if given) and write RUN_DIR/report.html; given an audit folder, write_audit_report."""
     from .. import report
 
     start = time.perf_counter()
     run_dir = Path(config.weights)
-    if not rundir.is_run_dir(run_dir):
-        raise UsageError(f"{run_dir} is not a cnnxfer run directory (needs config.json and model.safetensors)")
+    if audit_page.is_audit_dir(run_dir):
+        return write_audit_report(config, run_dir, audit, progress)
+    _check_run_dir(run_dir, audit)
     page, files = run_dir / PAGE, run_dir / FILES
-    if (page.exists() or files.exists()) and not config.overwrite:
-        raise OutputExistsError(f"{page} already exists; pass --overwrite to replace it")
+    _refuse_existing(page, files, config.overwrite)
     step = progress or (lambda name: None)
     run = rundir.read_config(run_dir)
     runs = rundir.RunDir(run_dir)
@@ -62,13 +69,15 @@ def write_report(config: InspectConfig, progress: Callable[[str], None] | None =
         runs.save_plots()  # the run's plots, only when one is missing (runs from before fit wrote them)
     subject = subj.load_subject(config)
     images, source, notes = _report_images(config, run, run_dir, subject)
-    sections: dict[str, dict | None] = dict.fromkeys(("filters", "errors", "embedding", "invariance"))
+    sections: dict[str, dict | None] = dict.fromkeys(("filters", "errors", "embedding", "invariance", "audit"))
     sections["summary"] = {"rows": _summary_rows(run, run_dir, subject)}
     views = [("filters", lambda: _filters(subject, files))]
     if images is not None:
         views += [("errors", lambda: _errors(subject, images, files, config)),
                   ("embedding", lambda: _embedding(subject, images, files, config)),
                   ("invariance", lambda: _invariance(subject, images, files, config))]
+    if audit is not None:
+        views.append(("audit", lambda: audit_page.build_section(audit, run_dir, files, copy_files=True)))
     for name, view in views:
         step(name)
         try:
@@ -87,15 +96,50 @@ def write_report(config: InspectConfig, progress: Callable[[str], None] | None =
                       time.perf_counter() - start)
 
 
-def render(context: dict) -> str:
-    """The page from templates/report.html.j2 (autoescaped; the stylesheet inlined)."""
+def write_audit_report(config: InspectConfig, audit_dir: Path, audit: Path | None = None,
+                       progress: Callable[[str], None] | None = None) -> PageResult:
+    """AUDIT_DIR/report.html: the findings of `cnnxfer audit` with thumbnails (nothing is recomputed)."""
+    start = time.perf_counter()
+    given = [name for name, value in (("--data", config.data), ("--max-images", config.max_images), ("--audit", audit))
+             if value is not None]
+    if given:
+        verb = "applies" if len(given) == 1 else "apply"
+        raise UsageError(f"{', '.join(given)} {verb} to a run directory; {audit_dir} is an audit folder, whose page shows "
+                         "the images the audit found (pass the run directory with --audit to combine them)")
+    page, files = audit_dir / PAGE, audit_dir / FILES
+    _refuse_existing(page, files, config.overwrite)
+    (progress or (lambda name: None))("audit")
+    section = audit_page.build_section(audit_dir, audit_dir, files)
+    audited = Path(section["data"]).name if section["data"] != "-" else audit_dir.resolve().name
+    context = {"title": audited, "audit": section, "notes": [], "generated": time.strftime("%Y-%m-%d %H:%M")}
+    checkpoint.atomic_write_text(page, render(context, "audit.html.j2"))
+    return PageResult(page, ["audit"] + [g["issue"] for g in section["groups"]], section["notes"], section["images"],
+                      f"{section['data']} (audited; {section['shown']} thumbnails)", time.perf_counter() - start)
+
+
+def _check_run_dir(run_dir: Path, audit: Path | None) -> None:
+    if not rundir.is_run_dir(run_dir):
+        raise UsageError(f"{run_dir} is neither a cnnxfer run directory (config.json and model.safetensors) "
+                         f"nor an audit folder ({audit_page.AUDIT_JSON} and {audit_page.ISSUES})")
+    if audit is not None and not audit_page.is_audit_dir(audit):
+        raise UsageError(f"--audit {audit} is not a folder cnnxfer audit wrote (needs {audit_page.AUDIT_JSON} and "
+                         f"{audit_page.ISSUES})")
+
+
+def _refuse_existing(page: Path, files: Path, overwrite: bool) -> None:
+    if (page.exists() or files.exists()) and not overwrite:
+        raise OutputExistsError(f"{page} already exists; pass --overwrite to replace it")
+
+
+def render(context: dict, template: str = "report.html.j2") -> str:
+    """The page from templates/report.html.j2 or audit.html.j2 (autoescaped; the stylesheet inlined)."""
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("cnnxfer.inspect", "templates"),
                              autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined)
     env.filters["pct"] = lambda v: "-" if v is None else f"{100 * v:.1f}%"
     env.filters["num"] = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
-    return env.get_template("report.html.j2").render(**context)
+    return env.get_template(template).render(**context)
 
 
 def _report_images(config: InspectConfig, run: RunConfig, run_dir: Path, subject: subj.Subject) -> tuple[data.ImageList | None, str | None, list[str]]:
