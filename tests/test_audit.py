@@ -266,3 +266,27 @@ def test_bad_input_gets_one_line(tmp_path, cli_runner, test_resnet_weights, make
     assert result.exit_code == 2 and "at least 2 classes" in result.output, result.output
     result = cli_runner.invoke(app, ["audit", "--out", str(tmp_path / "d")])
     assert result.exit_code == 2 and "needs DATA" in result.output
+
+
+def test_outliers_and_images_nearer_another_class_on_real_digits():
+    """Raw pixels of 40 digits per class: a negative (inverted) 0 among the 0s is far from every
+    0, and a 3 labelled 8 sits among the 3s."""
+    from cnnxfer import audit
+    from cnnxfer.config import AuditConfig
+
+    d, idx = _digits(40)
+    x, y = d.data[idx].copy(), d.target[idx].copy()
+    zero, three = int(np.flatnonzero(y == 0)[0]), int(np.flatnonzero(y == 3)[0])
+    x[zero] = 16.0 - x[zero]
+    y[three] = 8
+    images = audit.ImageSet([f"img{i}.png" for i in range(len(y))], y, [str(c) for c in range(10)], ["train"] * len(y),
+                            x, pd.DataFrame(), [])
+    config = AuditConfig(features=Path("unused.parquet"))
+    xn = normalise(x)
+    rows = audit._outliers(images, nearest(xn, xn, config.neighbours, same=True), config)
+    outliers = [r for r in rows if r["issue"] == "outlier"]
+    nearer = {r["path"]: r for r in rows if r["issue"] == "nearer_other_class"}
+    assert f"img{zero}.png" in {r["path"] for r in outliers} and len(outliers) <= 4
+    assert nearer[f"img{three}.png"]["suggested_label"] == "3" and len(nearer) <= 12  # 3% of 400: real look-alikes
+    note = audit._balance_note(np.array([40, 10]), ["cats", "dogs"])
+    assert "4.0x the images of dogs" in note and "2.50x" in note
