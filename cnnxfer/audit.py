@@ -13,6 +13,8 @@ features alone:
   its class's typical (`outlier`), or larger than to another class's nearest (`nearer_other_class`);
 - quality (quality.flag), unreadable files, and the class balance.
 Findings go to files in OUT (issues.csv, relabel.csv, probabilities.csv, quality.csv, audit.json);
+relabel.csv is the folder as a manifest with the label issues relabelled where the suggestion is
+confident (p(suggested) at or above that class's threshold) and left out where it is not;
 no image of the user's is moved, renamed or changed.
 """
 from __future__ import annotations
@@ -76,8 +78,9 @@ class AuditResult:
     split: str  # where train/val came from
     probe: dict
     estimated_label_errors: int
-    relabelled: int
+    relabelled: int  # label issues whose suggested label is confident: changed in relabel.csv
     duplicate_threshold: float
+    left_out: int = 0  # label issues without a confident suggestion: not in relabel.csv
     against: int = 0
     skipped: int = 0
     seconds: float = 0.0
@@ -108,11 +111,12 @@ def run_audit(config: AuditConfig, progress: Progress | None = None) -> AuditRes
     rows += _outliers(images, near, config)
     rows += [_row(images, f["row"], f["issue"], f["score"], detail=f["detail"]) for f in quality.flag(images.quality, _thresholds(config))]
     counts = np.bincount(images.labels, minlength=len(images.classes))
-    class_counts = dict(zip(images.classes, counts.tolist()))
-    imbalance = float(counts.max() / max(counts.min(), 1))
-    result = AuditResult(out, len(images.paths), images.classes, {}, class_counts, imbalance, _balance_note(counts, images.classes),
-                         split, probe, int(probe.pop("estimated_total")), 0, threshold, len(against.paths) if against else 0,
-                         len(images.skipped) + (len(against.skipped) if against else 0), 0.0, notes)
+    result = AuditResult(out=out, images=len(images.paths), classes=images.classes, counts={},
+                         class_counts=dict(zip(images.classes, counts.tolist())),
+                         imbalance=float(counts.max() / max(counts.min(), 1)), balance=_balance_note(counts, images.classes),
+                         split=split, probe=probe, estimated_label_errors=int(probe.pop("estimated_total")), relabelled=0,
+                         duplicate_threshold=threshold, against=len(against.paths) if against else 0,
+                         skipped=len(images.skipped) + (len(against.skipped) if against else 0), notes=notes)
     step("writing")
     _write(out, images, rows, probabilities, config, result)
     result.seconds = time.perf_counter() - start
@@ -155,6 +159,10 @@ def _audited_images(config: AuditConfig, out: Path, notes: list[str]) -> tuple[I
         found = ", ".join(sorted({images.classes[l] for l in images.labels})) or "none"
         raise DataError(f"{config.features or config.data}: the audit needs images of at least 2 classes "
                         f"(found {len(images.paths)} readable image(s) of class(es): {found})")
+    unmeasured = int(images.quality["sha256"].isna().sum())
+    if unmeasured:
+        notes.append(f"{unmeasured} image(s) of the features could not be read again for the quality checks and "
+                     "exact duplicates (moved or deleted since?); the log names them")
     split = _split(images, config)
     return images, split
 
@@ -283,11 +291,15 @@ def _label_issues(images: ImageSet, config: AuditConfig, groups: np.ndarray) -> 
     probabilities, probe = out_of_sample_probabilities(images.features, images.labels, k, config.folds, config.seed,
                                                        groups=groups)
     found = confident.find_label_issues(images.labels, probabilities, filter_by=config.filter_by, rank_by=config.rank_by)
-    t = found.thresholds
-    rows = [_row(images, i, "label_issue", float(found.self_confidence[i]), int(found.suggested[i]),
-                 detail=f"held out: p(given)={found.self_confidence[i]:.3f} (its class's threshold {t[images.labels[i]]:.2f}), "
-                        f"p(suggested)={probabilities[i, found.suggested[i]]:.3f}")
-            for i in found.issues]
+    t, rows = found.thresholds, []
+    for i in found.issues:
+        j = int(found.suggested[i])
+        sure = bool(probabilities[i, j] >= t[j])  # as likely as a typical image of the suggested class
+        rows.append({**_row(images, i, "label_issue", float(found.self_confidence[i]), j,
+                            detail=f"held out: p(given)={found.self_confidence[i]:.3f} (its class's threshold "
+                                   f"{t[images.labels[i]]:.2f}), p(suggested)={probabilities[i, j]:.3f} (threshold {t[j]:.2f}): "
+                                   + ("relabelled in relabel.csv" if sure else "left out of relabel.csv")),
+                     "relabel": sure})
     probe = {**probe, "estimated_total": found.estimated_total, "thresholds": found.thresholds.tolist(),
              "estimated_errors": found.estimated_errors.round(1).tolist()}
     return rows, probabilities, probe
@@ -442,10 +454,12 @@ def _write(out: Path, images: ImageSet, rows: list[dict], probabilities: np.ndar
         issues = issues.assign(_o=worse).sort_values(["issue", "_o"], kind="stable").drop(columns="_o")
     result.counts = issues["issue"].value_counts().to_dict()
     _atomic_csv(out / ISSUES, issues)
-    relabel = dict(zip(issues.loc[issues["issue"] == "label_issue", "path"], issues.loc[issues["issue"] == "label_issue", "suggested_label"]))
-    result.relabelled = len(relabel)
-    labels = [relabel.get(p, images.classes[l]) for p, l in zip(images.paths, images.labels)]
-    _atomic_csv(out / RELABEL, pd.DataFrame({"path": images.paths, "label": labels}))
+    flagged = [r for r in rows if r["issue"] == "label_issue"]
+    relabel = {r["path"]: r["suggested_label"] for r in flagged if r["relabel"]}
+    left_out = {r["path"] for r in flagged if not r["relabel"]}
+    result.relabelled, result.left_out = len(relabel), len(left_out)
+    kept = [(p, relabel.get(p, images.classes[l])) for p, l in zip(images.paths, images.labels) if p not in left_out]
+    _atomic_csv(out / RELABEL, pd.DataFrame(kept, columns=["path", "label"]))
     probs = pd.DataFrame(probabilities, columns=images.classes)
     probs.insert(0, "given_label", [images.classes[l] for l in images.labels])
     probs.insert(0, "path", images.paths)
@@ -455,7 +469,7 @@ def _write(out: Path, images: ImageSet, rows: list[dict], probabilities: np.ndar
         "config": to_dict(config), "images": result.images, "classes": images.classes, "counts": result.counts,
         "class_counts": result.class_counts, "imbalance": result.imbalance, "balance": result.balance,
         "split": result.split, "probe": result.probe, "estimated_label_errors": result.estimated_label_errors,
-        "relabelled": result.relabelled, "duplicate_threshold": result.duplicate_threshold, "against": result.against, "skipped": result.skipped, "notes": result.notes,
+        "relabelled": result.relabelled, "left_out": result.left_out, "duplicate_threshold": result.duplicate_threshold, "against": result.against, "skipped": result.skipped, "notes": result.notes,
         "how": HOW})
 
 

@@ -111,7 +111,7 @@ def flag(table, thresholds: Thresholds = Thresholds()) -> list[dict]:
     w, h = table["width"].to_numpy(float), table["height"].to_numpy(float)
     aspect = np.maximum(w, h) / np.maximum(np.minimum(w, h), 1.0)
     add(aspect > t.max_aspect, "odd_aspect", aspect, lambda r: f"aspect ratio {aspect[r]:.1f} > {t.max_aspect}")
-    area, typical = w * h, float(np.median(w * h)) if len(w) else 0.0
+    area, typical = w * h, float(np.nanmedian(w * h)) if np.isfinite(w * h).any() else 0.0
     small = (area < typical / 4) | (np.minimum(w, h) < MIN_SIDE)
     add(small, "small", np.sqrt(area), lambda r: f"{int(w[r])}x{int(h[r])} px; the folder's median is "
                                                  f"{math.sqrt(typical):.0f} px square")
@@ -119,7 +119,10 @@ def flag(table, thresholds: Thresholds = Thresholds()) -> list[dict]:
 
 
 def robust_z(values: np.ndarray) -> np.ndarray:
-    """(values - median) in robust standard deviations (1.4826 MAD, floored at 1% of the median's size)."""
-    median = float(np.median(values)) if len(values) else 0.0
-    mad = MAD_TO_SD * float(np.median(np.abs(values - median))) if len(values) else 0.0
+    """(values - median) in robust standard deviations (1.4826 MAD, floored at 1% of the median's
+    size); NaN (an image not measured) stays NaN and leaves the others' median alone."""
+    if not np.isfinite(values).any():
+        return np.full(len(values), np.nan)
+    median = float(np.nanmedian(values))
+    mad = MAD_TO_SD * float(np.nanmedian(np.abs(values - median)))
     return (values - median) / max(mad, 0.01 * abs(median), 1e-6)

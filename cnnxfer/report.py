@@ -720,8 +720,8 @@ def audit_summary(r) -> None:
         t.add_row("none", "0")
     show(t)
     probe = r.probe
-    rows = [("label errors", f"about {r.estimated_label_errors:,} estimated by confident learning; {r.relabelled:,} relabelled "
-                             f"in {r.out / 'relabel.csv'}"),
+    rows = [("label errors", f"about {r.estimated_label_errors:,} estimated by confident learning; in {r.out / 'relabel.csv'} "
+                             f"{r.relabelled:,} relabelled, {r.left_out:,} left out (no confident suggestion)"),
             ("probe", f"{probe['folds']}-fold held-out accuracy {probe['accuracy']:.1%} (C={probe['c']:.3g})"),
             ("split", f"train/val from {r.split}" + (f"; {r.against:,} --against images" if r.against else "")),
             ("balance", r.balance),

@@ -174,7 +174,8 @@ def _summary_rows(summary: dict, audit_dir: Path) -> list[tuple[str, str]]:
             ("classes", f"{len(classes)}: " + ", ".join(map(str, classes[:20])) + (", ..." if len(classes) > 20 else "")),
             ("features", f"{config.get('model') or '-'} ({config.get('weights') or config.get('features') or '-'})"),
             ("label errors", f"about {summary.get('estimated_label_errors', 0):,} estimated by confident learning; "
-                             f"{summary.get('relabelled', 0):,} relabelled in relabel.csv"),
+                             f"in relabel.csv {summary.get('relabelled', 0):,} relabelled, {summary.get('left_out', 0):,} left out "
+                             "(no confident suggestion)"),
             ("probe", _probe_text(probe)),
             ("split", f"train/val from {summary.get('split', '-')}"
                       + (f"; {against:,} --against images" if against else "")),
