@@ -689,7 +689,7 @@ _A = cfg.AuditConfig.__dataclass_fields__
 @app.command("audit")
 @handle_errors
 def audit(
-    data: Annotated[Optional[Path], typer.Argument(exists=True, metavar="[DATA]", help="Labelled images: class folders (train/ and val/ inside for your split), or a CSV manifest (path,label). Not needed with --features.")] = None,
+    data: Annotated[Optional[Path], typer.Argument(exists=True, metavar="DATA", help="Labelled images: class folders (train/ and val/ inside for your split), or a CSV manifest (path,label). Not needed with --features.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for issues.csv, relabel.csv, probabilities.csv, quality.csv, audit.json and the features.")] = _default(_A, "out"),
     model: ModelOpt = None, weights: Weights = "hub",
     features: Annotated[Optional[Path], typer.Option("--features", exists=True, dir_okay=False, help="Labelled features from cnnxfer extract (or an earlier audit's features.parquet) instead of a model.")] = None,

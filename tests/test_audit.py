@@ -156,7 +156,8 @@ def audited(damaged, lite0_weights, tmp_path_factory):
     root, truth = damaged
     before = _sha(root)
     out = tmp_path_factory.mktemp("audit_out") / "audit"
-    result = CliRunner().invoke(app, ["audit", str(root), "--model", LITE0, "--weights", str(lite0_weights), "--out", str(out)])
+    result = CliRunner().invoke(app, ["audit", str(root), "--model", LITE0, "--weights", str(lite0_weights), "--out", str(out)],
+                                env={"COLUMNS": "200"})  # the summary's rows unwrapped, whatever the terminal
     assert result.exit_code == 0, result.output
     assert _sha(root) == before  # nothing of the user's moved, renamed or changed
     return out, pd.read_csv(out / "issues.csv", keep_default_na=False), truth, result.output

@@ -108,7 +108,7 @@ def test_every_option_has_help_and_arguments_read_alike(cli_runner):
     for name, command in _commands().items():
         assert [p.opts[0] for p in command.params if not p.help] == [], name
         usage = " ".join(cli_runner.invoke(app, [name, "--help"]).stdout.split()[:6])
-        assert "{" not in usage and ("[DATA]" in usage) == (name in ("train", "finetune")), usage
+        assert "{" not in usage and ("[DATA]" in usage) == (name in ("train", "finetune", "audit")), usage
     assert "IMAGES" in cli_runner.invoke(app, ["predict", "--help"]).stdout
     train_model = next(p for p in _commands()["train"].params if p.name == "model")
     assert train_model.help.startswith("Required, except with --resume")
