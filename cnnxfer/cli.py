@@ -703,6 +703,8 @@ def audit(
     dark: Annotated[float, typer.Option("--dark", help="Dark: the 99th percentile of luminance (0-1) below this.")] = _default(_A, "dark"),
     overexposed: Annotated[float, typer.Option("--overexposed", help="Overexposed: the 1st percentile of luminance (0-1) above this.")] = _default(_A, "overexposed"),
     blur_z: Annotated[float, typer.Option("--blur-z", help="Blurry: log sharpness this many robust SDs below the folder's median.")] = _default(_A, "blur_z"),
+    min_entropy: Annotated[float, typer.Option("--min-entropy", help="Low information: luminance histogram entropy below this many bits.")] = _default(_A, "min_entropy"),
+    max_aspect: Annotated[float, typer.Option("--max-aspect", help="Odd aspect: long side / short side above this.")] = _default(_A, "max_aspect"),
     val_split: ValSplit = _default(_A, "val_split"), seed: Seed = _default(_A, "seed"),
     img_size: ImgSize = None, batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = _default(_A, "batch_size"),
     workers: Workers = None, max_image_pixels: MaxPixels = DEFAULT_MAX_IMAGE_PIXELS, device: Device = "auto",
@@ -719,7 +721,8 @@ def audit(
 
     config = cfg.AuditConfig(data=data, out=out, model=model, weights=weights, features=features, against=against, folds=folds,
                              rank_by=rank_by, filter_by=filter_by, duplicate_threshold=duplicate_threshold, neighbours=neighbours, outlier_z=outlier_z,
-                             val_split=val_split, seed=seed, dark=dark, overexposed=overexposed, blur_z=blur_z, img_size=img_size,
+                             val_split=val_split, seed=seed, dark=dark, overexposed=overexposed, blur_z=blur_z, min_entropy=min_entropy,
+                             max_aspect=max_aspect, img_size=img_size,
                              batch_size=batch_size, num_workers=workers, device=device, precision=precision,
                              max_image_pixels=max_image_pixels, overwrite=overwrite, resume=resume)
     with report.status("audit") as progress:
