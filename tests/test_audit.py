@@ -300,3 +300,18 @@ def test_outliers_and_images_nearer_another_class_on_real_digits():
     assert nearer[f"img{three}.png"]["suggested_label"] == "3" and len(nearer) <= 12  # 3% of 400: real look-alikes
     note = audit._balance_note(np.array([40, 10]), ["cats", "dogs"])
     assert "4.0x the images of dogs" in note and "2.50x" in note
+
+
+def test_a_copy_stands_out_from_look_alikes_by_its_gap():
+    """A noisy copy (cosine about 0.9) of one vector among unrelated ones is a lone pair; five
+    look-alikes of one another (each pair about 0.95) are not: none stands apart from the rest."""
+    from cnnxfer import audit
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 32))
+    x[1] = x[0] + 0.3 * rng.normal(size=32) * np.linalg.norm(x[0]) / np.sqrt(32) * 1.4
+    x[10:15] = x[10] + 0.2 * rng.normal(size=(5, 32))
+    xn = normalise(x)
+    sims, idx = nearest(xn, xn, 8, same=True)
+    assert float(xn[0] @ xn[1]) < 0.95
+    assert set(audit._lone_pairs(sims, idx)) == {(0, 1)}
