@@ -188,7 +188,7 @@ def test_audit_finds_the_planted_damage(audited):
     summary = json.loads((out / "audit.json").read_text())
     assert summary["images"] == 303 and summary["split"] == "the train/ and val/ folders"
     assert summary["counts"]["label_issue"] == len(labels) and summary["how"]["label_issue"].startswith("confident learning")
-    assert "label_issue" in output and "relabel.csv" in output
+    assert "label_issue" in output and "relabelled" in output  # words: a long path may wrap in a narrow table
 
 
 def test_relabel_manifest_is_what_finetune_reads(audited):
