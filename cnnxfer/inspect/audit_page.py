@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import checkpoint, data
+from .. import checkpoint, data, quality
 from ..errors import DataError
 
 # the file names cnnxfer.audit writes (it sits above this module, so they are repeated here; a test compares them)
@@ -290,7 +290,7 @@ class Thumbnails:
             image.thumbnail((THUMB, THUMB))
         except Exception as exc:  # any decoder fault: a placeholder with the reason, never a crash (RELIABILITY.md)
             return {"src": None, "note": "unreadable", "reason": data.describe_failure(source, exc), "small": False}
-        if self.hashes.get(path) and _sha256(source) != self.hashes[path]:
+        if self.hashes.get(path) and quality.file_hash(source) != self.hashes[path]:
             self.changed.append(path)
         target = self.folder / (hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()[:16] + ".png")
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -300,10 +300,3 @@ class Thumbnails:
         return {"src": Path(os.path.relpath(target, self.page_dir)).as_posix(), "note": "", "reason": "",
                 "small": max(image.size) < THUMB}
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
