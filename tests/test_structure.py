@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cnnxfer"
 
 FLOORS = [
     "__init__ activations check_result confident errors neighbours quality signals stopper timm_import",
-    "budget checkpoint distributed gradcheck inspect.receptive",
+    "budget checkpoint copies distributed gradcheck inspect.receptive",
     "device metrics plots",
     "config report",
     "data",
