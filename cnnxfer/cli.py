@@ -344,6 +344,8 @@ RunWeights = Annotated[str, typer.Option("--weights", "-w", help="A cnnxfer run 
 
 
 _P, _V = cfg.PredictConfig.__dataclass_fields__, cfg.EvaluateConfig.__dataclass_fields__
+Calibrated = Annotated[bool, typer.Option("--calibration/--no-calibration", help="Divide the logits by the temperature fitted on the run's validation images (config.json's calibration; `cnnxfer calibrate` refits it); --no-calibration: the raw softmax.")]
+Coverage = Annotated[Optional[float], typer.Option("--coverage", help="Conformal prediction sets (RAPS, split conformal on the run's validation images): per image the smallest set of classes that holds the true class with this probability, e.g. 0.9.")]
 
 
 @app.command()
@@ -361,20 +363,27 @@ def predict(
     precision: PrecisionOpt = _default(_P, "precision"),
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing predictions file.")] = False,
     strict: Strict = False,
+    calibrated: Calibrated = True,
+    min_confidence: Annotated[Optional[float], typer.Option("--min-confidence", help="Below this probability the prediction column says abstained (the top classes stay listed), e.g. 0.8.")] = None,
+    coverage: Coverage = None,
     nproc: Nproc = 1,
 ) -> None:
     """Predict the top-k classes of every image with a trained run.
 
-    Example: cnnxfer predict new_photos/ --weights runs/photos --out predictions.csv
+    Probabilities are calibrated (temperature scaling) where the run fitted it; --min-confidence
+    abstains below a probability; --coverage 0.9 adds a prediction set per image.
+
+    Example: cnnxfer predict new_photos/ --weights runs/photos --out predictions.csv --coverage 0.9
     """
     from . import evaluate, report
 
     config = cfg.PredictConfig(images=images, weights=weights, out=out, top_k=top_k, tta=tta, batch_size=batch_size,
                                num_workers=workers, device=device, precision=precision, overwrite=overwrite,
-                               strict=strict, max_image_pixels=max_image_pixels)
+                               strict=strict, max_image_pixels=max_image_pixels, calibrated=calibrated,
+                               min_confidence=min_confidence, coverage=coverage)
     with report.image_progress("predict") as progress:
         pred = evaluate.predict_folder(config, progress)
-    report.predictions_summary(pred, out, evaluate.skipped_file_for(out))
+    report.predictions_summary(pred, out, evaluate.skipped_file_for(out), config)
 
 
 @app.command()
@@ -390,20 +399,53 @@ def evaluate(
     device: Device = _default(_V, "device"),
     precision: PrecisionOpt = _default(_V, "precision"),
     strict: Strict = False,
+    calibrated: Calibrated = True,
+    min_confidence: Annotated[Optional[float], typer.Option("--min-confidence", help="Also the accuracy of the images predicted at or above this probability, and the share of them (coverage).")] = None,
+    coverage: Coverage = None,
+    unknown: Annotated[Optional[Path], typer.Option("--unknown", exists=True, help="Images of classes the model never saw: how well its confidence tells them from DATA's (AUROC; false accepts at 95% of DATA accepted).")] = None,
     nproc: Nproc = 1,
 ) -> None:
-    """Accuracy, per-class precision/recall/F1 and confusion matrix of a trained run on labelled images.
+    """Accuracy, per-class precision/recall/F1, confusion matrix and calibration (ECE, NLL, Brier) of a trained run on labelled images.
 
-    Example: cnnxfer evaluate test/ --weights runs/photos --json metrics.json
+    Example: cnnxfer evaluate test/ --weights runs/photos --json metrics.json --coverage 0.9
     """
     from . import evaluate as ev, report
 
     config = cfg.EvaluateConfig(data=data, weights=weights, json_path=json_path, tta=tta, batch_size=batch_size,
                                 num_workers=workers, device=device, precision=precision, strict=strict,
-                                max_image_pixels=max_image_pixels)
+                                max_image_pixels=max_image_pixels, calibrated=calibrated, min_confidence=min_confidence,
+                                coverage=coverage, unknown=unknown)
     with report.image_progress("evaluate") as progress:
         result = ev.evaluate_folder(config, progress)
     report.evaluation_summary(result)
+
+
+@app.command()
+@handle_errors
+def calibrate(
+    run_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False, metavar="RUN_DIR", help="A cnnxfer run directory (from finetune or train).")],
+    data: Annotated[Path, typer.Option("--data", exists=True, help="Labelled images of the run's classes that it never trained on (class subfolders or a CSV manifest).")],
+    tta: Annotated[cfg.Tta, typer.Option("--tta", help="flip: average with the mirrored image (then predict with --tta flip too).")] = cfg.Tta.none,
+    batch_size: InferBatch = 64,
+    workers: Workers = None,
+    max_image_pixels: MaxPixels = DEFAULT_MAX_IMAGE_PIXELS,
+    device: Device = "auto",
+    precision: PrecisionOpt = cfg.Precision.auto,
+) -> None:
+    """Fit the run's temperature and conformal scores again on other labelled images.
+
+    finetune and train fit them on the validation images at the end of the run; calibrate replaces
+    them in RUN_DIR/config.json (predict, evaluate and export then use these).
+
+    Example: cnnxfer calibrate runs/photos --data held_out/
+    """
+    from . import evaluate as ev, report
+
+    config = cfg.CalibrateConfig(run=run_dir, data=data, tta=tta, batch_size=batch_size, num_workers=workers,
+                                 device=device, precision=precision, max_image_pixels=max_image_pixels)
+    with report.image_progress("calibrate") as progress:
+        fitted = ev.calibrate_run(config, progress)
+    report.calibration_summary(fitted, run_dir)
 
 
 @app.command()

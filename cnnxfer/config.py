@@ -357,6 +357,7 @@ class RunConfig:
     versions: dict = field(default_factory=dict)
     probe: dict | None = None  # the probe fitted at epoch 0, when there was one (probing.ProbeStage.summary)
     selection: dict | None = None  # auto without validation images: probe vs fine-tuning by cross-validation
+    calibration: dict | None = None  # temperature and conformal scores fitted on held-out images (calibration.fit)
 
     @property
     def num_classes(self) -> int:
@@ -506,6 +507,16 @@ def _check_at_least(config, **lows: int) -> None:
             raise UsageError(f"{option_flag(name)} must be {least} (got {value})")
 
 
+def _check_share(config, *names: str) -> None:
+    """Probabilities a user gives (--min-confidence, --coverage): strictly between 0 and 1."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and not 0 < value < 1:
+            from .errors import UsageError
+
+            raise UsageError(f"{option_flag(name)} must be between 0 and 1, e.g. 0.9 (got {value})")
+
+
 @dataclass(frozen=True)
 class PredictConfig:
     """`cnnxfer predict`: a trained model (a run directory or a file from `cnnxfer export`) over images."""
@@ -522,11 +533,15 @@ class PredictConfig:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     overwrite: bool = False
     strict: bool = False
+    calibrated: bool = True  # the model's fitted temperature applied (--no-calibration: raw softmax)
+    min_confidence: float | None = None  # below it, the row's prediction is "abstained"
+    coverage: float | None = None  # a conformal prediction set per image holding the true class with this probability
 
     def __post_init__(self):
         _coerce(self)
         object.__setattr__(self, "weights", str(self.weights))
         _check_at_least(self, top_k=1, batch_size=1, num_workers=0, max_image_pixels=1)
+        _check_share(self, "min_confidence", "coverage")
 
 
 @dataclass(frozen=True)
@@ -545,10 +560,33 @@ class EvaluateConfig:
     precision: Precision = Precision.auto  # an exported file computes in its own: auto, or that one
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     strict: bool = False
+    calibrated: bool = True  # the model's fitted temperature applied (--no-calibration: raw softmax)
+    min_confidence: float | None = None  # accuracy and coverage of the images at or above it
+    coverage: float | None = None  # empirical coverage and mean size of the conformal prediction sets
+    unknown: Path | None = None  # images of classes the model never saw: how well confidence separates them
 
     def __post_init__(self):
         _coerce(self)
         object.__setattr__(self, "weights", str(self.weights))
+        _check_at_least(self, batch_size=1, num_workers=0, max_image_pixels=1)
+        _check_share(self, "min_confidence", "coverage")
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """`cnnxfer calibrate`: fit a run's temperature and conformal scores again on other labelled images."""
+
+    run: Path  # a run directory from finetune or train
+    data: Path  # labelled images of the run's classes that it did not train on
+    tta: Tta = Tta.none
+    batch_size: int = 64
+    num_workers: int | None = None
+    device: str = "auto"
+    precision: Precision = Precision.auto
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+
+    def __post_init__(self):
+        _coerce(self)
         _check_at_least(self, batch_size=1, num_workers=0, max_image_pixels=1)
 
 

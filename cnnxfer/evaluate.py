@@ -8,6 +8,7 @@ process's share of the images, gathered in image order at the end.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,13 +17,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import checkpoint, data, rundir
-from .config import EvaluateConfig, Precision, PredictConfig, Tta
+from . import calibration, checkpoint, data, rundir
+from .config import CalibrateConfig, EvaluateConfig, Precision, PredictConfig, Tta
 from .errors import DataError, StrictModeError, UsageError
 from .metrics import Evaluation, log_loss, softmax, summarize
 from .predictor import Predictor, TorchPredictor, predict_images
 from .session import Session, open_session
 
+ABSTAINED = "abstained"  # predict --min-confidence: the prediction of an image below it
+SET_SEPARATOR = "|"  # between the classes of a prediction set in predictions.csv
 WEIGHTS_HELP = "a cnnxfer run directory (from finetune or train) or a file from `cnnxfer export` (.onnx, TorchScript)"
 
 
@@ -38,6 +41,7 @@ class Predictions:
     seconds: float = 0.0
     device: str = "cpu"
     backend: str = "pytorch"
+    calibration: dict | None = None  # what was applied: the model's temperature and conformal scores (None: raw)
 
 
 def load_predictor(weights: str, session: Session, *, precision: Precision | str = Precision.auto,
@@ -55,17 +59,20 @@ def load_predictor(weights: str, session: Session, *, precision: Precision | str
 
 def predict(images: data.ImageList, weights: str, session: Session, *, precision: Precision | str = Precision.auto,
             tta: Tta | str = Tta.none, batch_size: int = 64, progress=None,
-            max_image_pixels: int = data.DEFAULT_MAX_IMAGE_PIXELS) -> Predictions:
+            max_image_pixels: int = data.DEFAULT_MAX_IMAGE_PIXELS, calibrated: bool = True) -> Predictions:
     """Run a trained model (a run directory, or a file from `cnnxfer export`) over `images` on
-    `session`; under torchrun each process predicts its share and every process gets them all."""
+    `session`; under torchrun each process predicts its share and every process gets them all.
+    `calibrated`: the logits divided by the temperature fitted for the model (none fitted: as they are)."""
     start = time.perf_counter()
     predictor = load_predictor(weights, session, precision=precision, tta=tta)
     out = predict_images(predictor, images, batch_size=batch_size, max_pixels=max_image_pixels, progress=progress)
     indices, logits = session.gather(out.indices, out.logits)
     skipped = sorted(s for part in session.gather_objects(out.skipped) for s in part)
     skipped = [(str(images.paths[i]), reason) for i, reason in skipped]
-    return Predictions(images, softmax(logits), indices, predictor.classes, skipped, time.perf_counter() - start,
-                       predictor.device, predictor.backend)
+    applied = predictor.calibration if calibrated else None
+    probs = softmax(logits / (applied["temperature"] if applied else 1.0))
+    return Predictions(images, probs, indices, predictor.classes, skipped, time.perf_counter() - start,
+                       predictor.device, predictor.backend, applied)
 
 
 def session_precision(weights: str, precision: Precision | str) -> Precision | str:
@@ -88,9 +95,11 @@ def model_classes(weights: str) -> list[str]:
     raise UsageError(f"--weights {weights} must be {WEIGHTS_HELP}")
 
 
-def write_predictions(pred: Predictions, out: Path, top_k: int = 5) -> Path:
+def write_predictions(pred: Predictions, out: Path, top_k: int = 5, min_confidence: float | None = None,
+                      sets: list[np.ndarray] | None = None) -> Path:
     """One row per readable image: path, predicted class and probability, then the top-k; CSV or
-    Parquet by the extension of `out`."""
+    Parquet by the extension of `out`. `min_confidence`: the prediction is "abstained" where the
+    probability is below it. `sets`: each image's conformal prediction set (class indices)."""
     suffix = _check_out_suffix(out)
     k = max(1, min(top_k, len(pred.classes)))
     top_i = np.argsort(-pred.probs, axis=1, kind="stable")[:, :k]
@@ -99,7 +108,12 @@ def write_predictions(pred: Predictions, out: Path, top_k: int = 5) -> Path:
     if pred.images.labelled:
         rows["label"] = [pred.images.classes[pred.images.labels[i]] for i in pred.indices.tolist()]
     rows["prediction"] = [pred.classes[i] for i in top_i[:, 0].tolist()]
+    if min_confidence is not None:
+        rows["prediction"] = [c if p >= min_confidence else ABSTAINED for c, p in zip(rows["prediction"], top_p[:, 0])]
     rows["probability"] = top_p[:, 0].tolist()
+    if sets is not None:
+        rows["set"] = [SET_SEPARATOR.join(pred.classes[i] for i in row) for row in sets]
+        rows["set_size"] = [len(row) for row in sets]
     for j in range(k):
         rows[f"top{j + 1}_class"] = [pred.classes[i] for i in top_i[:, j].tolist()]
         rows[f"top{j + 1}_prob"] = top_p[:, j].tolist()
@@ -123,55 +137,128 @@ def skipped_file_for(out: Path) -> Path:
 
 
 def predict_folder(config: PredictConfig, progress=None) -> Predictions:
-    """`cnnxfer predict`: top-k classes per image to CSV/Parquet, unreadable files listed beside it."""
+    """`cnnxfer predict`: top-k classes per image to CSV/Parquet, unreadable files listed beside it;
+    abstentions below --min-confidence, conformal sets at --coverage."""
     out = Path(config.out)
     checkpoint.prepare_output(out, config.overwrite)
     _check_out_suffix(out)  # options first: a bad one is named before any image is read
     model_classes(config.weights)
+    if config.coverage is not None:
+        conformal_for(config.weights, config.coverage, config.calibrated)
     images = data.discover(config.images, labelled=None, classes=None)
     with open_session(config.device, session_precision(config.weights, config.precision), config.num_workers) as session:
         pred = predict(images, config.weights, session, precision=config.precision, tta=config.tta,
-                       batch_size=config.batch_size, progress=progress, max_image_pixels=config.max_image_pixels)
+                       batch_size=config.batch_size, progress=progress, max_image_pixels=config.max_image_pixels,
+                       calibrated=config.calibrated)
+    sets = calibration.sets_for(pred.probs, pred.calibration, config.coverage) if config.coverage is not None else None
     if session.is_main:  # under torchrun every process predicted its share; rank 0 writes them all
-        write_predictions(pred, out, config.top_k)
+        write_predictions(pred, out, config.top_k, config.min_confidence, sets)
         data.write_skipped(skipped_file_for(out), pred.skipped)
     if config.strict and pred.skipped:
         raise StrictModeError(f"--strict: {len(pred.skipped)} unreadable image(s) skipped; see {skipped_file_for(out)}")
     return pred
 
 
+def conformal_for(weights: str, coverage: float, calibrated: bool) -> dict:
+    """The calibration of `weights` that --coverage needs, checked before any image is read."""
+    if not calibrated:
+        raise UsageError("--coverage uses the calibrated probabilities its conformal scores were fitted on: "
+                         "leave out --no-calibration")
+    fitted = read_calibration(weights)
+    if not fitted or not fitted.get("conformal"):
+        raise UsageError(f"--coverage: {weights} has no conformal scores (a run without validation images, or from an "
+                         f"older cnnxfer): fit them with `cnnxfer calibrate RUN_DIR --data HELD_OUT_IMAGES`")
+    calibration.check_coverage(fitted, coverage)
+    return fitted
+
+
+def read_calibration(weights: str) -> dict | None:
+    """The calibration a run directory's config.json or an exported file's metadata carries."""
+    if rundir.is_run_dir(weights):
+        return rundir.read_config(Path(weights)).calibration
+    from . import export
+
+    return export.read_info(Path(weights)).calibration if export.is_exported(weights) else None
+
+
 def evaluate_folder(config: EvaluateConfig, progress=None) -> Evaluation:
-    """`cnnxfer evaluate`: accuracy, per-class report and confusion matrix on a labelled folder.
+    """`cnnxfer evaluate`: accuracy, per-class report, confusion matrix and calibration on a labelled
+    folder; at --min-confidence the accuracy of what is kept, at --coverage the conformal sets', with
+    --unknown how well the confidence tells the classes the model never saw.
 
     Unreadable images are listed in `config.skipped_path` (default: beside `config.json_path`, else
     evaluate.skipped.csv in the current folder, like sanity-check's list).
     """
     weights, json_path = config.weights, config.json_path
     classes = model_classes(weights)
+    if config.coverage is not None:
+        conformal_for(weights, config.coverage, config.calibrated)
     data_path = Path(config.data)
     split = data.find_split_folders(data_path)
     if split and "train" not in classes:  # a train/ + val/ dataset, as finetune takes it: score val/
         data_path = split[1]
     images = data.discover(data_path, labelled=True, classes=classes)
+    unknown = data.discover(config.unknown, labelled=None, classes=None) if config.unknown else None
     with open_session(config.device, session_precision(weights, config.precision), config.num_workers) as session:
-        pred = predict(images, weights, session, precision=config.precision, tta=config.tta,
-                       batch_size=config.batch_size, progress=progress, max_image_pixels=config.max_image_pixels)
+        run = lambda imgs: predict(imgs, weights, session, precision=config.precision, tta=config.tta,  # noqa: E731
+                                   batch_size=config.batch_size, progress=progress,
+                                   max_image_pixels=config.max_image_pixels, calibrated=config.calibrated)
+        pred = run(images)
+        strange = run(unknown) if unknown is not None else None
     targets = np.array([images.labels[i] for i in pred.indices.tolist()], dtype=np.int64)
     if len(targets) == 0:
         raise DataError(f"{data_path}: no image could be read")
     result = summarize(pred.probs, targets, classes, log_loss(pred.probs, targets))
     result.skipped, result.data, result.warnings = len(pred.skipped), Path(data_path), images.warnings
     result.trained_on = trained_on(images, pred.indices.tolist(), weights)
-    if pred.skipped:
+    result.calibration = calibration.measure(pred.probs, targets, pred.calibration)
+    if config.min_confidence is not None:
+        result.selective = calibration.at_threshold(pred.probs, targets, config.min_confidence)
+    if config.coverage is not None:
+        result.conformal = calibration.set_coverage(calibration.sets_for(pred.probs, pred.calibration, config.coverage),
+                                                    targets, config.coverage)
+    if strange is not None:
+        if not len(strange.indices):
+            raise DataError(f"--unknown {config.unknown}: no image could be read")
+        result.unknown = calibration.unknown_separation(pred.probs, strange.probs, str(config.unknown))
+    skipped = pred.skipped + (strange.skipped if strange is not None else [])
+    if skipped:
         default = skipped_file_for(json_path) if json_path else Path("evaluate.skipped.csv")
         result.skipped_file = Path(config.skipped_path or default)
         if session.is_main:
-            data.write_skipped(result.skipped_file, pred.skipped)
+            data.write_skipped(result.skipped_file, skipped)
     if json_path and session.is_main:
         checkpoint.atomic_write_json(Path(json_path), result.to_dict())
-    if config.strict and pred.skipped:
-        raise StrictModeError(f"--strict: {len(pred.skipped)} unreadable image(s) skipped; see {result.skipped_file}")
+    if config.strict and skipped:
+        raise StrictModeError(f"--strict: {len(skipped)} unreadable image(s) skipped; see {result.skipped_file}")
     return result
+
+
+def calibrate_run(config: CalibrateConfig, progress=None) -> dict:
+    """`cnnxfer calibrate`: the run's temperature and conformal scores fitted again on the labelled
+    images of `config.data` (its raw probabilities), written into its config.json (atomically)."""
+    run_dir = Path(config.run)
+    if not rundir.is_run_dir(run_dir):
+        raise UsageError(f"RUN_DIR {run_dir} is not a cnnxfer run directory (no config.json)")
+    classes = model_classes(str(run_dir))
+    images = data.discover(Path(config.data), labelled=True, classes=classes)
+    with open_session(config.device, config.precision, config.num_workers) as session:
+        pred = predict(images, str(run_dir), session, precision=config.precision, tta=config.tta,
+                       batch_size=config.batch_size, progress=progress, max_image_pixels=config.max_image_pixels,
+                       calibrated=False)
+    targets = np.array([images.labels[i] for i in pred.indices.tolist()], dtype=np.int64)
+    if len(targets) == 0:
+        raise DataError(f"{config.data}: no image could be read")
+    seen = trained_on(images, pred.indices.tolist(), str(run_dir))
+    if seen:
+        raise DataError(f"{config.data}: {seen} of its {len(targets)} images trained {run_dir}; calibrate on images "
+                        f"it never saw (the scores would be optimistic)")
+    fitted = calibration.fit(pred.probs, targets, f"{len(targets)} images of {Path(config.data).resolve()}")
+    if session.is_main:
+        run = dataclasses.replace(rundir.read_config(run_dir), calibration=fitted)
+        rundir.RunDir(run_dir).write_config(run)
+        rundir.RunDir(run_dir).save_plots()
+    return fitted
 
 
 def trained_on(images: data.ImageList, indices: list[int], weights: str) -> int:

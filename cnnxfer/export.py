@@ -8,7 +8,8 @@ and moves a quarter of the bytes of a float input. The batch axis is dynamic; he
 fixed at the run's input size.
 
 The file carries what a deployer needs (`ExportInfo`: class names, input size, mean/std,
-interpolation, crop): as ONNX metadata_props, or for TorchScript as an extra file inside the archive
+interpolation, crop, and the run's calibration: the temperature to divide the logits by and the
+conformal scores of `predict --coverage`): as ONNX metadata_props, or for TorchScript as an extra file inside the archive
 plus a JSON sidecar `<file>.json`. `cnnxfer predict --weights model.onnx` needs nothing else.
 
 Every export is verified before it is kept: the exported file (onnxruntime, torch.jit.load) and the
@@ -85,6 +86,7 @@ class ExportInfo:
     opset: int | None = None  # ONNX only
     cnnxfer_version: str = ""
     torch_version: str = ""
+    calibration: dict | None = None  # the run's temperature and conformal scores: divide the logits by "temperature"
     format_version: int = FORMAT_VERSION
 
     @property
@@ -180,6 +182,8 @@ def export_model(config: ExportConfig) -> ExportResult:
         precision = "float16"
         module = ExportedClassifier(copy.deepcopy(loaded.model).half(), mean, std, torch.float16).eval().to(device)
     info = _info(loaded, classes, precision)
+    if config.run_dir is not None:  # the run's temperature and conformal scores travel in the metadata
+        info = dataclasses.replace(info, calibration=rundir.read_config(config.run_dir).calibration)
     tolerance = config.tolerance if config.tolerance is not None else TOLERANCE[precision]
     sidecar = out.with_name(out.name + ".json") if fmt == ExportFormat.torchscript else None
     with tempfile.TemporaryDirectory(prefix="cnnxfer-export-") as scratch, checkpoint.atomic_path(out) as tmp:
@@ -474,9 +478,10 @@ def load_predictor(path: Path, session: Session, *, precision: Precision | str =
     if precision != Precision.auto and dev.precision_dtype_name(precision) != info.precision:
         raise UsageError(f"--precision {precision.value}: {path} computes in {info.precision}, as it was exported; "
                          f"leave --precision out")
-    if Path(path).suffix.lower() == ".onnx":
-        return OnnxPredictor(path, info, session, tta)
-    return TorchScriptPredictor(path, info, session, tta)
+    kind = OnnxPredictor if Path(path).suffix.lower() == ".onnx" else TorchScriptPredictor
+    predictor = kind(path, info, session, tta)
+    predictor.calibration = info.calibration
+    return predictor
 
 
 class OnnxPredictor(Predictor):

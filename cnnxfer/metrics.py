@@ -26,6 +26,10 @@ class Evaluation:
     data: Path | None = None  # the folder evaluated (DATA's val/ when DATA holds train/ and val/)
     warnings: list[str] = field(default_factory=list)  # e.g. empty class folders
     trained_on: int = 0  # images evaluated that the run trained on: the accuracy is optimistic
+    calibration: dict | None = None  # ECE, classwise ECE, NLL, Brier, reliability bins (calibration.measure)
+    selective: dict | None = None  # at --min-confidence: coverage and accuracy of the images kept
+    conformal: dict | None = None  # at --coverage: the prediction sets' empirical coverage and mean size
+    unknown: dict | None = None  # with --unknown: AUROC and false accepts of the confidence
 
     def to_dict(self) -> dict:
         return {
@@ -33,6 +37,8 @@ class Evaluation:
             "data": str(self.data) if self.data else None, "trained_on": self.trained_on,
             "classes": self.classes, "confusion_matrix": self.confusion.tolist(),
             "per_class": self.report.to_dict(orient="records"),
+            **{k: v for k, v in (("calibration", self.calibration), ("selective", self.selective),
+                                 ("conformal", self.conformal), ("unknown", self.unknown)) if v is not None},
         }
 
 

@@ -70,6 +70,33 @@ def confusion_figure(cm):
     return fig
 
 
+def reliability_figure(fitted: dict):
+    """The reliability diagram of a run's calibration (calibration.fit): accuracy against mean
+    confidence per confidence bin, raw and with the temperature, the diagonal being perfect; bar
+    widths show how many images each bin holds. Beside it the risk-coverage curve: the accuracy of
+    the images kept at each confidence threshold (predict --min-confidence)."""
+    fig = figure((10, 4.2))
+    ax, rc = fig.subplots(1, 2)
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfect calibration")
+    for key, colour, label in (("before", "tab:red", "raw softmax"),
+                               ("after", "tab:blue", f"temperature {fitted['temperature']:.3g}")):
+        bins = [b for b in fitted[key]["reliability"] if b["count"]]
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", color=colour,
+                label=f"{label}: ECE {fitted[key]['ece']:.3f}")
+    ax.set_xlim(0, 1), ax.set_ylim(0, 1.02)
+    ax.set_xlabel("confidence (mean top probability in the bin)"), ax.set_ylabel("accuracy in the bin")
+    ax.set_title(f"reliability, {fitted['images']} held-out images", fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    curve = fitted.get("risk_coverage") or {}
+    if curve.get("coverage"):
+        rc.plot(curve["coverage"], curve["accuracy"], color="tab:blue")
+        rc.set_ylim(max(0.0, min(curve["accuracy"]) - 0.05), 1.005)
+        rc.set_title(f"risk-coverage (area under risk {curve['aurc']:.3f})", fontsize=10)
+    rc.set_xlabel("coverage (share of images predicted)"), rc.set_ylabel("accuracy of those predicted")
+    rc.set_xlim(0, 1.0)
+    return fig
+
+
 def save_figure(fig, path):
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

@@ -57,6 +57,7 @@ class Predictor:
 
     backend = ""  # what runs the model, as the summary names it
     pin_memory = False  # page-locked batches: only worth it when a GPU copies them
+    calibration: dict | None = None  # the temperature and conformal scores fitted for it (calibration.fit)
 
     def __init__(self, classes: list[str], data_config: dict, session: Session, device: str, precision: str,
                  tta: Tta | str = Tta.none):
@@ -88,8 +89,12 @@ class TorchPredictor(Predictor):
         """The best weights of a cnnxfer run directory, with its classes and preprocessing."""
         from . import models
 
+        from . import rundir
+
         loaded = models.load_model(None, str(run_dir))
-        return cls(loaded.model, loaded.data_config, loaded.classes, session, tta)
+        predictor = cls(loaded.model, loaded.data_config, loaded.classes, session, tta)
+        predictor.calibration = rundir.read_config(run_dir).calibration
+        return predictor
 
     @torch.inference_mode()
     def _logits(self, images: torch.Tensor) -> np.ndarray:

@@ -328,6 +328,7 @@ def evaluation_summary(result, title: str = "evaluate") -> None:
     if getattr(result, "trained_on", 0):
         warn(f"{result.trained_on:,} of the {result.images:,} images evaluated trained this run: the accuracy is "
              f"optimistic; evaluate on images it never saw for a fair estimate")
+    rows += _calibration_rows(result)
     show(table(title, rows))
     per_class = Table(title="per class", title_justify="left")
     for col in ("class", "precision", "recall", "f1", "support"):
@@ -337,7 +338,29 @@ def evaluation_summary(result, title: str = "evaluate") -> None:
     show(per_class)
 
 
-def predictions_summary(pred, out, skipped_file) -> None:
+def _calibration_rows(result) -> list[tuple[str, str]]:
+    """evaluate's calibration, abstention, conformal and unknown-class figures, where measured."""
+    rows, c = [], result.calibration
+    if c:
+        rows.append(("calibration", f"ECE {c['ece']:.4f} (classwise {c['classwise_ece']:.4f}), NLL {c['nll']:.4f}, "
+                                    f"Brier {c['brier']:.4f}; {c['applied']}"))
+    if result.selective:
+        s = result.selective
+        accuracy = "no image" if s["accuracy"] != s["accuracy"] else f"accuracy {s['accuracy']:.4f}"
+        rows.append(("min confidence", f"{s['min_confidence']:g}: {accuracy} on {s['coverage']:.1%} of the images "
+                                       f"({s['abstained']:,} abstained)"))
+    if result.conformal:
+        s = result.conformal
+        rows.append(("prediction sets", f"coverage {s['coverage']:.4f} (asked {s['asked']:g}), mean size {s['mean_size']:.2f}, "
+                                        f"{s['single']:.1%} of one class"))
+    if result.unknown:
+        u = result.unknown
+        rows.append(("unknown classes", f"AUROC {u['auroc']:.4f} (max probability), {u['false_accept']:.1%} of the "
+                                        f"{u['images']:,} unknown images accepted at 95% of DATA accepted"))
+    return rows
+
+
+def predictions_summary(pred, out, skipped_file, config=None) -> None:
     for w in pred.images.warnings:
         warn(w)
     counts = {}
@@ -345,9 +368,28 @@ def predictions_summary(pred, out, skipped_file) -> None:
         counts[pred.classes[i]] = counts.get(pred.classes[i], 0) + 1
     rows = [("output", out), ("images", f"{len(pred.indices):,}"),
             ("skipped", f"{len(pred.skipped):,}" + (f" (listed in {skipped_file})" if pred.skipped else "")),
-            ("predicted", ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))),
-            ("time", f"{pred.seconds:.1f} s on {pred.device}" + (f" ({pred.backend})" if pred.backend != "pytorch" else ""))]
+            ("predicted", ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))]
+    calibrated = pred.calibration
+    rows.append(("probabilities", f"calibrated: logits / {calibrated['temperature']:.3g} ({calibrated['fitted_on']})"
+                 if calibrated else "raw softmax" + ("" if config is None or not config.calibrated else
+                                                       " (the model has no fitted temperature)")))
+    if config is not None and config.min_confidence is not None:
+        kept = int((pred.probs.max(1) >= config.min_confidence).sum()) if len(pred.probs) else 0
+        rows.append(("abstained", f"{len(pred.indices) - kept:,} below {config.min_confidence:g}"))
+    if config is not None and config.coverage is not None and len(pred.probs):
+        rows.append(("prediction sets", f"at coverage {config.coverage:g}: columns set and set_size"))
+    rows.append(("time", f"{pred.seconds:.1f} s on {pred.device}" + (f" ({pred.backend})" if pred.backend != "pytorch" else "")))
     show(table("predict", rows))
+
+
+def calibration_summary(fitted: dict, run_dir) -> None:
+    b, a = fitted["before"], fitted["after"]
+    rows = [("run", str(run_dir)), ("fitted on", fitted["fitted_on"]), ("temperature", f"{fitted['temperature']:.4g}"),
+            ("ECE", f"{b['ece']:.4f} -> {a['ece']:.4f}"), ("NLL", f"{b['nll']:.4f} -> {a['nll']:.4f}"),
+            ("Brier", f"{b['brier']:.4f} -> {a['brier']:.4f}"),
+            ("conformal scores", f"{len(fitted['conformal']['scores']):,} ({fitted['conformal']['method'].upper()})"),
+            ("written", f"{run_dir}/config.json (calibration)")]
+    show(table("calibrate", rows))
 
 
 def export_summary(result) -> None:

@@ -25,10 +25,11 @@ STATE_FILE = "state.pt"
 METRICS_FILE, SKIPPED_FILE, SPLITS_FILE = "metrics.csv", "skipped.csv", "splits.csv"
 LEADERBOARD_FILE = "leaderboard.csv"  # several candidate backbones: how they ranked (leaderboard.py)
 CURVES_PLOT, CONFUSION_CSV, CONFUSION_PLOT, REPORT_CSV = "curves.png", "confusion_matrix.csv", "confusion_matrix.png", "report.csv"
+RELIABILITY_PLOT = "reliability.png"  # the calibration's reliability diagram and risk-coverage curve
 
 # The files a training run writes into its directory (--overwrite removes them, and nothing else).
 RUN_FILES = (MODEL_FILE, PROBE_FILE, CONFIG_FILE, STATE_FILE, METRICS_FILE, SKIPPED_FILE, SPLITS_FILE, CONFUSION_CSV,
-             REPORT_CSV, CURVES_PLOT, CONFUSION_PLOT, LEADERBOARD_FILE)
+             REPORT_CSV, CURVES_PLOT, CONFUSION_PLOT, RELIABILITY_PLOT, LEADERBOARD_FILE)
 
 
 def is_run_dir(path: Path | str) -> bool:
@@ -195,13 +196,18 @@ class RunDir:
         return pd.read_csv(path, dtype=str, keep_default_na=False)
 
     def save_plots(self) -> list[Path]:
-        """curves.png and confusion_matrix.png from the run's CSVs (rank 0)."""
+        """curves.png and confusion_matrix.png from the run's CSVs, reliability.png from its
+        calibration (rank 0)."""
         if not self.writer:
             return []
         from . import plots
 
-        return plots.save_run_plots(self.file(METRICS_FILE), self.file(CONFUSION_CSV), self.file(CURVES_PLOT),
-                                    self.file(CONFUSION_PLOT))
+        written = plots.save_run_plots(self.file(METRICS_FILE), self.file(CONFUSION_CSV), self.file(CURVES_PLOT),
+                                       self.file(CONFUSION_PLOT))
+        fitted = self.read_config().calibration if self.file(CONFIG_FILE).exists() else None
+        if fitted:
+            written.append(plots.save_figure(plots.reliability_figure(fitted), self.file(RELIABILITY_PLOT)))
+        return written
 
 
 def write_metrics_csv(path: Path, history: list[dict]) -> None:

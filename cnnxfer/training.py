@@ -340,19 +340,20 @@ def _last_good(history: list, runs: RunDir) -> str:
 
 def _finish(run, model: nn.Module, session: Session, data, probe: ProbeStage, runs: RunDir, record, best: dict) -> dict:
     """Reload the best weights, evaluate them on the validation set, write the reports and plots."""
-    from . import metrics
+    from . import calibration, metrics
     from .epochs import evaluate
 
     session.barrier()  # rank 0 wrote model.safetensors
     model.load_state_dict(runs.best_weights())
     stats, probs, targets, _ = evaluate(model, data.val, session, data.normalizer)
-    final = {}
+    final, fitted = {}, None
     if len(targets):  # --val-split 0: nothing to report on
         result = metrics.summarize(probs.numpy(), targets.numpy(), run.classes, stats.loss)
         runs.save_reports(result)
         final = {"final_val_accuracy": result.accuracy, "final_val_loss": result.loss}
+        fitted = calibration.fit(probs.numpy(), targets.numpy(), "the run's validation images")
         probe.refit_kept(best, data)
-    runs.write_config(record(best=best, final=final or None, status="finished"))
+    runs.write_config(record(best=best, final=final or None, status="finished", calibration=fitted))
     runs.finish()
     runs.save_plots()
     return final
@@ -386,7 +387,8 @@ class _Record:
         """How the kept epoch was chosen, as the summary and config.json say it (stopper.is_new_best)."""
         return AUTO_RULE if Strategy(self.run.config.strategy) == Strategy.auto else BEST_RULE
 
-    def __call__(self, best: dict, final: dict | None = None, status: str = "running") -> RunConfig:
+    def __call__(self, best: dict, final: dict | None = None, status: str = "running",
+                 calibration: dict | None = None) -> RunConfig:
         from .timm_import import import_timm
 
         timm = import_timm()
@@ -402,7 +404,8 @@ class _Record:
             train_images=sum(c["train"] for c in counts.values()), val_images=sum(c["val"] for c in counts.values()),
             class_counts=counts, data_fingerprint=self.run.fingerprint, precision=session.precision,
             probe=self.probe.summary(), selection=self.probe.selection, device=str(session.device),
-            world_size=session.world, versions={"torch": torch.__version__, "timm": timm.__version__})
+            world_size=session.world, versions={"torch": torch.__version__, "timm": timm.__version__},
+            calibration=calibration)
 
     def recorded_config(self) -> dict:
         """The TrainConfig as config.json keeps it, to rebuild this run on --resume from any folder:

@@ -85,10 +85,16 @@ def test_predict_matches_the_model_and_reports_unreadable_files(trained, cli_run
                                  std=c["std"], crop_pct=c["crop_pct"], crop_mode=c["crop_mode"])
     x = torch.stack([transform(Image.open(p).convert("RGB")) for p in df["path"]])
     with torch.no_grad():
-        probs = loaded.model.eval()(x).softmax(1)
-    top = probs.max(1)
+        logits = loaded.model.eval()(x)
+    # by default the logits are divided by the temperature the run fitted on its validation images
+    temperature = rundir.read_config(run).calibration["temperature"]
+    assert temperature != 1.0
+    top = (logits / temperature).softmax(1).max(1)
     assert df["prediction"].tolist() == [loaded.classes[i] for i in top.indices]
     np.testing.assert_allclose(df["top1_prob"], top.values.numpy(), atol=1e-5)
+    raw = tmp_path / "raw.csv"
+    invoke(cli_runner, "predict", flat, "--weights", run, "--out", raw, "--precision", "fp32", "--workers", 0, "--no-calibration")
+    np.testing.assert_allclose(pd.read_csv(raw)["top1_prob"], logits.softmax(1).max(1).values.numpy(), atol=1e-5)
 
 
 def test_predict_refuses_an_existing_output_and_a_non_run_weights(trained, cli_runner, tmp_path):

@@ -26,7 +26,7 @@ FLOORS = [
     "config report",
     "data",
     "preprocess probe rundir inspect.audit_page",
-    "loader models selection",
+    "calibration loader models selection",
     "convert session strategy",
     "engine predictor inspect.subject",
     "export features overfit recipe inspect.class_model inspect.filters inspect.invariance inspect.layers inspect.worst",
