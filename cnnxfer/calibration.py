@@ -329,12 +329,37 @@ def at_threshold(probs, labels, min_confidence: float) -> dict:
     return {"min_confidence": min_confidence, **at_confidence(probs, labels, min_confidence)}
 
 
-def unknown_separation(known_probs, unknown_probs, unknown: str) -> dict:
+def unknown_separation(known_probs, unknown_probs, unknown: str, features: tuple | None = None) -> dict:
     """How well the top probability tells the images of known classes from `unknown` ones: AUROC
-    (1 perfect, 0.5 chance) and the share of unknown images accepted where 95% of known are."""
+    (1 perfect, 0.5 chance) and the share of unknown images accepted where 95% of known are.
+    `features`: (known, unknown, class means) in the model's feature space, for the second score,
+    the cosine similarity to the nearest training class's mean feature."""
     known, strange = np.asarray(known_probs).max(1), np.asarray(unknown_probs).max(1)
-    return {"score": "max probability", "auroc": auroc(known, strange), "false_accept": false_accept_at(known, strange, 0.95),
-            "images": int(len(strange)), "folder": unknown}
+    out = {"score": "max probability", "auroc": auroc(known, strange), "false_accept": false_accept_at(known, strange, 0.95),
+           "images": int(len(strange)), "folder": unknown}
+    if features is not None:
+        known_f, strange_f, means = features
+        known, strange = nearest_class_similarity(known_f, means), nearest_class_similarity(strange_f, means)
+        out["feature"] = {"score": "cosine similarity to the nearest training class's mean feature",
+                          "auroc": auroc(known, strange), "false_accept": false_accept_at(known, strange, 0.95)}
+    return out
+
+
+def class_means(features, labels, classes: int) -> np.ndarray:
+    """(classes, D): each class's mean of unit-length features, itself scaled to unit length."""
+    x = _unit_rows(np.asarray(features, dtype=np.float64))
+    labels = np.asarray(labels)
+    return _unit_rows(np.stack([x[labels == k].mean(0) if (labels == k).any() else np.zeros(x.shape[1])
+                                for k in range(classes)]))
+
+
+def nearest_class_similarity(features, means) -> np.ndarray:
+    """Each image's largest cosine similarity to a class mean (higher: more like a known class)."""
+    return (_unit_rows(np.asarray(features, dtype=np.float64)) @ means.T).max(1)
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

@@ -205,6 +205,7 @@ def evaluate_folder(config: EvaluateConfig, progress=None) -> Evaluation:
                                    max_image_pixels=config.max_image_pixels, calibrated=config.calibrated)
         pred = run(images)
         strange = run(unknown) if unknown is not None else None
+        features = _unknown_features(weights, session, images, unknown, config) if unknown is not None else None
     targets = np.array([images.labels[i] for i in pred.indices.tolist()], dtype=np.int64)
     if len(targets) == 0:
         raise DataError(f"{data_path}: no image could be read")
@@ -220,7 +221,7 @@ def evaluate_folder(config: EvaluateConfig, progress=None) -> Evaluation:
     if strange is not None:
         if not len(strange.indices):
             raise DataError(f"--unknown {config.unknown}: no image could be read")
-        result.unknown = calibration.unknown_separation(pred.probs, strange.probs, str(config.unknown))
+        result.unknown = calibration.unknown_separation(pred.probs, strange.probs, str(config.unknown), features)
     skipped = pred.skipped + (strange.skipped if strange is not None else [])
     if skipped:
         default = skipped_file_for(json_path) if json_path else Path("evaluate.skipped.csv")
@@ -232,6 +233,28 @@ def evaluate_folder(config: EvaluateConfig, progress=None) -> Evaluation:
     if config.strict and skipped:
         raise StrictModeError(f"--strict: {len(skipped)} unreadable image(s) skipped; see {result.skipped_file}")
     return result
+
+
+def _unknown_features(weights: str, session: Session, images: data.ImageList, unknown: data.ImageList,
+                      config: EvaluateConfig) -> tuple | None:
+    """(DATA's features, the unknown images', the training classes' means) in the run's feature
+    space, for evaluate --unknown's second score; None for an exported file, or a run whose training
+    images cannot be found."""
+    from .predictor import FeaturePredictor
+    from .recipe import run_split
+
+    split = run_split(weights) if rundir.is_run_dir(weights) else None
+    if split is None:
+        return None
+    predictor = FeaturePredictor.from_run(weights, session)
+
+    def embed(imgs: data.ImageList) -> tuple[np.ndarray, np.ndarray]:
+        out = predict_images(predictor, imgs, batch_size=config.batch_size, max_pixels=config.max_image_pixels)
+        return session.gather(out.indices, out.logits)
+
+    train_idx, train = embed(split[0])
+    labels = np.array([split[0].labels[i] for i in train_idx.tolist()])
+    return embed(images)[1], embed(unknown)[1], calibration.class_means(train, labels, len(split[0].classes))
 
 
 def calibrate_run(config: CalibrateConfig, progress=None) -> dict:

@@ -103,6 +103,21 @@ class TorchPredictor(Predictor):
         return logits.float().cpu().numpy()
 
 
+class FeaturePredictor(TorchPredictor):
+    """The pooled features a run's classifier takes (models.pre_logits) in place of its logits: the
+    same batch loop, for distances in feature space (evaluate --unknown)."""
+
+    backend = "pytorch features"
+
+    @torch.inference_mode()
+    def _logits(self, images: torch.Tensor) -> np.ndarray:
+        from .models import pre_logits
+
+        with self.session.autocast():
+            features = pre_logits(self.model, self.session.to_input(images, self.normalize))
+        return features.float().cpu().numpy()
+
+
 @dataclass
 class Outputs:
     """What `predict_images` returns: one row per readable image, in the order read."""

@@ -357,6 +357,10 @@ def _calibration_rows(result) -> list[tuple[str, str]]:
         u = result.unknown
         rows.append(("unknown classes", f"AUROC {u['auroc']:.4f} (max probability), {u['false_accept']:.1%} of the "
                                         f"{u['images']:,} unknown images accepted at 95% of DATA accepted"))
+        if u.get("feature"):
+            f = u["feature"]
+            rows.append(("unknown, by features", f"AUROC {f['auroc']:.4f} (cosine to the nearest class mean), "
+                                                 f"{f['false_accept']:.1%} accepted at 95% of DATA accepted"))
     return rows
 
 

@@ -65,7 +65,7 @@ def write_report(config: InspectConfig, progress: Callable[[str], None] | None =
     runs = rundir.RunDir(run_dir)
     if not all(runs.file(png).exists() for csv, png in ((rundir.METRICS_FILE, rundir.CURVES_PLOT),
                                                         (rundir.CONFUSION_CSV, rundir.CONFUSION_PLOT))
-               if runs.file(csv).exists()):
+               if runs.file(csv).exists()) or (run.calibration and not runs.file(rundir.RELIABILITY_PLOT).exists()):
         runs.save_plots()  # the run's plots, only when one is missing (runs from before fit wrote them)
     subject = subj.load_subject(config)
     images, source, notes = _report_images(config, run, run_dir, subject)
@@ -90,7 +90,8 @@ def write_report(config: InspectConfig, progress: Callable[[str], None] | None =
         notes.append(f"{len(skipped)} unreadable image(s) were skipped; see {FILES}/skipped.csv")
     context = {"title": run_dir.resolve().name, "run": run, "sections": sections, "notes": notes, "data": source,
                "images": len(images) if images is not None else 0, "classes": _per_class(run_dir),
-               "run_files": _run_files(run_dir), "generated": time.strftime("%Y-%m-%d %H:%M")}
+               "run_files": _run_files(run_dir), "calibration": _calibration_rows(run.calibration),
+               "generated": time.strftime("%Y-%m-%d %H:%M")}
     checkpoint.atomic_write_text(page, render(context))
     return PageResult(page, [name for name, section in sections.items() if section], notes, context["images"], source,
                       time.perf_counter() - start)
@@ -229,6 +230,19 @@ def _summary_rows(run: RunConfig, run_dir: Path, subject: subj.Subject) -> list[
     return rows
 
 
+def _calibration_rows(fitted: dict | None) -> list[tuple[str, str]]:
+    """The kept calibration (config.json), before and after its temperature."""
+    if not fitted:
+        return []
+    b, a = fitted["before"], fitted["after"]
+    return [("fitted on", f"{fitted['fitted_on']} ({fitted['images']} images)"), ("temperature", f"{fitted['temperature']:.3g}"),
+            ("ECE (15 bins)", f"{b['ece']:.4f} raw, {a['ece']:.4f} calibrated"),
+            ("classwise ECE", f"{b['classwise_ece']:.4f} raw, {a['classwise_ece']:.4f} calibrated"),
+            ("NLL", f"{b['nll']:.4f} raw, {a['nll']:.4f} calibrated"), ("Brier", f"{b['brier']:.4f} raw, {a['brier']:.4f} calibrated"),
+            ("prediction sets", f"{len(fitted['conformal']['scores'])} conformal scores ({fitted['conformal']['method'].upper()}): "
+                                f"predict --coverage up to {len(fitted['conformal']['scores']) / (len(fitted['conformal']['scores']) + 1):.3f}")]
+
+
 def _strategy(run: RunConfig, train: dict) -> str:
     """The strategy, its epochs, and the probe's strength when it fitted one."""
     text = f"{train.get('strategy', '-')}, {train.get('epochs', '-')} epochs"
@@ -252,5 +266,6 @@ def _per_class(run_dir: Path) -> list[dict]:
 
 
 def _run_files(run_dir: Path) -> dict[str, str | None]:
-    names = ("curves.png", "metrics.csv", "confusion_matrix.png", "confusion_matrix.csv", "report.csv", "config.json")
+    names = ("curves.png", "metrics.csv", "confusion_matrix.png", "confusion_matrix.csv", "report.csv", "config.json",
+             "reliability.png")
     return {name.replace(".", "_"): name if (run_dir / name).exists() else None for name in names}
