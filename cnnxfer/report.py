@@ -767,7 +767,8 @@ def audit_summary(r) -> None:
     show(t)
     probe = r.probe
     rows = [("label errors", f"about {r.estimated_label_errors:,} estimated by confident learning; in {r.out / 'relabel.csv'} "
-                             f"{r.relabelled:,} relabelled, {r.left_out:,} left out (no confident suggestion)"),
+                             f"{r.relabelled:,} relabelled, {r.left_out:,} left out (no confident suggestion)"
+                             + (f", {r.unusable_left_out:,} too dark, bright, blurred or blank left out" if r.unusable_left_out else "")),
             ("probe", f"{probe['folds']}-fold held-out accuracy {probe['accuracy']:.1%} (C={probe['c']:.3g})"),
             ("split", f"train/val from {r.split}" + (f"; {r.against:,} --against images" if r.against else "")),
             ("balance", r.balance),

@@ -193,14 +193,17 @@ def test_audit_finds_the_planted_damage(audited):
 
 def test_relabel_manifest_is_what_finetune_reads(audited):
     """relabel.csv: every readable image with its label, the label issues relabelled where the
-    suggestion is confident and left out where it is not; finetune's reader takes it."""
+    suggestion is confident and left out where it is not, the images too dark or blurred to learn
+    from left out; finetune's reader takes it."""
     out, issues, truth, _ = audited
     images = data.discover(out / "relabel.csv", labelled=True)
     label_of = {str(p): images.classes[l] for p, l in zip(images.paths, images.labels)}
     flagged = issues[issues["issue"] == "label_issue"]
     sure = flagged[flagged["detail"].str.endswith("relabelled in relabel.csv")]
     unsure = set(flagged["path"]) - set(sure["path"])
-    assert len(label_of) == 303 - len(unsure) and not unsure & set(label_of)
+    unusable = set(issues.loc[issues["issue"].isin(["dark", "overexposed", "blurry", "low_information"]), "path"])
+    assert unusable and not unusable & set(flagged["path"])  # the dark copy: reported as dark, not as a label issue
+    assert len(label_of) == 303 - len(unsure) - len(unusable) and not (unsure | unusable) & set(label_of)
     assert any(label_of.get(p) == "3" for p in truth["wrong"])
     assert all(label_of[r.path] == str(r.suggested_label) for r in sure.itertuples())
     probs = pd.read_csv(out / "probabilities.csv")
@@ -209,7 +212,7 @@ def test_relabel_manifest_is_what_finetune_reads(audited):
     changed = [p for p, g in zip(probs["path"], probs["given_label"]) if p in label_of and label_of[p] != str(g)]
     assert sorted(changed) == sorted(sure["path"])
     summary = json.loads((out / "audit.json").read_text())
-    assert (summary["relabelled"], summary["left_out"]) == (len(sure), len(unsure))
+    assert (summary["relabelled"], summary["left_out"], summary["unusable_left_out"]) == (len(sure), len(unsure), len(unusable))
 
 
 def test_audit_from_features_agrees_and_against_finds_a_test_copy(audited, damaged, tmp_path, cli_runner):
