@@ -51,6 +51,7 @@ class ProbeFit:
     seconds: float = 0.0
     note: str | None = None  # why it was not cross-validated, when it was not
     temperature: float = 1.0  # fitted on the held-out logits of the cross-validation (1: none)
+    held_out: np.ndarray | None = None  # (N, classes): each image's probabilities from the fold that held it out, / T
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """The solution's own logits (scikit-learn's at the same C)."""
@@ -229,16 +230,10 @@ def _loss(x) -> float:
     return x if x is not None and x == x and math.isfinite(x) else math.inf
 
 
-def choose_c(features: np.ndarray, labels: np.ndarray, num_classes: int, weights: np.ndarray | None = None,
-             folds: int = FOLDS, seed: int = 0) -> tuple[dict, list[dict], int, float]:
-    """(the best {"c", "accuracy", "loss"}, every strength tried, the folds used, the temperature of
-    the best's held-out logits): a coarse sweep over COARSE, then the best refined by half a decade
-    and a quarter of a decade either side."""
-    best, searched, folds, temperature, _ = _choose(features, labels, num_classes, weights, folds, seed)
-    return best, searched, folds, temperature
-
-
 def _choose(features, labels, num_classes, weights, folds, seed, groups=None):
+    """(the best {"c", "accuracy", "loss"}, every strength tried, the folds used, the temperature of
+    the best's held-out logits, the cross-validation): a coarse sweep over COARSE, then the best
+    refined by half a decade and a quarter of a decade either side."""
     folds = min(folds, int(np.bincount(labels, minlength=num_classes)[np.unique(labels)].min()))
     cv = _CrossValidation(features, labels, num_classes, weights, folds, seed, groups)
     for c in COARSE:
@@ -254,7 +249,7 @@ def _choose(features, labels, num_classes, weights, folds, seed, groups=None):
 def out_of_sample_probabilities(features, labels, num_classes: int, folds: int = FOLDS, seed: int = 0,
                                 balanced: bool = False, groups=None) -> tuple[np.ndarray, dict]:
     """Every image's class probabilities from a probe that never saw it (the audit's input): the
-    held-out softmax of stratified k-fold cross-validation at the strength C it chooses (choose_c),
+    held-out softmax of stratified k-fold cross-validation at the strength C it chooses (_choose),
     divided by the temperature fitted on those same held-out logits. `groups`: images that must be
     held out together (copies of one image), see data.stratified_folds.
 
@@ -269,11 +264,17 @@ def out_of_sample_probabilities(features, labels, num_classes: int, folds: int =
     weights = class_weights(labels, num_classes) if balanced else None
     with _blas_limits(features, num_classes):
         best, _, used, temperature, cv = _choose(features, labels, num_classes, weights, folds, seed, groups)
-    z = np.empty((len(labels), num_classes))
-    z[cv.order] = cv.held_out[best["c"]][0] / temperature
+    return _held_out_probabilities(cv, best["c"], temperature), {**best, "folds": used, "temperature": temperature}
+
+
+def _held_out_probabilities(cv: "_CrossValidation", c: float, temperature: float) -> np.ndarray:
+    """The softmax of the held-out logits at strength c divided by the temperature, in image order."""
+    logits = cv.held_out[c][0]
+    z = np.empty_like(logits)
+    z[cv.order] = logits / temperature
     z -= z.max(1, keepdims=True)
     p = np.exp(z)
-    return p / p.sum(1, keepdims=True), {**best, "folds": used, "temperature": temperature}
+    return p / p.sum(1, keepdims=True)
 
 
 def fit_probe(features, labels, num_classes: int, *, balanced: bool = False, c: float | None = None,
@@ -314,10 +315,10 @@ def _fit(features, labels, num_classes: int, balanced: bool, c: float | None, fo
     labels = np.asarray(labels, dtype=np.int64)
     counts = np.bincount(labels, minlength=num_classes)
     weights = class_weights(labels, num_classes) if balanced else None
-    best, searched, used, note, temperature = None, [], 0, None, 1.0
+    best, searched, used, note, temperature, held_out = None, [], 0, None, 1.0, None
     if c is None and (counts > 0).sum() >= 2 and counts[counts > 0].min() >= 2:
-        best, searched, used, temperature = choose_c(features, labels, num_classes, weights, folds, seed)
-        c = best["c"]
+        best, searched, used, temperature, cv = _choose(features, labels, num_classes, weights, folds, seed)
+        c, held_out = best["c"], _held_out_probabilities(cv, best["c"], temperature)
     elif c is None:
         c, note = DEFAULT_C, "scikit-learn's default: a class has one image, too few to cross-validate"
     else:
@@ -330,4 +331,4 @@ def _fit(features, labels, num_classes: int, balanced: bool, c: float | None, fo
     bias = wb[:, -1] - weight @ scaled.mean
     return ProbeFit(torch.from_numpy(weight).float(), torch.from_numpy(bias).float(), c,
                     best["accuracy"] if best else None, best["loss"] if best else None, used, searched,
-                    time.perf_counter() - start, note, temperature)
+                    time.perf_counter() - start, note, temperature, held_out)

@@ -44,6 +44,7 @@ class ProbeStage:
         self.row: dict | None = None
         self.features: tuple | None = None  # (train, val) features of a probe that may be kept, for its refit
         self.refit: dict | None = None  # the kept probe fitted again on training + validation images
+        self.refit_held_out: tuple | None = None  # its cross-validation's held-out (probabilities, labels)
         self.keeps_probe = False  # auto without validation images: cross-validation chose the probe
         self.handover: dict | None = None  # the leaderboard's features and probe of every training image
         self.val_seconds = 0.0  # the validation pass, timed (budget.TimePlan's first estimate)
@@ -187,6 +188,7 @@ class ProbeStage:
         if solution is None:
             return
         self.runs.save_best(self.model.state_dict(), self.arch, 0)
+        self.refit_held_out = (solution.held_out, labels.numpy()) if solution.held_out is not None else None
         self.refit = {"images": len(labels), "c": solution.c, "temperature": solution.temperature,
                       "cv_accuracy": solution.cv_accuracy, "folds": solution.folds, "how": solution.describe()}
 

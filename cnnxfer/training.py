@@ -353,9 +353,10 @@ def _finish(run, model: nn.Module, session: Session, data, probe: ProbeStage, ru
         final = {"final_val_accuracy": result.accuracy, "final_val_loss": result.loss}
         fitted = calibration.fit(probs.numpy(), targets.numpy(), "the run's validation images")
         probe.refit_kept(best, data)
-        if probe.refit:  # the kept head has now seen the validation images too
-            fitted["fitted_on"] += (", before the kept probe was fitted again on them with the training images "
-                                    "(its scores are then slightly optimistic: `cnnxfer calibrate` on unseen images)")
+        if probe.refit_held_out is not None:  # the kept head has now seen the validation images too:
+            # its own cross-validation held every image out once (its temperature is in the head already)
+            fitted = calibration.fit(*probe.refit_held_out, "the held-out probabilities of the kept probe's "
+                                     "cross-validation on the training and validation images")
     runs.write_config(record(best=best, final=final or None, status="finished", calibration=fitted))
     runs.finish()
     runs.save_plots()

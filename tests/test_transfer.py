@@ -78,6 +78,15 @@ def test_linear_is_the_exact_probe_and_the_saved_model_reproduces_it(digits, lit
     torch.testing.assert_close(saved["classifier.weight"], weight, atol=2e-3, rtol=1e-3)
     everything = discover(digits["train"], labelled=True)
     assert trained_on(everything, list(range(80)), str(tmp_path / "run")) == 80  # evaluate warns: all of them trained it
+    # the run's calibration: the refit's own held-out probabilities (already divided by its temperature)
+    calibration = config["calibration"]
+    assert calibration["images"] == 80 and "cross-validation" in calibration["fitted_on"]
+    if refit["temperature"] > 0.2501:  # the probe's own T, fitted on these very logits, leaves nothing to do
+        assert calibration["temperature"] == pytest.approx(1.0, abs=0.02)
+    else:  # ... unless it stopped at its bound (1/4: a tiny C's small logits), where the run's sharpens further
+        assert calibration["temperature"] < 1 and calibration["after"]["nll"] < calibration["before"]["nll"]
+    held_out_right = reference.held_out.argmax(1) == np.array([int(labels[i]) for i in order])
+    assert calibration["before"]["accuracy"] == pytest.approx(float(held_out_right.mean()))
     # the saved timm model predicts what the probe predicts on new images
     extract_features(ExtractConfig(data=digits["test"], out=tmp_path / "test.parquet", model=LITE0,
                                    weights=str(lite0_weights), img_size=64, precision="fp32", num_workers=0))
