@@ -44,7 +44,8 @@ One run, the same images and weights throughout:
   with `pip --target WORK/cleanlab-pkgs --no-deps` (its other dependencies are this environment's)
   and imported only inside the peer function, never a dependency of cnnxfer.
 - Fine-tuning: `cnnxfer finetune MANIFEST --strategy linear` (and with --finetune auto, the default
-  strategy with --budget 2m, on the random variant) on three manifests: damaged.csv (every readable
+  strategy with --budget 2m; with --finetune full, `--strategy full --epochs 3 --img-size 128`: every
+  layer trained, which can memorise wrong labels where the probe mostly cannot; both on the random variant) on three manifests: damaged.csv (every readable
   image with the folder's labels), AUDIT_DIR/relabel.csv (the audit's: suggested labels, and the
   label issues without a confident suggestion left out) and clean.csv (every readable image with
   its true label: the ceiling). All three are CSVs, so that finetune makes its own stratified
@@ -64,7 +65,7 @@ commit that ran); a rerun skips what is there. About 25 minutes on 2 busy CPU co
 linear,auto adds about 15.
 
     python benchmarks/audit.py [--work DIR] [--datasets fashion,digits] [--variants random,systematic]
-                               [--finetune linear[,auto]] [--data-only] [--report-only]
+                               [--finetune linear[,auto][,full]] [--data-only] [--report-only]
 """
 from __future__ import annotations
 
@@ -105,6 +106,7 @@ LOOK_ALIKE = 0.99
 TARGET_LABEL_RECALL, TARGET_LABEL_PRECISION = 0.8, 0.6
 TARGET_DUP_RECALL, TARGET_UNPLANTED_SHARE = 0.95, 0.01
 BUDGET = "2m"
+FULL_OPTIONS = ("--epochs", "3", "--img-size", "128")  # --finetune full: every layer, 3 epochs (about a minute here)
 DIGITS_SIZE = 8  # stored as scikit-learn has them (0..16 scaled to 0..255); the model resizes
 TINY, BLUR_AT = 16, 32  # a blurred copy of an image under TINY px is upscaled (bilinear) to BLUR_AT px first:
 # a 2 px blur of an 8 px digit leaves nothing
@@ -590,6 +592,8 @@ def finetune(manifest: Path, out: Path, weights: Path, strategy: str, digits: bo
     refused = None
     if strategy == "linear":
         budget, seconds = None, cnnxfer(*args, "--strategy", "linear")
+    elif strategy == "full":  # a learner that can memorise wrong labels, where the probe mostly cannot
+        budget, seconds = None, cnnxfer(*args, "--strategy", "full", *FULL_OPTIONS)
     else:
         budget, refused, seconds = _budgeted(args, budget)
     predictions = out.parent / f"{out.name}.test.csv"
