@@ -276,7 +276,7 @@ def calibrate_run(config: CalibrateConfig, progress=None) -> dict:
     if seen:
         raise DataError(f"{config.data}: {seen} of its {len(targets)} images trained {run_dir}; calibrate on images "
                         f"it never saw (the scores would be optimistic)")
-    fitted = calibration.fit(pred.probs, targets, f"{len(targets)} images of {Path(config.data).resolve()}")
+    fitted = calibration.fit(pred.probs, targets, f"held-out images in {Path(config.data).resolve()}")
     if session.is_main:
         run = dataclasses.replace(rundir.read_config(run_dir), calibration=fitted)
         rundir.RunDir(run_dir).write_config(run)

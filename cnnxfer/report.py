@@ -388,7 +388,8 @@ def predictions_summary(pred, out, skipped_file, config=None) -> None:
 
 def calibration_summary(fitted: dict, run_dir) -> None:
     b, a = fitted["before"], fitted["after"]
-    rows = [("run", str(run_dir)), ("fitted on", fitted["fitted_on"]), ("temperature", f"{fitted['temperature']:.4g}"),
+    rows = [("run", str(run_dir)), ("fitted on", f"{fitted['images']:,} {fitted['fitted_on']}"),
+            ("temperature", f"{fitted['temperature']:.4g}"),
             ("ECE", f"{b['ece']:.4f} -> {a['ece']:.4f}"), ("NLL", f"{b['nll']:.4f} -> {a['nll']:.4f}"),
             ("Brier", f"{b['brier']:.4f} -> {a['brier']:.4f}"),
             ("conformal scores", f"{len(fitted['conformal']['scores']):,} ({fitted['conformal']['method'].upper()})"),
