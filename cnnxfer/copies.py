@@ -14,6 +14,7 @@ Images are read once each, reduced to at most SIDE pixels on the short side.
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +28,11 @@ NEAR, RATIO = 0.97, 3.0  # or from NEAR, when every other candidate of both is R
 CANDIDATES = 5  # pairs verified: each image with its 5 nearest by embedding (from cosine FLOOR) and by pixels
 FLOOR = 0.5     # the benchmark's planted copies reach down to cosine 0.66
 TINY = 16       # the pixel neighbours are searched among the images reduced to TINY x TINY
+CROPS_KEPT = 1024  # images whose crops stay in memory (about 340 MB at 32 px)
 
 
 def thumbnail(path: str | Path) -> np.ndarray | None:
-    """The image as float32 grayscale, its short side reduced to SIDE (never enlarged); None if unreadable."""
+    """The image as uint8 grayscale, its short side reduced to SIDE (never enlarged); None if unreadable."""
     try:
         with Image.open(path) as image:
             image.draft("L", (SIDE, SIDE))  # JPEG: decode at a fraction of the size
@@ -38,7 +40,7 @@ def thumbnail(path: str | Path) -> np.ndarray | None:
             scale = SIDE / min(image.size)
             if scale < 1:
                 image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
-            return np.asarray(image, dtype=np.float32)
+            return np.asarray(image, dtype=np.uint8)
     except Exception:  # noqa: BLE001  (any unreadable file: the audit reports it as unreadable elsewhere)
         return None
 
@@ -55,12 +57,15 @@ def _unit(rows: np.ndarray) -> np.ndarray:
 
 
 class Pixels:
-    """Thumbnails read on first use, and their crops at each comparison size, kept for the next pair."""
+    """Thumbnails read on first use (uint8, at most SIDE x 1.5 SIDE: about 1.5 KB an image), and the
+    crops of the CROPS_KEPT images used last at each comparison size (81 x 32 x 32 floats, 330 KB
+    each): memory stays flat however large the folder, and `copies` verifies the pairs in image
+    order, so an image's crops are made about once."""
 
     def __init__(self, paths: list[str]):
         self.paths = paths
         self._thumbs: dict[int, np.ndarray | None] = {}
-        self._crops: dict[tuple[int, int], np.ndarray] = {}
+        self._crops: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
 
     def thumb(self, i: int) -> np.ndarray | None:
         if i not in self._thumbs:
@@ -70,8 +75,12 @@ class Pixels:
     def crops(self, i: int, n: int) -> np.ndarray:
         """(crops, n*n) unit rows: image i cropped 0..CROP per side, each resized to n x n; row 0 uncropped."""
         key = (i, n)
-        if key not in self._crops:
-            a = self.thumb(i)
+        if key in self._crops:
+            self._crops.move_to_end(key)
+        else:
+            if len(self._crops) >= CROPS_KEPT:
+                self._crops.popitem(last=False)
+            a = self.thumb(i).astype(np.float32)
             h, w = a.shape
             mh, mw = max(1, round(CROP * h)), max(1, round(CROP * w))
             cuts = [(t, b, l, r) for t, b in itertools.product(range(mh + 1), repeat=2)
@@ -99,7 +108,7 @@ def pixel_candidates(pixels: Pixels, queries, keys=None) -> list[tuple[int, int]
 
     queries, keys = list(queries), None if keys is None else list(keys)
     rows = queries if keys is None else queries + keys
-    tiny = {i: _resized(pixels.thumb(i), TINY).ravel() for i in rows if pixels.thumb(i) is not None}
+    tiny = {i: _resized(pixels.thumb(i).astype(np.float32), TINY).ravel() for i in rows if pixels.thumb(i) is not None}
     q = [i for i in queries if i in tiny]
     k = q if keys is None else [i for i in keys if i in tiny]
     if not q or not k:
@@ -117,8 +126,8 @@ def describe(similarity: float) -> str:
 def copies(pixels: Pixels, candidates: list[tuple[int, int]]) -> dict[tuple[int, int], float]:
     """{(a, b): pixel similarity} of the candidate pairs that are one image twice: at SAME or above, or
     at NEAR or above with every other candidate pair of a and of b at least RATIO times as far."""
-    scores = {(min(a, b), max(a, b)): 0.0 for a, b in candidates if a != b}
-    for pair in scores:
+    scores = dict.fromkeys(sorted({(min(a, b), max(a, b)) for a, b in candidates if a != b}), 0.0)
+    for pair in scores:  # in image order: the crops of `a` are reused by all its pairs
         scores[pair] = pixels.similarity(*pair)
     runner_up: dict[int, list[float]] = {}
     for (a, b), s in scores.items():
