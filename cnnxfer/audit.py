@@ -105,10 +105,12 @@ def run_audit(config: AuditConfig, progress: Progress | None = None) -> AuditRes
     step("duplicates")
     x = normalise(images.features)
     near = nearest(x, x, max(DUPLICATE_NEIGHBOURS, config.neighbours), same=True)  # one pass for both
-    pairs, threshold = _duplicate_pairs(images, near, config)
+    # one reader of the pixels for both searches: DATA's images first, then --against's
+    pixels = copies.Pixels(images.paths + (against.paths if against is not None else []))
+    pairs, threshold = _duplicate_pairs(images, near, config, pixels)
     rows = _unreadable(images) + _duplicate_rows(images, pairs)
     if against is not None:
-        rows += _leaks_against(images, against, threshold)
+        rows += _leaks_against(images, against, threshold, pixels)
     step("label issues")
     flagged = quality.flag(images.quality, _thresholds(config))
     unusable = {f["row"] for f in flagged if f["issue"] in UNUSABLE}
@@ -320,14 +322,13 @@ def _label_issues(images: ImageSet, config: AuditConfig, groups: np.ndarray,
     return rows, probabilities, probe
 
 
-def _duplicate_pairs(images: ImageSet, near: tuple[np.ndarray, np.ndarray],
-                     config: AuditConfig) -> tuple[dict[tuple[int, int], tuple[float, str]], float]:
+def _duplicate_pairs(images: ImageSet, near: tuple[np.ndarray, np.ndarray], config: AuditConfig,
+                     pixels: copies.Pixels) -> tuple[dict[tuple[int, int], tuple[float, str]], float]:
     """{(a, b): (similarity, how)} of the duplicate pairs (a < b), and the embedding threshold used."""
     sims, idx = near[0][:, :DUPLICATE_NEIGHBOURS], near[1][:, :DUPLICATE_NEIGHBOURS]
     threshold = duplicate_threshold(sims[:, 0], config.duplicate_threshold)
     found = {(a, b): (s, f"cosine similarity of embeddings {s:.3f} >= {threshold:.3f}")
              for a, b, s in pairs_above(sims, idx, threshold)}
-    pixels = copies.Pixels(images.paths)
     candidates = _embedding_candidates(sims, idx) + copies.pixel_candidates(pixels, range(len(images.paths)))
     for pair, s in copies.copies(pixels, candidates).items():
         found.setdefault(pair, (s, copies.describe(s)))
@@ -383,12 +384,11 @@ def duplicate_threshold(nearest_similarity: np.ndarray, ceiling: float) -> float
     return max(ceiling, 1.0 - COPY_RATIO * typical)
 
 
-def _leaks_against(images: ImageSet, against: ImageSet, threshold: float) -> list[dict]:
+def _leaks_against(images: ImageSet, against: ImageSet, threshold: float, pixels: copies.Pixels) -> list[dict]:
     """Rows for the --against images that duplicate a DATA image: by hash, embedding threshold or pixels."""
     sims, idx = nearest(normalise(against.features), normalise(images.features), DUPLICATE_NEIGHBOURS)
     found = {(a, b): (s, f"cosine similarity {s:.3f} >= {threshold:.3f}") for a, b, s in pairs_above(sims, idx, threshold, same=False)}
-    n = len(images.paths)  # one Pixels over both: DATA's rows first, then --against's
-    pixels = copies.Pixels(images.paths + against.paths)
+    n = len(images.paths)  # `pixels` holds DATA's rows first, then --against's
     candidates = [(b, n + a) for a, b in _embedding_candidates(sims, idx)]
     candidates += [(b, a) for a, b in copies.pixel_candidates(pixels, range(n, n + len(against.paths)), range(n))]
     for (b, a), s in copies.copies(pixels, candidates).items():

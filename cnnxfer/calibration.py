@@ -31,6 +31,7 @@ import math
 import numpy as np
 
 from .errors import UsageError
+from .metrics import log_loss, softmax
 from .probe import fit_temperature  # re-exported: the package's one temperature fit (Guo et al. 2017)
 
 __all__ = [
@@ -93,9 +94,9 @@ def classwise_ece(probs, labels, bins: int = BINS) -> float:
 
 
 def nll(probs, labels) -> float:
-    """Mean negative log probability of the true class, probabilities clipped at PROB_FLOOR."""
-    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
-    return float(-np.log(np.maximum(probs[np.arange(len(labels)), labels], PROB_FLOOR)).mean())
+    """Mean negative log probability of the true class, probabilities clipped at PROB_FLOOR
+    (metrics.log_loss, the one in the package)."""
+    return log_loss(np.asarray(probs, dtype=np.float64), np.asarray(labels))
 
 
 def brier(probs, labels) -> float:
@@ -266,7 +267,7 @@ def fit(probs, labels, fitted_on: str) -> dict | None:
         return None
     log_p = np.log(np.clip(probs, PROB_FLOOR, None))
     temperature = fit_temperature(log_p, labels)
-    calibrated = _softmax(log_p / temperature)
+    calibrated = softmax(log_p / temperature)
     scores = conformal_scores(calibrated, labels, "raps", rng=np.random.default_rng(SEED))
     return {"temperature": temperature, "images": int(len(labels)), "fitted_on": fitted_on,
             "how": "temperature scaling (Guo et al. 2017): one T minimising the cross-entropy of logits / T on these "
@@ -301,7 +302,7 @@ def check_coverage(fitted: dict, coverage: float) -> float:
     qhat = conformal_quantile(scores, coverage)
     if math.isinf(qhat):
         most = len(scores) / (len(scores) + 1)
-        raise UsageError(f"--coverage {coverage:g} needs at least {math.ceil(coverage / (1 - coverage - _EPS))} calibration "
+        raise UsageError(f"--coverage {coverage:g} needs at least {math.ceil(coverage / (1 - coverage) - _EPS)} calibration "
                          f"images; this model's {len(scores)} allow up to {most:.3f}: use `cnnxfer calibrate` with more")
     return qhat
 
@@ -360,8 +361,3 @@ def nearest_class_similarity(features, means) -> np.ndarray:
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)

@@ -343,7 +343,7 @@ def train(
 RunWeights = Annotated[str, typer.Option("--weights", "-w", help="A cnnxfer run directory (from finetune or train), or a file from `cnnxfer export` (.onnx, TorchScript) with the preprocessing it carries.")]
 
 
-_P, _V = cfg.PredictConfig.__dataclass_fields__, cfg.EvaluateConfig.__dataclass_fields__
+_P, _V, _C = cfg.PredictConfig.__dataclass_fields__, cfg.EvaluateConfig.__dataclass_fields__, cfg.CalibrateConfig.__dataclass_fields__
 Calibrated = Annotated[bool, typer.Option("--calibration/--no-calibration", help="Divide the logits by the temperature fitted on the run's validation images (config.json's calibration; `cnnxfer calibrate` refits it); --no-calibration: the raw softmax.")]
 Coverage = Annotated[Optional[float], typer.Option("--coverage", help="Conformal prediction sets (RAPS, split conformal on the run's validation images): per image the smallest set of classes that holds the true class with this probability, e.g. 0.9.")]
 
@@ -425,17 +425,16 @@ def evaluate(
 def calibrate(
     run_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False, metavar="RUN_DIR", help="A cnnxfer run directory (from finetune or train).")],
     data: Annotated[Path, typer.Option("--data", exists=True, help="Labelled images of the run's classes that it never trained on (class subfolders or a CSV manifest).")],
-    tta: Annotated[cfg.Tta, typer.Option("--tta", help="flip: average with the mirrored image (then predict with --tta flip too).")] = cfg.Tta.none,
-    batch_size: InferBatch = 64,
-    workers: Workers = None,
-    max_image_pixels: MaxPixels = DEFAULT_MAX_IMAGE_PIXELS,
-    device: Device = "auto",
-    precision: PrecisionOpt = cfg.Precision.auto,
+    tta: Annotated[cfg.Tta, typer.Option("--tta", help="flip: average with the mirrored image (then predict with --tta flip too).")] = _default(_C, "tta"),
+    batch_size: InferBatch = _default(_C, "batch_size"),
+    workers: Workers = _default(_C, "num_workers"),
+    max_image_pixels: MaxPixels = _default(_C, "max_image_pixels"),
+    device: Device = _default(_C, "device"),
+    precision: PrecisionOpt = _default(_C, "precision"),
 ) -> None:
     """Fit the run's temperature and conformal scores again on other labelled images.
 
-    finetune and train fit them on the validation images at the end of the run; calibrate replaces
-    them in RUN_DIR/config.json (predict, evaluate and export then use these).
+    finetune and train fit them on the validation images at the end of the run; this replaces them in RUN_DIR/config.json (predict, evaluate and export then use these). Unreadable images are skipped and listed in RUN_DIR/calibrate.skipped.csv.
 
     Example: cnnxfer calibrate runs/photos --data held_out/
     """

@@ -277,7 +277,10 @@ def calibrate_run(config: CalibrateConfig, progress=None) -> dict:
         raise DataError(f"{config.data}: {seen} of its {len(targets)} images trained {run_dir}; calibrate on images "
                         f"it never saw (the scores would be optimistic)")
     fitted = calibration.fit(pred.probs, targets, f"held-out images in {Path(config.data).resolve()}")
+    fitted["skipped"] = len(pred.skipped)
     if session.is_main:
+        (run_dir / rundir.CALIBRATE_SKIPPED).unlink(missing_ok=True)  # an earlier calibrate's list
+        data.write_skipped(run_dir / rundir.CALIBRATE_SKIPPED, pred.skipped)
         run = dataclasses.replace(rundir.read_config(run_dir), calibration=fitted)
         rundir.RunDir(run_dir).write_config(run)
         rundir.RunDir(run_dir).save_plots()

@@ -393,6 +393,7 @@ def calibration_summary(fitted: dict, run_dir) -> None:
             ("ECE", f"{b['ece']:.4f} -> {a['ece']:.4f}"), ("NLL", f"{b['nll']:.4f} -> {a['nll']:.4f}"),
             ("Brier", f"{b['brier']:.4f} -> {a['brier']:.4f}"),
             ("conformal scores", f"{len(fitted['conformal']['scores']):,} ({fitted['conformal']['method'].upper()})"),
+            ("skipped", f"{fitted.get('skipped', 0):,}" + (f" (listed in {run_dir}/calibrate.skipped.csv)" if fitted.get("skipped") else "")),
             ("written", f"{run_dir}/config.json (calibration)")]
     show(table("calibrate", rows))
 

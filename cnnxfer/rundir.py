@@ -26,10 +26,11 @@ METRICS_FILE, SKIPPED_FILE, SPLITS_FILE = "metrics.csv", "skipped.csv", "splits.
 LEADERBOARD_FILE = "leaderboard.csv"  # several candidate backbones: how they ranked (leaderboard.py)
 CURVES_PLOT, CONFUSION_CSV, CONFUSION_PLOT, REPORT_CSV = "curves.png", "confusion_matrix.csv", "confusion_matrix.png", "report.csv"
 RELIABILITY_PLOT = "reliability.png"  # the calibration's reliability diagram and risk-coverage curve
+CALIBRATE_SKIPPED = "calibrate.skipped.csv"  # the images `cnnxfer calibrate` could not read
 
 # The files a training run writes into its directory (--overwrite removes them, and nothing else).
 RUN_FILES = (MODEL_FILE, PROBE_FILE, CONFIG_FILE, STATE_FILE, METRICS_FILE, SKIPPED_FILE, SPLITS_FILE, CONFUSION_CSV,
-             REPORT_CSV, CURVES_PLOT, CONFUSION_PLOT, RELIABILITY_PLOT, LEADERBOARD_FILE)
+             REPORT_CSV, CURVES_PLOT, CONFUSION_PLOT, RELIABILITY_PLOT, CALIBRATE_SKIPPED, LEADERBOARD_FILE)
 
 
 def is_run_dir(path: Path | str) -> bool:

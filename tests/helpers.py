@@ -10,6 +10,18 @@ from PIL import Image
 COLOURS = {"blue": (40, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
 
 
+def copy_digits(digits_folder: Path, target: Path, classes, images: slice) -> Path:
+    """target/<digit>/ for each digit in `classes`, holding the slice `images` of that digit's files
+    in conftest's `digits_folder` (sorted by name)."""
+    import shutil
+
+    for name in classes:
+        (target / name).mkdir(parents=True)
+        for f in sorted((digits_folder / name).glob("*.png"))[images]:
+            shutil.copy(f, target / name / f.name)
+    return target
+
+
 def write_colour_folder(root: Path, counts: dict[str, int], size: int = 32, seed: int = 0) -> Path:
     """Class folders of noisy solid-colour PNGs: a problem any CNN separates in a few steps."""
     rng = np.random.default_rng(seed)

@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import copy_digits
+
 from cnnxfer import calibration, export, rundir, training
 from cnnxfer.cli import app
 from cnnxfer.config import TrainConfig
@@ -22,21 +24,13 @@ from cnnxfer.config import TrainConfig
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _copy(digits_folder: Path, target: Path, classes: str, images: slice) -> Path:
-    for name in classes:
-        (target / name).mkdir(parents=True)
-        for f in sorted((digits_folder / name).glob("*.png"))[images]:
-            shutil.copy(f, target / name / f.name)
-    return target
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, digits_folder) -> dict:
     root = tmp_path_factory.mktemp("calibrate")
-    data = _copy(digits_folder, root / "data", "01234", slice(0, 60))
-    held = _copy(digits_folder, root / "held", "01234", slice(60, 100))
-    test = _copy(digits_folder, root / "test", "01234", slice(100, 140))
-    unknown = _copy(digits_folder, root / "unknown", "56789", slice(0, 20))
+    data = copy_digits(digits_folder, root / "data", "01234", slice(0, 60))
+    held = copy_digits(digits_folder, root / "held", "01234", slice(60, 100))
+    test = copy_digits(digits_folder, root / "test", "01234", slice(100, 140))
+    unknown = copy_digits(digits_folder, root / "unknown", "56789", slice(0, 20))
     training.fit(TrainConfig(data=data, out=root / "run", model="resnet10t", weights="none", epochs=10, batch_size=32,
                              hflip=0.0, num_workers=0, precision="fp32", img_size=32, val_split=0.3))
     return {"root": root, "run": root / "run", "data": data, "held": held, "test": test, "unknown": unknown}
@@ -95,10 +89,14 @@ def test_calibrate_refits_on_held_out_images_and_refuses_training_images(run, cl
     copy = tmp_path / "run"
     shutil.copytree(run["run"], copy)
     before = rundir.read_config(copy).calibration
-    result = invoke(cli_runner, "calibrate", copy, "--data", run["held"], "--workers", 0, "--precision", "fp32")
+    held = tmp_path / "held"
+    shutil.copytree(run["held"], held)
+    (held / "0" / "broken.png").write_bytes(b"not an image")  # skipped, counted and listed
+    result = invoke(cli_runner, "calibrate", copy, "--data", held, "--workers", 0, "--precision", "fp32")
     assert "temperature" in result.stdout
     after = rundir.read_config(copy).calibration
-    assert after["images"] == 200 and str(run["held"].resolve()) in after["fitted_on"]
+    assert after["images"] == 200 and after["skipped"] == 1 and str(held.resolve()) in after["fitted_on"]
+    assert pd.read_csv(copy / rundir.CALIBRATE_SKIPPED)["path"].str.endswith("broken.png").all()
     assert after["temperature"] != before["temperature"] and len(after["conformal"]["scores"]) == 200
     result = invoke(cli_runner, "calibrate", copy, "--data", run["data"], "--workers", 0, code=2)
     assert "trained" in result.output and len(result.output.strip().splitlines()) == 1

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import COLOURS, write_colour_folder
+from helpers import COLOURS, copy_digits, write_colour_folder
 
 from cnnxfer import checkpoint, data, evaluate, export, rundir, training
 from cnnxfer.cli import app
@@ -103,14 +102,6 @@ def invoke(cli_runner, *args, code: int = 0):
     return result
 
 
-def _copy_digits(digits_folder: Path, target: Path, classes, images: slice) -> Path:
-    for name in classes:
-        (target / name).mkdir(parents=True)
-        for f in sorted((digits_folder / name).glob("*.png"))[images]:
-            shutil.copy(f, target / name / f.name)
-    return target
-
-
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory, digits_folder):
     """A resnet10t trained on digits 0-4 (40 each, 32 px) for 3 epochs, its held-out test images
@@ -119,8 +110,8 @@ def digits(tmp_path_factory, digits_folder):
     from typer.testing import CliRunner
 
     root = tmp_path_factory.mktemp("export-digits")
-    train = _copy_digits(digits_folder, root / "train", "01234", slice(0, 40))
-    test = _copy_digits(digits_folder, root / "test", "01234", slice(40, 50))
+    train = copy_digits(digits_folder, root / "train", "01234", slice(0, 40))
+    test = copy_digits(digits_folder, root / "test", "01234", slice(40, 50))
     training.fit(TrainConfig(data=train, out=root / "run", model="resnet10t", weights="none", epochs=3, batch_size=32,
                            hflip=0.0, num_workers=0, precision="fp32", img_size=32))
     files, outputs = {}, {}
